@@ -1,0 +1,98 @@
+"""``python -m her2_monai <command>``: the project's command line (see README and SPEC section 7)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import fire
+
+from her2_monai.constants import CLASS_NAMES
+
+__all__ = ["demo_data", "datalist", "main"]
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def demo_data(
+    output: str,
+    n_per_class: int = 48,
+    image_size: int = 256,
+    lab: str = "A",
+    seed: int = 0,
+    n_test_per_class: int | None = None,
+    preview: str | None = None,
+) -> None:
+    """Write the procedural demo dataset in the BCI layout (HE/{train,test}, IHC/{train,test}).
+
+    Args:
+        output: destination folder (must not exist or be empty).
+        n_per_class: training pairs per HER2 class.
+        image_size: patch side in pixels.
+        lab: simulated institution: A (default), B or C (different stain vectors, intensity, blur, JPEG).
+        seed: base seed; the dataset is fully determined by the arguments.
+        n_test_per_class: test pairs per class (default n_per_class // 4, at least 1).
+        preview: also write a PNG contact sheet (one row per class, H&E/IHC pairs) to this path.
+    """
+    from her2_monai.data.demo import DemoPairGenerator, generate_demo_dataset, preview_grid
+
+    counts = generate_demo_dataset(output, n_per_class, image_size, lab, seed, n_test_per_class)
+    parts = [f"{split} " + " ".join(f"{score}:{n}" for score, n in per.items()) for split, per in counts.items()]
+    print(f"demo dataset written to {Path(output).resolve()} (lab {lab}, {image_size}px): " + " | ".join(parts))
+    if preview:
+        from PIL import Image
+
+        Image.fromarray(preview_grid(DemoPairGenerator(image_size, lab), per_class=2, seed=seed)).save(preview)
+        print(f"preview written to {preview} (rows: HER2 {', '.join(CLASS_NAMES)}; columns: H&E, IHC, H&E, IHC)")
+
+
+def datalist(
+    dataset_dir: str,
+    output: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    strict: bool = False,
+    require_labels: bool = False,
+    pairs_dir: str | None = None,
+) -> None:
+    """Scan a BCI-layout folder (or side-by-side AB images) into a MONAI datalist JSON.
+
+    Args:
+        dataset_dir: dataset root holding HE/ and IHC/ (optionally with train/ and test/), and/or AB/.
+        output: datalist JSON to write.
+        val_fraction: fraction of each class of the training set moved to validation (stratified, seeded).
+        seed: seed of the validation draw.
+        strict: fail on any problem, unpaired files included (default: skip and list them).
+        require_labels: files without a HER2 score in their name are problems (default: kept with label null).
+        pairs_dir: where halves of AB images are written (default: beside dataset_dir).
+    """
+    from her2_monai.data.datalist import build_datalist, write_datalist
+
+    records, report = build_datalist(dataset_dir, val_fraction, seed, strict, require_labels, pairs_dir)
+    path = write_datalist(records, output)
+    print(report.summary(records))
+    print(f"datalist written to {path}")
+
+
+COMMANDS = {"demo-data": demo_data, "datalist": datalist}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; user errors become one line on stderr and exit status 2."""
+    from her2_monai.data.datalist import DatalistError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        fire.Fire(COMMANDS, command=argv, name="python -m her2_monai")
+    except DatalistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, CommandError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except fire.core.FireExit as err:
+        return int(err.code or 0)
+    return 0
