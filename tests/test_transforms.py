@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from her2_monai.data.demo import DemoPairGenerator
+from her2_monai.transforms import LoadStainsd, RandModalityDropoutd, RandStainJitterd, stain_transforms
+
+
+@pytest.fixture()
+def pair_files(tmp_path):
+    he, ihc = DemoPairGenerator(64).render(3, seed=0)
+    Image.fromarray(he).save(tmp_path / "he.png")
+    Image.fromarray(ihc).save(tmp_path / "ihc.png")
+    return str(tmp_path / "he.png"), str(tmp_path / "ihc.png")
+
+
+def test_output_contract_with_missing_stain(pair_files):
+    he, ihc = pair_files
+    out = stain_transforms(32)({"he": he, "ihc": None, "label": 2})
+    assert out["he"].shape == (3, 32, 32) and out["ihc"].shape == (3, 32, 32)
+    assert -1.0 <= float(out["he"].min()) and float(out["he"].max()) <= 1.0
+    assert torch.equal(torch.as_tensor(out["ihc"]), torch.zeros(3, 32, 32))
+    assert out["mask"].tolist() == [1.0, 0.0] and int(out["label"]) == 2
+    unlabelled = stain_transforms(32)({"he": None, "ihc": ihc, "label": None})
+    assert unlabelled["mask"].tolist() == [0.0, 1.0] and int(unlabelled["label"]) == -1
+    with pytest.raises(ValueError, match="record 'x' has none of the stains"):
+        LoadStainsd()({"he": None, "ihc": None, "id": "x"})
+
+
+def test_paired_augmentation_keeps_stains_registered(pair_files):
+    he, _ = pair_files
+    # The same image as both stains: any spatial disagreement would show as a difference.
+    pipeline = stain_transforms(32, train=True, crop_size=48, jitter_prob=0.0)
+    reference = stain_transforms(32)({"he": he, "ihc": he})["he"]
+    changed = 0
+    for seed in range(12):
+        pipeline.set_random_state(seed)
+        out = pipeline({"he": he, "ihc": he, "label": 0})
+        assert torch.equal(torch.as_tensor(out["he"]), torch.as_tensor(out["ihc"]))
+        changed += not torch.allclose(torch.as_tensor(out["he"]), torch.as_tensor(reference))
+    assert changed >= 6  # the augmentation really moved pixels
+
+
+def test_colour_jitter_is_independent_per_stain():
+    image = torch.full((3, 8, 8), 120.0)
+    out = RandStainJitterd(prob=1.0, scale=0.2).set_random_state(0)({"he": image, "ihc": image.clone()})
+    assert not torch.allclose(out["he"], out["ihc"])
+    assert not torch.allclose(out["he"], image)
+    white = RandStainJitterd(prob=1.0, scale=0.2, shift=0.0).set_random_state(0)({"he": torch.full((3, 4, 4), 255.0)})
+    assert torch.allclose(white["he"], torch.full((3, 4, 4), 255.0), atol=1e-3)  # glass stays white
+
+
+def test_modality_dropout_hides_exactly_one_stain_of_dual_records(pair_files):
+    he, ihc = pair_files
+    dropout = RandModalityDropoutd(prob=1.0)
+    dropout.set_random_state(0)
+    seen = set()
+    for _ in range(20):
+        out = dropout(LoadStainsd()({"he": he, "ihc": ihc}))
+        assert out["mask"].sum() == 1.0
+        kept = "he" if out["mask"][0] else "ihc"
+        assert kept in out and ("ihc" if kept == "he" else "he") not in out
+        seen.add(kept)
+    assert seen == {"he", "ihc"}
+    single = dropout(LoadStainsd()({"he": he, "ihc": None}))
+    assert single["mask"].tolist() == [1.0, 0.0]  # never drops the only stain
+    with pytest.raises(ValueError, match="drop_weights"):
+        RandModalityDropoutd(drop_weights=[1.0])
+
+
+def test_rgb_arrays_are_accepted_and_checked():
+    array = np.zeros((16, 16, 3), np.uint8)
+    assert LoadStainsd()({"he": array})["he"].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match=r"'he' must be a file path or an \(H, W, 3\) RGB array"):
+        LoadStainsd()({"he": np.zeros((16, 16))})
