@@ -36,7 +36,16 @@ from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY, LABEL_KEY, SCENAR
 from her2_monai.data.io import ImageReadError, probe_image, read_rgb
 from her2_monai.data.stain import order_he_ihc
 
-__all__ = ["DatalistError", "ScanReport", "scan_dataset", "split_validation", "build_datalist", "write_datalist"]
+__all__ = [
+    "DatalistError",
+    "ScanReport",
+    "scan_dataset",
+    "split_validation",
+    "build_datalist",
+    "write_datalist",
+    "load_datalist_split",
+    "class_weights",
+]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 _BCI_NAME = re.compile(r"^(?P<index>\d+)_(?P<split>train|test|val)_(?P<score>[^.]+)$")
@@ -166,9 +175,7 @@ def _scan_paired(dataset_dir: Path, require_labels: bool, strict: bool, report: 
     return out
 
 
-def _scan_ab(
-    dataset_dir: Path, pairs_dir: Path, require_labels: bool, report: ScanReport
-) -> list[tuple[str, dict]]:
+def _scan_ab(dataset_dir: Path, pairs_dir: Path, require_labels: bool, report: ScanReport) -> list[tuple[str, dict]]:
     out = []
     ab_root = dataset_dir / "AB"
     for split_name, folder in _split_sources(ab_root):
@@ -184,7 +191,9 @@ def _scan_ab(
                 continue
             height, width = image.shape[:2]
             if width != 2 * height:
-                report.problems.append((str(path), f"side-by-side pair must be 2H x H (e.g. 2048x1024), got {width}x{height}"))
+                report.problems.append(
+                    (str(path), f"side-by-side pair must be 2H x H (e.g. 2048x1024), got {width}x{height}")
+                )
                 continue
             left, right = image[:, :height], image[:, height:]
             try:
@@ -337,3 +346,56 @@ def write_datalist(datalist: dict[str, list[dict]], output: str | os.PathLike) -
         json.dump(datalist, stream, indent=2)
     os.replace(tmp, output)
     return output
+
+
+def load_datalist_split(
+    path: str | os.PathLike, split: str, require_label: bool = False, require_both: bool = False
+) -> list[dict]:
+    """Read one split of a datalist JSON, optionally keeping only labelled and/or dual-stain records.
+
+    Args:
+        path: datalist JSON (as written by :func:`write_datalist`).
+        split: ``"training"``, ``"validation"`` or ``"test"``.
+        require_label: drop records whose ``label`` is null (classifier stages).
+        require_both: drop records missing a stain (stain-translation stage).
+
+    Returns:
+        The records.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        KeyError: if the split is not in the file.
+        ValueError: if the file is not a datalist or no record is left.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist '{path}' not found; create it with `python -m her2_monai datalist`")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"datalist '{path}' is not valid JSON: {err}") from None
+    if not isinstance(content, dict) or split not in content:
+        found = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise KeyError(f"datalist '{path}' has no '{split}' list (found {found})")
+    records = content[split]
+    if require_label:
+        records = [r for r in records if r.get(LABEL_KEY) is not None]
+    if require_both:
+        records = [r for r in records if r.get(HE_KEY) and r.get(IHC_KEY)]
+    if not records:
+        wanted = " labelled" * require_label + " dual-stain" * require_both
+        raise ValueError(f"datalist '{path}' has no{wanted} records in '{split}'")
+    return records
+
+
+def class_weights(records: list[dict], num_classes: int = len(CLASS_NAMES)) -> list[float]:
+    """Inverse-frequency class weights normalised to mean 1 (classes absent from ``records`` get weight 1).
+
+    Returns:
+        One weight per class, for ``torch.nn.CrossEntropyLoss(weight=...)``.
+    """
+    counts = Counter(int(r[LABEL_KEY]) for r in records if r.get(LABEL_KEY) is not None)
+    raw = [1.0 / counts[c] if counts[c] else 0.0 for c in range(num_classes)]
+    present = [w for w in raw if w > 0]
+    mean = sum(present) / len(present) if present else 1.0
+    return [w / mean if w > 0 else 1.0 for w in raw]

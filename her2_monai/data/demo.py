@@ -215,7 +215,7 @@ class DemoPairGenerator:
         if seeds.any():
             _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
             cells = np.where(nests, seeds[iy, ix], 0)
-        grad = (np.abs(np.diff(cells, axis=0, prepend=cells[:1])) + np.abs(np.diff(cells, axis=1, prepend=cells[:, :1])))
+        grad = np.abs(np.diff(cells, axis=0, prepend=cells[:1])) + np.abs(np.diff(cells, axis=1, prepend=cells[:, :1]))
         membrane = (grad > 0) & (cells > 0)
         membrane = ndimage.binary_dilation(membrane, iterations=max(1, int(round(0.6 * s))))
         membrane |= ndimage.binary_dilation(nests, iterations=1) & ~nests  # nest border is a membrane too
@@ -226,9 +226,9 @@ class DemoPairGenerator:
         centres = np.argwhere(seeds > 0)
         n_stromal = int(rng.integers(30, 70) * s * s)
         stromal = np.column_stack([rng.uniform(0, n, n_stromal), rng.uniform(0, n, n_stromal)])
-        for (cy, cx), radius, elong in (
-            [(c, 2.6 * s * nuc_scale, 1.3) for c in centres] + [(c, 1.6 * s, 2.5) for c in stromal]
-        ):
+        for (cy, cx), radius, elong in [(c, 2.6 * s * nuc_scale, 1.3) for c in centres] + [
+            (c, 1.6 * s, 2.5) for c in stromal
+        ]:
             a = radius * rng.uniform(0.85, 1.15)
             b = a / elong
             theta = rng.uniform(0, np.pi)
@@ -304,7 +304,9 @@ class DemoPairGenerator:
         if int(label) not in range(NUM_CLASSES):
             raise ValueError(f"label must be in 0..{NUM_CLASSES - 1}, got {label}")
         label = int(label)
-        rng = np.random.default_rng(_stable_seed("her2-demo", DEMO_VERSION, label, seed, self.lab_name, self.image_size))
+        rng = np.random.default_rng(
+            _stable_seed("her2-demo", DEMO_VERSION, label, seed, self.lab_name, self.image_size)
+        )
         layout = self._layout(rng, label)
         stroma, fat, nests, nuclei = layout["stroma"], layout["fat"], layout["nests"], layout["nuclei"]
         tissue = (~fat).astype(np.float32)

@@ -1,1 +1,16 @@
-"""metrics."""
+"""Metrics: per-scenario classification and stain-translation quality."""
+
+from __future__ import annotations
+
+from her2_monai.metrics.classification import ScenarioClassificationMetric, classification_report, macro_f1
+from her2_monai.metrics.translation import CONVENTION, TranslationMetric, psnr_ssim, to_uint8_images
+
+__all__ = [
+    "ScenarioClassificationMetric",
+    "classification_report",
+    "macro_f1",
+    "TranslationMetric",
+    "psnr_ssim",
+    "to_uint8_images",
+    "CONVENTION",
+]

@@ -35,14 +35,16 @@ def stain_transforms(
     Output: ``he`` and ``ihc`` ``(3, image_size, image_size)`` float tensors in ``[-1, 1]`` (zeros for a missing stain),
     ``mask`` ``(2,)`` and ``label`` (long, ``-1`` when unlabelled).
 
-    Training adds, in this order: an optional random crop of ``crop_size`` (the same window for both stains), random
-    flips and 90-degree rotations (one draw for both stains, so the pair stays registered), independent per-stain
-    optical-density jitter and modality dropout.
+    Images are first resized to ``image_size`` (this fixes the magnification the networks see). Training then adds,
+    in this order: modality dropout, an optional random crop of ``crop_size`` (one window for both stains; the GAN
+    stage uses it, and its fully convolutional generators later run on whole ``image_size`` patches), random flips
+    and 90-degree rotations (one draw for both stains, so the pair stays registered) and independent per-stain
+    optical-density jitter.
 
     Args:
         image_size: side length fed to the network.
         train: add the random augmentations.
-        crop_size: random-crop side before resizing (training) — ``None`` resizes whole patches.
+        crop_size: random-crop side after resizing (training only); ``None`` keeps whole patches.
         modality_dropout: chance of hiding one stain of a dual record (training only).
         jitter_prob: chance of stain jitter per stain (training only).
         keys: stain keys in mask-column order.
@@ -52,13 +54,13 @@ def stain_transforms(
     """
     keys = list(keys)
     chain: list = [LoadStainsd(keys)]
+    chain.append(Resized(keys, spatial_size=(image_size, image_size), mode="area", allow_missing_keys=True))
+    # Everything above is deterministic, so a MONAI CacheDataset keeps decoded, resized patches in memory.
     if train:
         if modality_dropout > 0:
             chain.append(RandModalityDropoutd(keys, prob=modality_dropout))
         if crop_size:
             chain.append(RandSpatialCropd(keys, roi_size=crop_size, random_size=False, allow_missing_keys=True))
-    chain.append(Resized(keys, spatial_size=(image_size, image_size), mode="area", allow_missing_keys=True))
-    if train:
         chain += [
             RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),
             RandFlipd(keys, prob=0.5, spatial_axis=1, allow_missing_keys=True),

@@ -1,0 +1,145 @@
+"""Evaluators: HER2 classification in every missing-stain scenario, and stain translation quality."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.engines import Evaluator
+from monai.inferers import Inferer, SimpleInferer
+
+from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, SCENARIOS
+from her2_monai.engines.utils import autocast, prepare_stain_batch
+
+__all__ = ["ScenarioEvaluator", "TranslationEvaluator", "scenario_mask"]
+
+
+def scenario_mask(mask: torch.Tensor, scenario: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which samples can be evaluated in ``scenario`` and the availability mask that simulates it.
+
+    ``dual`` needs both stains; ``he_only`` hides the IHC of every sample that has an H&E; ``ihc_only`` hides the H&E
+    of every sample that has an IHC.
+
+    Args:
+        mask: real availability ``(B, 2)``.
+        scenario: one of :data:`~her2_monai.constants.SCENARIOS`.
+
+    Returns:
+        ``(selected (B,) bool, simulated_mask (N, 2))`` for the ``N`` selected samples.
+
+    Raises:
+        ValueError: for an unknown scenario.
+    """
+    has = mask > 0
+    if scenario == "dual":
+        selected = has.all(dim=1)
+        keep = torch.tensor([1.0, 1.0])
+    elif scenario == "he_only":
+        selected, keep = has[:, 0], torch.tensor([1.0, 0.0])
+    elif scenario == "ihc_only":
+        selected, keep = has[:, 1], torch.tensor([0.0, 1.0])
+    else:
+        raise ValueError(f"unknown scenario '{scenario}'; expected one of {SCENARIOS}")
+    n = int(selected.sum())
+    return selected, keep.to(mask.device).expand(n, 2).contiguous()
+
+
+class ScenarioEvaluator(Evaluator):
+    """Run a classifier on every labelled sample once per scenario (dual, H&E only, IHC only).
+
+    The hidden stain is zeroed exactly as a missing stain is at inference, so the model fills it (CM-GAN synthesis
+    or feature substitution) as it would in the clinic. ``engine.state.output`` per iteration is
+    ``{"logits": {scenario: (N, 4)}, "label": {scenario: (N,)}}`` for metrics such as
+    :class:`~her2_monai.metrics.classification.ScenarioClassificationMetric`.
+
+    Args:
+        device: device to run on.
+        val_data_loader: loader of :func:`~her2_monai.transforms.stain_transforms` batches.
+        network: classifier with the ``forward(he, ihc, mask)`` interface.
+        scenarios: scenarios to evaluate.
+        inferer: calls the network as ``inferer(he, network, ihc, mask)`` (default ``SimpleInferer``).
+        amp: mixed precision (float16 on CUDA, bfloat16 on CPU).
+        channels_last: channels-last memory format for inputs.
+        kwargs: passed on to :class:`monai.engines.Evaluator` (``key_val_metric``, ``val_handlers``...).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Iterable,
+        network: nn.Module,
+        scenarios: Sequence[str] = SCENARIOS,
+        inferer: Inferer | None = None,
+        amp: bool = False,
+        channels_last: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("decollate", False)
+        super().__init__(device=device, val_data_loader=val_data_loader, amp=amp, **kwargs)
+        self.inferer = inferer if inferer is not None else SimpleInferer()
+        unknown = [s for s in scenarios if s not in SCENARIOS]
+        if unknown:
+            raise ValueError(f"unknown scenarios {unknown}; expected a subset of {SCENARIOS}")
+        self.network = network
+        self.scenarios = tuple(scenarios)
+        self.channels_last = channels_last
+
+    def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
+        batch = prepare_stain_batch(batchdata, engine.state.device, self.channels_last, engine.non_blocking)
+        labelled = batch.get(LABEL_KEY, torch.full((batch[MASK_KEY].shape[0],), -1)) >= 0
+        self.network.eval()
+        logits: dict[str, torch.Tensor] = {}
+        labels: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), autocast(engine.state.device, self.amp):
+            for scenario in self.scenarios:
+                selected, _ = scenario_mask(batch[MASK_KEY], scenario)
+                selected &= labelled
+                if not bool(selected.any()):
+                    continue
+                _, mask = scenario_mask(batch[MASK_KEY][selected], scenario)
+                he, ihc = batch[HE_KEY][selected], batch[IHC_KEY][selected]
+                he = he * mask[:, 0, None, None, None]
+                ihc = ihc * mask[:, 1, None, None, None]
+                logits[scenario] = self.inferer(he, self.network, ihc, mask)["logits"].float()
+                labels[scenario] = batch[LABEL_KEY][selected]
+        return {"logits": logits, "label": labels}
+
+
+class TranslationEvaluator(Evaluator):
+    """Translate the validation pairs in both directions with a :class:`~her2_monai.networks.cmgan.CrossModalGAN`.
+
+    Per iteration ``engine.state.output`` holds the real and generated images (``he``, ``ihc``, ``fake_he``,
+    ``fake_ihc``, each ``(N, 3, H, W)`` in ``[-1, 1]``) of the samples that have both stains, for PSNR/SSIM metrics and
+    image-grid handlers. Generators run in eval mode, as in the BCI evaluation convention.
+
+    Args:
+        device: device to run on.
+        val_data_loader: loader of :func:`~her2_monai.transforms.stain_transforms` batches.
+        network: the CM-GAN.
+        amp: mixed precision.
+        kwargs: passed on to :class:`monai.engines.Evaluator`.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Iterable,
+        network: nn.Module,
+        amp: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("decollate", False)
+        super().__init__(device=device, val_data_loader=val_data_loader, amp=amp, **kwargs)
+        self.network = network
+
+    def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
+        batch = prepare_stain_batch(batchdata, engine.state.device, False, engine.non_blocking)
+        dual = (batch[MASK_KEY] > 0).all(dim=1)
+        he, ihc = batch[HE_KEY][dual], batch[IHC_KEY][dual]
+        self.network.eval()
+        with torch.no_grad(), autocast(engine.state.device, self.amp):
+            fake_ihc = self.network.he_to_ihc(he).float() if len(he) else he
+            fake_he = self.network.ihc_to_he(ihc).float() if len(ihc) else ihc
+        return {"he": he, "ihc": ihc, "fake_he": fake_he, "fake_ihc": fake_ihc}

@@ -1,0 +1,157 @@
+"""Stage 1: training both CM-GAN directions (H&E -> IHC and IHC -> H&E) with MONAI's engine machinery."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from torch.optim import Optimizer
+
+from her2_monai.constants import HE_KEY, IHC_KEY, MASK_KEY
+from her2_monai.engines.utils import autocast, make_grad_scaler, prepare_stain_batch
+from her2_monai.losses.adversarial import GANLoss
+from her2_monai.losses.pyramid import PyramidL1Loss
+from her2_monai.networks.cmgan import CrossModalGAN
+
+__all__ = ["CrossModalGANTrainer"]
+
+
+class CrossModalGANTrainer(Trainer):
+    """Conditional pix2pix training of both translation directions of a :class:`CrossModalGAN`.
+
+    MONAI's ``AdversarialTrainer`` shows its discriminator the generated images alone; a conditional PatchGAN must see
+    ``(source, target)`` pairs, so this trainer subclasses :class:`monai.engines.Trainer` with its own iteration (the
+    pattern of MONAI model-zoo's detection and VAE-GAN trainers). Each iteration, on the samples that have both stains:
+
+    1. generate ``fake_ihc = he_to_ihc(he)`` and ``fake_he = ihc_to_he(ihc)``;
+    2. discriminator step: ``d_loss = D_loss(disc_ihc, [he, ihc] vs [he, fake_ihc]) + D_loss(disc_he, ...)`` (each
+       halved, see :class:`GANLoss`);
+    3. generator step (discriminators frozen): adversarial term plus the pyramid L1 terms for both directions.
+
+    Per-iteration output (logged by MONAI/MLflow handlers): ``g_loss``, ``d_loss``, ``g_adv``, and every pyramid term
+    per direction (e.g. ``ihc_l1_full``, ``ihc_l1_half``, ``he_l1_full``...), plus detached image tensors under
+    ``images`` for image-grid handlers.
+
+    Args:
+        device: training device.
+        max_epochs: epochs to train.
+        train_data_loader: loader of records with both stains (others are ignored batch-wise).
+        network: a :class:`CrossModalGAN` built with ``with_discriminators=True``.
+        g_optimizer: optimizer over ``network.generator_parameters()``.
+        d_optimizer: optimizer over ``network.discriminator_parameters()``.
+        pyramid_loss: reconstruction loss (default: full + 1/2 levels, weight 25 each).
+        gan_loss: adversarial loss (default vanilla, discriminator loss halved).
+        amp: mixed precision (float16 + gradient scaling on CUDA, bfloat16 on CPU).
+        channels_last: channels-last memory format for inputs.
+        epoch_length: iterations per epoch (default: ``len(train_data_loader)``).
+        train_handlers: MONAI/ignite handlers to attach.
+        kwargs: passed on to :class:`monai.engines.Trainer` (e.g. ``key_train_metric``).
+
+    Raises:
+        ValueError: if ``network`` has no discriminators.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: CrossModalGAN,
+        g_optimizer: Optimizer,
+        d_optimizer: Optimizer,
+        pyramid_loss: PyramidL1Loss | None = None,
+        gan_loss: GANLoss | None = None,
+        amp: bool = False,
+        channels_last: bool = False,
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not getattr(network, "with_discriminators", False):
+            raise ValueError("CrossModalGANTrainer needs a CrossModalGAN built with with_discriminators=True")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            handlers=train_handlers,
+            amp=amp,
+            **kwargs,
+        )
+        self.network = network
+        self.g_optimizer = g_optimizer
+        self.d_optimizer = d_optimizer
+        self.pyramid_loss = pyramid_loss if pyramid_loss is not None else PyramidL1Loss()
+        self.gan_loss = gan_loss if gan_loss is not None else GANLoss()
+        self.channels_last = channels_last
+        self.scaler = make_grad_scaler(device, amp)
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train; unlike the base class, keep a scaler that suits the device (none for CPU bfloat16)."""
+        self.scaler = make_grad_scaler(self.state.device, self.amp)
+        super(Trainer, self).run()
+
+    def _set_discriminators_trainable(self, flag: bool) -> None:
+        for p in self.network.discriminator_parameters():
+            p.requires_grad_(flag)
+
+    def _step(self, optimizer: Optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
+        batch = prepare_stain_batch(batchdata, engine.state.device, self.channels_last, engine.non_blocking)
+        dual = (batch[MASK_KEY] > 0).all(dim=1)
+        if not bool(dual.any()):
+            return {"g_loss": float("nan"), "d_loss": float("nan"), "skipped": True}
+        he, ihc = batch[HE_KEY][dual], batch[IHC_KEY][dual]
+        net = self.network
+        net.train()
+
+        with autocast(engine.state.device, self.amp):
+            fake_ihc = net.he_to_ihc(he)
+            fake_he = net.ihc_to_he(ihc)
+
+        # Discriminator step on detached fakes.
+        self._set_discriminators_trainable(True)
+        with autocast(engine.state.device, self.amp):
+            d_ihc = self.gan_loss.discriminator_loss(
+                net.disc_ihc(torch.cat([he, ihc], 1)), net.disc_ihc(torch.cat([he, fake_ihc.detach()], 1))
+            )
+            d_he = self.gan_loss.discriminator_loss(
+                net.disc_he(torch.cat([ihc, he], 1)), net.disc_he(torch.cat([ihc, fake_he.detach()], 1))
+            )
+            d_loss = d_ihc + d_he
+        self._step(self.d_optimizer, d_loss)
+
+        # Generator step: the discriminators only pass gradients through.
+        self._set_discriminators_trainable(False)
+        with autocast(engine.state.device, self.amp):
+            g_adv = self.gan_loss.generator_loss(net.disc_ihc(torch.cat([he, fake_ihc], 1)))
+            g_adv = g_adv + self.gan_loss.generator_loss(net.disc_he(torch.cat([ihc, fake_he], 1)))
+        terms_ihc = self.pyramid_loss.terms(fake_ihc.float(), ihc)
+        terms_he = self.pyramid_loss.terms(fake_he.float(), he)
+        g_loss = g_adv + sum(terms_ihc.values()) + sum(terms_he.values())
+        self._step(self.g_optimizer, g_loss)
+        self._set_discriminators_trainable(True)
+
+        output: dict[str, Any] = {
+            "g_loss": g_loss.item(),
+            "d_loss": d_loss.item(),
+            "g_adv": g_adv.item(),
+            "d_ihc": d_ihc.item(),
+            "d_he": d_he.item(),
+        }
+        output.update({f"ihc_{k}": v.item() for k, v in terms_ihc.items()})
+        output.update({f"he_{k}": v.item() for k, v in terms_he.items()})
+        output["images"] = {
+            "he": he.detach()[:4],
+            "ihc": ihc.detach()[:4],
+            "fake_ihc": fake_ihc.detach().float()[:4],
+            "fake_he": fake_he.detach().float()[:4],
+        }
+        return output
