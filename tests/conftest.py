@@ -16,3 +16,54 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "bci").is_dir():
         pytest.skip(f"real-image fixtures not found at {SHARED_DATA} (they sit beside the repository in CI)")
     return SHARED_DATA
+
+
+BUNDLE_CONFIGS = REPO_ROOT / "bundle" / "configs"
+
+#: Overrides that shrink the training bundle to seconds: tiny demo set, tiny networks, one epoch per stage.
+TINY_TRAINING = {
+    "demo_n_per_class": 4,
+    "demo_image_size": 32,
+    "image_size": 32,
+    "gan_epochs": 1,
+    "gan_batch_size": 4,
+    "gan_ngf": 8,
+    "gan_n_blocks": 1,
+    "gan_ndf": 8,
+    "cls_epochs": 1,
+    "batch_size": 4,
+    "shared_backbone": "resnet18",
+    "specific_backbone": "resnet18",
+}
+
+
+def tiny_overrides(bundle_root: Path, cache_dir: Path, **extra) -> dict:
+    """Overrides for a tiny run of the training config writing into ``bundle_root``."""
+    return {**TINY_TRAINING, "bundle_root": str(bundle_root), "demo_cache_dir": str(cache_dir), **extra}
+
+
+def run_bundle(config_files, run_id: str, **overrides):
+    """Run one workflow id of the bundle in-process with ``ConfigWorkflow`` and return the workflow."""
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(BUNDLE_CONFIGS / f) for f in ([config_files] if isinstance(config_files, str) else config_files)]
+    workflow = ConfigWorkflow(
+        config_file=files,
+        meta_file=str(BUNDLE_CONFIGS / "metadata.json") if (BUNDLE_CONFIGS / "metadata.json").exists() else None,
+        logging_file=None,
+        workflow_type="train" if run_id.startswith("train") else "infer",
+        run_id=run_id,
+        **overrides,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory) -> Path:
+    """A bundle output folder after a tiny two-stage training run (shared by evaluation, inference and export tests)."""
+    root = tmp_path_factory.mktemp("bundle")
+    run_bundle("train.json", "training", **tiny_overrides(root, root / "cache"))
+    return root

@@ -1,0 +1,67 @@
+"""The training bundle end to end at toy size: both stages, checkpoints, MLflow tracking, stage separation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_bundle, tiny_overrides
+
+GAN_METRICS = {"g_loss", "d_loss", "g_adv", "ihc_l1_full", "ihc_l1_half", "he_l1_full", "he_l1_half"}
+GAN_VAL_METRICS = {"val_psnr_he_to_ihc", "val_ssim_he_to_ihc", "val_psnr_ihc_to_he", "val_ssim_ihc_to_he"}
+CLS_METRICS = {"loss", "ce", "dao", "dco"}
+CLS_VAL_METRICS = {
+    "val_macro_f1",
+    "val_acc",
+    "val_acc_dual",
+    "val_acc_he_only",
+    "val_acc_ihc_only",
+    "val_f1_dual",
+    "val_f1_he_only",
+    "val_f1_ihc_only",
+}
+
+
+def test_two_stage_training_writes_weights_checkpoints_and_datalist(trained_bundle):
+    models = trained_bundle / "models"
+    for name in ("cmgan.pt", "gan_checkpoint.pt", "model.pt", "classifier_checkpoint.pt"):
+        assert (models / name).is_file(), name
+    generators = torch.load(models / "cmgan.pt", weights_only=True)
+    assert generators and all(k.split(".")[0] in ("he_to_ihc", "ihc_to_he") for k in generators)
+    checkpoint = torch.load(models / "classifier_checkpoint.pt", weights_only=True)
+    assert {"trainer", "network", "optimizer", "lr_scheduler", "best"} <= set(checkpoint)
+    assert checkpoint["trainer"]["max_epochs"] == 1 and checkpoint["trainer"]["iteration"] == 3  # 12 pairs / batch 4
+    weights = torch.load(models / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in weights.values())
+    datalist = json.loads((trained_bundle / "eval" / "datalist.json").read_text())
+    assert len(datalist["training"]) + len(datalist["validation"]) == 16 and len(datalist["test"]) == 4
+    assert sorted(p.name for p in (trained_bundle / "eval" / "translation_grids").iterdir()) == ["grid_epoch_001.png"]
+
+
+def test_mlflow_store_holds_both_stages_with_metrics_and_artifacts(trained_bundle):
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{trained_bundle / 'eval' / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("her2-monai")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"her2-demo-stage1-cmgan", "her2-demo-stage2-classifier"}
+    gan, cls = runs["her2-demo-stage1-cmgan"], runs["her2-demo-stage2-classifier"]
+    assert gan.info.status == "FINISHED" and cls.info.status == "FINISHED"
+    assert GAN_METRICS | GAN_VAL_METRICS <= set(gan.data.metrics)
+    assert CLS_METRICS | CLS_VAL_METRICS <= set(cls.data.metrics)
+    assert gan.data.params["image_size"] == "32" and cls.data.params["missing_strategy"] == "cmgan"
+    # per-iteration logging: one g_loss point per iteration of the single epoch
+    assert len(client.get_metric_history(gan.info.run_id, "g_loss")) >= 2
+    gan_artifacts = {a.path for a in client.list_artifacts(gan.info.run_id)}
+    assert {"cmgan.pt", "datalist.json", "translation_grids"} <= gan_artifacts
+    assert {"model.pt", "datalist.json"} <= {a.path for a in client.list_artifacts(cls.info.run_id)}
+
+
+def test_classifier_stage_alone_explains_a_missing_gan(tmp_path):
+    with pytest.raises(Exception) as err:
+        run_bundle("train.json", "train_classifier", **tiny_overrides(tmp_path, tmp_path / "cache"))
+    chain, message = err.value, ""
+    while chain is not None:
+        message += str(chain)
+        chain = chain.__cause__
+    assert "stage-1 CM-GAN weights not found" in message and "run train_gan" in message
