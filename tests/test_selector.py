@@ -1,0 +1,202 @@
+"""Tests for the branch selector (H&E vs IHC), stain features, routing helpers and demo-only training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage.color import rgb2hed
+
+from her2_monai.constants import DUAL, HE_ONLY, IHC_ONLY
+from her2_monai.networks.selector import (
+    RUIFROK_HED_VECTORS,
+    BranchSelector,
+    StainFeatureExtractor,
+    augment_stain_batch,
+    check_stain_inputs,
+    mask_to_scenario,
+    route,
+    stains_to_inputs,
+    train_selector,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads per process are several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _stain_image(conc: tuple[float, float, float], size: int = 16) -> torch.Tensor:
+    """A uniform ``(1, 3, size, size)`` image in [-1, 1] made by Beer-Lambert from H, E, DAB concentrations."""
+    vectors = torch.tensor(RUIFROK_HED_VECTORS)
+    vectors = vectors / vectors.norm(dim=1, keepdim=True)
+    od = torch.tensor(conc) @ vectors
+    rgb = torch.exp(-od).view(1, 3, 1, 1).expand(1, 3, size, size)
+    return rgb * 2 - 1
+
+
+def test_selector_shapes_and_sizes() -> None:
+    torch.manual_seed(0)
+    for kwargs in ({}, {"use_stain_features": False}, {"cnn_input": "rgb"}):
+        model = BranchSelector(**kwargs).eval()
+        for size in (32, 48, 64):
+            x = torch.rand(2, 3, size, size) * 2 - 1
+            assert model(x).shape == (2, 2)
+            pred = model.predict_stain(x)
+            assert pred.shape == (2,) and pred.dtype == torch.long and set(pred.tolist()) <= {0, 1}
+
+
+def test_selector_rejects_bad_input() -> None:
+    model = BranchSelector().eval()
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="cnn_input"):
+        BranchSelector(cnn_input="hsv")
+    with pytest.raises(ValueError, match="branch_dropout"):
+        BranchSelector(branch_dropout=1.0)
+
+
+def test_selector_jit_trace_matches_eager() -> None:
+    torch.manual_seed(0)
+    model = BranchSelector().eval()
+    example = torch.rand(2, 3, 64, 64) * 2 - 1
+    traced = torch.jit.trace(model, example)
+    other = torch.rand(3, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(traced(other), model(other))
+
+
+def test_stain_concentrations_match_skimage_rgb2hed() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.uniform(0.05, 1.0, size=(8, 8, 3))
+    extractor = StainFeatureExtractor(white_balance=False, eps=1e-6)
+    x = torch.from_numpy(rgb).float().permute(2, 0, 1).unsqueeze(0) * 2 - 1
+    conc = extractor.concentrations(extractor.optical_density(x))[0].permute(1, 2, 0).numpy()
+    # scikit-image scales OD by 1 / -ln(1e-6), clips negative concentrations and does not normalise the vectors.
+    expected = rgb2hed(rgb) * np.linalg.norm(np.asarray(RUIFROK_HED_VECTORS), axis=1)
+    np.testing.assert_allclose(np.maximum(conc / -np.log(1e-6), 0), expected, atol=2e-5)
+
+
+def test_stain_features_separate_eosin_from_dab_and_ignore_illumination() -> None:
+    extractor = StainFeatureExtractor()
+    pad = torch.ones(1, 3, 16, 16)  # bright glass so the white point is found
+    eosin = torch.cat([_stain_image((0.2, 0.6, 0.0)), pad], dim=3)
+    dab = torch.cat([_stain_image((0.2, 0.0, 0.6)), pad], dim=3)
+    f_eosin, f_dab = extractor(eosin)[0], extractor(dab)[0]
+    assert f_eosin.shape == (StainFeatureExtractor.num_features,)
+    assert f_eosin[7] > 0.3 and abs(float(f_dab[7])) < 0.05  # eosin proportion
+    assert f_dab[8] > 0.3 and abs(float(f_eosin[8])) < 0.05  # DAB proportion
+    assert f_eosin[12] > f_dab[12]  # eosin index
+    # Grey glass (a dimmer lamp) scales every pixel; white balancing undoes it.
+    dim = (eosin + 1) * 0.5 * 0.7 * 2 - 1
+    torch.testing.assert_close(extractor(dim)[0, 6:9], f_eosin[6:9], atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(StainFeatureExtractor(white_balance=False)(dim)[0, 6:9], f_eosin[6:9], atol=1e-2)
+
+
+def test_stain_feature_extractor_validation() -> None:
+    with pytest.raises(ValueError, match="linearly dependent"):
+        StainFeatureExtractor(stain_vectors=((1, 0, 0), (1, 0, 0), (0, 0, 1)))
+    with pytest.raises(ValueError, match="shape"):
+        StainFeatureExtractor(stain_vectors=((1, 0, 0), (0, 1, 0)))
+    with pytest.raises(ValueError, match="eps"):
+        StainFeatureExtractor(eps=0)
+
+
+def test_route_and_mask_to_scenario() -> None:
+    assert route(True, True) == DUAL
+    assert route(True, False) == HE_ONLY
+    assert route(False, True) == IHC_ONLY
+    with pytest.raises(ValueError, match="both are missing"):
+        route(False, False)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert mask_to_scenario(mask).tolist() == [DUAL, HE_ONLY, IHC_ONLY]
+    with pytest.raises(ValueError, match=r"\(B, 2\)"):
+        mask_to_scenario(torch.ones(3))
+    with pytest.raises(ValueError, match="only 0"):
+        mask_to_scenario(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match=r"samples \[1\]"):
+        mask_to_scenario(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_stains_to_inputs() -> None:
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    he, ihc, mask = stains_to_inputs(x, torch.tensor([0, 1, 0]))
+    torch.testing.assert_close(mask, torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
+    torch.testing.assert_close(he[[0, 2]], x[[0, 2]])
+    torch.testing.assert_close(ihc[1], x[1])
+    assert he[1].abs().sum() == 0 and ihc[[0, 2]].abs().sum() == 0
+    assert mask_to_scenario(mask).tolist() == [HE_ONLY, IHC_ONLY, HE_ONLY]
+    # The output is a valid classifier batch.
+    _, _, _, scenario = check_stain_inputs(he, ihc, mask)
+    assert scenario.tolist() == [HE_ONLY, IHC_ONLY, HE_ONLY]
+    with pytest.raises(ValueError, match="one entry per image"):
+        stains_to_inputs(x, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="0 \\(H&E\\) or 1"):
+        stains_to_inputs(x, torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        stains_to_inputs(x[:, :2], torch.tensor([0, 1, 0]))
+
+
+def test_augmentation_is_bounded_seeded_and_off_at_zero() -> None:
+    stain = StainFeatureExtractor()
+    rgb = torch.rand(4, 3, 16, 16) * 0.9 + 0.05
+    assert torch.equal(augment_stain_batch(rgb, torch.Generator().manual_seed(0), stain, strength=0), rgb)
+    a = augment_stain_batch(rgb, torch.Generator().manual_seed(1), stain)
+    b = augment_stain_batch(rgb, torch.Generator().manual_seed(1), stain)
+    assert torch.equal(a, b) and a.shape == rgb.shape
+    assert a.min() >= 0 and a.max() <= 1 and (a - rgb).abs().mean() > 0.01
+
+
+def test_train_selector_is_deterministic() -> None:
+    kwargs = {"steps": 3, "batch_size": 4, "crop_size": 32, "pool_per_class": 1, "image_size": 64, "labs": ("A",)}
+    first = train_selector(seed=3, **kwargs)
+    second = train_selector(seed=3, **kwargs)
+    other = train_selector(seed=4, **kwargs)
+    assert not first.training
+    for (name, p1), p2 in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(p1, p2), name
+    assert any(not torch.equal(p1, p3) for p1, p3 in zip(first.parameters(), other.parameters()))
+    with pytest.raises(ValueError, match="steps"):
+        train_selector(steps=0)
+
+
+def _real_images() -> list[tuple[str, np.ndarray, int]]:
+    from skimage import data as skdata
+
+    from her2_monai.data.io import read_rgb
+
+    items = []
+    sources = {"bci/HE/test": 0, "bci/IHC/test": 1, "mist/HE": 0, "mist/IHC": 1}
+    for folder, stain in sources.items():
+        files = sorted(f for f in (SHARED_DATA / folder).iterdir() if f.suffix in (".png", ".jpg"))
+        items += [(f"{folder}/{f.name}", read_rgb(f), stain) for f in files]
+    items.append(("skimage immunohistochemistry", skdata.immunohistochemistry(), 1))
+    return items
+
+
+@pytest.mark.slow
+def test_selector_trained_on_demo_labels_real_images() -> None:
+    """Trained on procedural demo renders only, the selector must label real BCI, MIST and scikit-image images."""
+    if not (SHARED_DATA / "bci").is_dir() or not (SHARED_DATA / "mist").is_dir():
+        pytest.skip(f"real-image fixtures not found at {SHARED_DATA}")
+    model = train_selector(steps=300, batch_size=24, crop_size=48, pool_per_class=2, image_size=128, seed=0)
+    images = _real_images()
+    assert sum(s == 0 for *_, s in images) >= 10 and sum(s == 1 for *_, s in images) >= 11
+    wrong = []
+    with torch.no_grad():
+        for name, img, stain in images:
+            x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float()[None] / 127.5 - 1
+            x = F.interpolate(x, size=(128, 128), mode="bilinear", align_corners=False, antialias=True)
+            p_ihc = model(x).softmax(dim=1)[0, 1].item()
+            if (p_ihc >= 0.5) != bool(stain):
+                wrong.append(f"{name}: p(IHC)={p_ihc:.3f}")
+    assert not wrong, f"mislabelled real images: {wrong}"
