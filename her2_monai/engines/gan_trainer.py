@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -10,12 +10,15 @@ from monai.engines import Trainer
 from torch.optim import Optimizer
 
 from her2_monai.constants import HE_KEY, IHC_KEY, MASK_KEY
+from her2_monai.engines.distributed import wrap_ddp
 from her2_monai.engines.utils import autocast, make_grad_scaler, prepare_stain_batch
 from her2_monai.losses.adversarial import GANLoss
 from her2_monai.losses.pyramid import PyramidL1Loss
 from her2_monai.networks.cmgan import CrossModalGAN
 
 __all__ = ["CrossModalGANTrainer"]
+
+_TRAINED = ("he_to_ihc", "ihc_to_he", "disc_ihc", "disc_he")
 
 
 class CrossModalGANTrainer(Trainer):
@@ -29,6 +32,14 @@ class CrossModalGANTrainer(Trainer):
     2. discriminator step: ``d_loss = D_loss(disc_ihc, [he, ihc] vs [he, fake_ihc]) + D_loss(disc_he, ...)`` (each
        halved, see :class:`GANLoss`);
     3. generator step (discriminators frozen): adversarial term plus the pyramid L1 terms for both directions.
+
+    **Multi-GPU** (``distributed=True``): the iteration calls the four networks one by one, so wrapping the whole
+    CrossModalGAN in ``DistributedDataParallel`` would synchronise nothing (DDP only acts inside its own ``forward``).
+    Each generator and discriminator is instead wrapped in its own DDP (gradients averaged over processes in each
+    backward, BatchNorm buffers broadcast from rank 0 at each forward), while ``network`` itself stays unwrapped, so
+    checkpoints, the exported generators and the evaluator see the plain module and the same state-dict keys as a
+    single-process run. In the generator step the discriminators are called unwrapped: their parameters are frozen
+    there, and a DDP forward would wait for gradients that never come.
 
     Per-iteration output (logged by MONAI/MLflow handlers): ``g_loss``, ``d_loss``, ``g_adv``, and every pyramid term
     per direction (e.g. ``ihc_l1_full``, ``ihc_l1_half``, ``he_l1_full``...), plus detached image tensors under
@@ -47,10 +58,14 @@ class CrossModalGANTrainer(Trainer):
         channels_last: channels-last memory format for inputs.
         epoch_length: iterations per epoch (default: ``len(train_data_loader)``).
         train_handlers: MONAI/ignite handlers to attach.
+        distributed: wrap each generator and discriminator in ``DistributedDataParallel`` (a process group must be
+            initialised; use a ``DistributedSampler`` so that processes see different samples).
+        ddp_kwargs: extra ``DistributedDataParallel`` arguments.
         kwargs: passed on to :class:`monai.engines.Trainer` (e.g. ``key_train_metric``).
 
     Raises:
         ValueError: if ``network`` has no discriminators.
+        RuntimeError: if ``distributed`` is set without an initialised process group.
     """
 
     def __init__(
@@ -67,6 +82,8 @@ class CrossModalGANTrainer(Trainer):
         channels_last: bool = False,
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
+        distributed: bool = False,
+        ddp_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if not getattr(network, "with_discriminators", False):
@@ -87,6 +104,10 @@ class CrossModalGANTrainer(Trainer):
         self.gan_loss = gan_loss if gan_loss is not None else GANLoss()
         self.channels_last = channels_last
         self.scaler = make_grad_scaler(device, amp)
+        self.distributed = bool(distributed)
+        self.nets: dict[str, torch.nn.Module] = {name: getattr(network, name) for name in _TRAINED}
+        if self.distributed:
+            self.nets = {name: wrap_ddp(m, device, **(ddp_kwargs or {})) for name, m in self.nets.items()}
 
     def run(self) -> None:  # type: ignore[override]
         """Train; unlike the base class, keep a scaler that suits the device (none for CPU bfloat16)."""
@@ -109,26 +130,26 @@ class CrossModalGANTrainer(Trainer):
         if not bool(dual.any()):
             return {"g_loss": float("nan"), "d_loss": float("nan"), "skipped": True}
         he, ihc = batch[HE_KEY][dual], batch[IHC_KEY][dual]
-        net = self.network
+        net, nets = self.network, self.nets  # nets: the same modules, DDP-wrapped when distributed
         net.train()
 
         with autocast(engine.state.device, self.amp):
-            fake_ihc = net.he_to_ihc(he)
-            fake_he = net.ihc_to_he(ihc)
+            fake_ihc = nets["he_to_ihc"](he)
+            fake_he = nets["ihc_to_he"](ihc)
 
         # Discriminator step on detached fakes.
         self._set_discriminators_trainable(True)
         with autocast(engine.state.device, self.amp):
             d_ihc = self.gan_loss.discriminator_loss(
-                net.disc_ihc(torch.cat([he, ihc], 1)), net.disc_ihc(torch.cat([he, fake_ihc.detach()], 1))
+                nets["disc_ihc"](torch.cat([he, ihc], 1)), nets["disc_ihc"](torch.cat([he, fake_ihc.detach()], 1))
             )
             d_he = self.gan_loss.discriminator_loss(
-                net.disc_he(torch.cat([ihc, he], 1)), net.disc_he(torch.cat([ihc, fake_he.detach()], 1))
+                nets["disc_he"](torch.cat([ihc, he], 1)), nets["disc_he"](torch.cat([ihc, fake_he.detach()], 1))
             )
             d_loss = d_ihc + d_he
         self._step(self.d_optimizer, d_loss)
 
-        # Generator step: the discriminators only pass gradients through.
+        # Generator step: the discriminators only pass gradients through (unwrapped under DDP: nothing to sync).
         self._set_discriminators_trainable(False)
         with autocast(engine.state.device, self.amp):
             g_adv = self.gan_loss.generator_loss(net.disc_ihc(torch.cat([he, fake_ihc], 1)))

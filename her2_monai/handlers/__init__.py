@@ -8,7 +8,9 @@ from her2_monai.handlers.checkpoint import (
     GeneratorExporter,
     ResumeFromCheckpoint,
     atomic_torch_save,
+    remove_stale_temporaries,
 )
+from her2_monai.handlers.distributed import BroadcastBuffers
 from her2_monai.handlers.image_grid import TranslationGridSaver
 from her2_monai.handlers.logging import scalar_output
 from her2_monai.handlers.progress import ProgressBarHandler
@@ -19,6 +21,8 @@ __all__ = [
     "GeneratorExporter",
     "ResumeFromCheckpoint",
     "atomic_torch_save",
+    "remove_stale_temporaries",
+    "BroadcastBuffers",
     "TranslationGridSaver",
     "scalar_output",
     "ProgressBarHandler",

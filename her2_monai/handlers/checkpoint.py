@@ -14,7 +14,14 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-__all__ = ["atomic_torch_save", "AtomicCheckpointSaver", "BestModelSaver", "GeneratorExporter", "ResumeFromCheckpoint"]
+__all__ = [
+    "atomic_torch_save",
+    "remove_stale_temporaries",
+    "AtomicCheckpointSaver",
+    "BestModelSaver",
+    "GeneratorExporter",
+    "ResumeFromCheckpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +44,39 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_torch_save` left beside ``path`` when a run was killed mid-write.
+
+    ``SIGKILL`` (or a power cut) skips the cleanup of :func:`atomic_torch_save`, leaving a ``.<name>.<random>`` file,
+    possibly hundreds of MB. The savers call this when attached, i.e. before they write again. Only one process may
+    write a given path (rank 0 under DDP), so no other writer's file can be removed.
+
+    Returns:
+        The removed files.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+        logger.warning("removed %s, left by an interrupted save of %s", leftover, path)
+    return removed
+
+
+def _as_bool(name: str, value: bool | str | int) -> bool:
+    """A flag that may come from the command line as a string (``--resume false`` must not mean ``True``)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off", ""):
+            return False
+        raise ValueError(f"{name} must be a boolean (true/false), got '{value}'")
+    return bool(value)
 
 
 def _state_dicts(objects: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,7 +114,8 @@ class AtomicCheckpointSaver:
         self.engine_key = engine_key
 
     def attach(self, engine: Engine) -> None:
-        """Save at the end of every ``save_interval``-th epoch."""
+        """Save at the end of every ``save_interval``-th epoch (after removing leftovers of a killed save)."""
+        remove_stale_temporaries(self.save_path)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self)
 
     def __call__(self, engine: Engine) -> None:
@@ -103,6 +144,7 @@ class BestModelSaver:
         self.best_epoch = 0
 
     def attach(self, engine: Engine) -> None:
+        remove_stale_temporaries(self.save_path)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -133,25 +175,26 @@ class ResumeFromCheckpoint:
     Args:
         load_path: checkpoint file.
         load_dict: the same objects as the saver's ``save_dict`` (the engine itself is restored from ``engine_key``).
-        enabled: resume (``False``: do nothing).
+        enabled: resume (``False``: do nothing); the strings ``"true"``/``"false"`` of a command-line override work.
         map_location: device mapping for the loaded tensors.
         engine_key: key of the engine's state in the file.
 
     Raises:
-        ValueError: (when run) if the checkpoint lacks an object or its epoch exceeds the trainer's ``max_epochs``.
+        ValueError: if ``enabled`` is a string that is not a boolean; (when run) if the checkpoint lacks an object
+            or its epoch exceeds the trainer's ``max_epochs``.
     """
 
     def __init__(
         self,
         load_path: str | os.PathLike,
         load_dict: Mapping[str, Any],
-        enabled: bool = True,
+        enabled: bool | str = True,
         map_location: str | torch.device | None = "cpu",
         engine_key: str = "trainer",
     ) -> None:
         self.load_path = Path(load_path)
         self.load_dict = dict(load_dict)
-        self.enabled = bool(enabled)
+        self.enabled = _as_bool("enabled", enabled)
         self.map_location = map_location
         self.engine_key = engine_key
 
@@ -193,6 +236,7 @@ class GeneratorExporter:
         self.network = network
 
     def attach(self, engine: Engine) -> None:
+        remove_stale_temporaries(self.save_path)
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
