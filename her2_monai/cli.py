@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import fire
 
 from her2_monai.constants import CLASS_NAMES
 
-__all__ = ["demo_data", "datalist", "main"]
+__all__ = ["demo_data", "datalist", "predict", "main"]
 
 
 class CommandError(Exception):
@@ -77,7 +79,52 @@ def datalist(
     print(f"datalist written to {path}")
 
 
-COMMANDS = {"demo-data": demo_data, "datalist": datalist}
+def predict(
+    he: str | None = None,
+    ihc: str | None = None,
+    image: str | None = None,
+    bundle: str = "bundle",
+    config_file: str | None = None,
+    refer_threshold: float = 0.5,
+    **overrides: Any,
+) -> None:
+    """Predict the HER2 score of one patch with the trained bundle and print one JSON object.
+
+    Give the H&E and/or the IHC image (declared stains), or one --image of unknown stain (the branch selector decides).
+    The output holds score ("0", "1+", "2+", "3+"), probabilities (4 floats), confidence (the top probability), refer
+    (confidence below --refer_threshold: refer to a pathologist), scenario (dual, he_only, ihc_only), detected_stains
+    (the selector's call for each given image) and warnings (e.g. a declared stain the selector disagrees with).
+
+    Args:
+        he: H&E patch file.
+        ihc: HER2-IHC patch file.
+        image: one patch of unknown stain (not together with --he/--ihc).
+        bundle: bundle folder holding models/model.pt and models/selector.pt (and configs/inference.json).
+        config_file: inference config (default <bundle>/configs/inference.json).
+        refer_threshold: confidence below which "refer" is true.
+        overrides: further inference-config values, e.g. --profile bci for a model trained with --dataset_dir, or
+            --device cpu.
+    """
+    from her2_monai.inference import check_record_files, load_predictor
+
+    if image is not None and (he is not None or ihc is not None):
+        raise CommandError("give either --image (stain unknown) or --he/--ihc (declared stains), not both")
+    if image is None and he is None and ihc is None:
+        raise CommandError("no input image: give --he FILE and/or --ihc FILE, or --image FILE")
+    inputs = {"he": he, "ihc": ihc, "image": image}
+    for name, value in inputs.items():
+        if isinstance(value, bool):  # fire turns a flag given without a value into True
+            raise CommandError(f"--{name} needs a file path")
+    he, ihc, image = (None if v is None else str(v) for v in inputs.values())
+    inputs = {"he": he, "ihc": ihc, "image": image}
+    check_record_files({k: v for k, v in inputs.items() if v is not None})
+    if "device" in overrides:
+        overrides["device"] = f"$torch.device('{overrides['device']}')"
+    predictor = load_predictor(bundle, config_file, refer_threshold=float(refer_threshold), **overrides)
+    print(json.dumps(predictor.predict(he=he, ihc=ihc, image=image)))
+
+
+COMMANDS = {"demo-data": demo_data, "datalist": datalist, "predict": predict}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     from her2_monai.data.datalist import DatalistError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv and "--" not in argv:
+        # A command that accepts extra flags (predict's config overrides) would otherwise take --help as one of them.
+        argv = [a for a in argv if a != "--help"] + ["--", "--help"]
     try:
         fire.Fire(COMMANDS, command=argv, name="python -m her2_monai")
     except DatalistError as err:

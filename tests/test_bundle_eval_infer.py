@@ -1,0 +1,234 @@
+"""Evaluation (eval/metrics.json) and inference (eval/predictions/) of the trained toy bundle."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE_CONFIGS, TINY_TRAINING, run_bundle, tiny_overrides
+
+from her2_monai.constants import CLASS_NAMES, SCENARIOS
+from her2_monai.handlers.checkpoint import atomic_torch_save
+from her2_monai.metrics import CONVENTION
+from her2_monai.networks.selector import BranchSelector, train_selector
+
+#: Inference-config overrides that rebuild the toy architecture of ``TINY_TRAINING``.
+TINY_INFERENCE = {
+    "image_size": TINY_TRAINING["image_size"],
+    "gan_ngf": TINY_TRAINING["gan_ngf"],
+    "gan_n_blocks": TINY_TRAINING["gan_n_blocks"],
+    "shared_backbone": TINY_TRAINING["shared_backbone"],
+    "specific_backbone": TINY_TRAINING["specific_backbone"],
+}
+
+
+def forced_selector_state(stain: int) -> dict[str, torch.Tensor]:
+    """A selector state dict that calls every image ``stain`` (0 = H&E, 1 = IHC): zero weights, biased output."""
+    state = BranchSelector().state_dict()
+    state["classifier.weight"] = torch.zeros_like(state["classifier.weight"])
+    state["classifier.bias"] = torch.tensor([10.0, -10.0]) if stain == 0 else torch.tensor([-10.0, 10.0])
+    return state
+
+
+def demo_dataset(root: Path) -> Path:
+    """The BCI-layout demo folder the training run generated under ``root/cache``."""
+    return next(p for p in sorted((root / "cache").iterdir()) if (p / "HE").is_dir())
+
+
+@pytest.fixture(scope="session")
+def deployed_bundle(trained_bundle: Path) -> Path:
+    """The trained toy bundle plus branch-selector weights (a few demo steps) in ``models/selector.pt``."""
+    path = trained_bundle / "models" / "selector.pt"
+    if not path.is_file():
+        selector = train_selector(steps=3, batch_size=4, pool_per_class=1, image_size=32, labs=("A",), crop_size=32)
+        atomic_torch_save(selector.state_dict(), path)
+    return trained_bundle
+
+
+def _strict_json(path: Path) -> dict:
+    def reject(token: str) -> None:
+        raise AssertionError(f"{path} holds {token}, which is not valid JSON")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def test_evaluate_reports_every_scenario_and_both_translation_directions(trained_bundle: Path) -> None:
+    run_bundle(
+        ["train.json", "evaluate.json"], "evaluating", **tiny_overrides(trained_bundle, trained_bundle / "cache")
+    )
+    report = _strict_json(trained_bundle / "eval" / "metrics.json")
+    assert {"scenarios", "translation", "checkpoint", "n_test"} <= set(report)
+    assert report["checkpoint"].endswith("models/model.pt") and report["n_test"] == 4  # 1 test pair per class
+    assert set(report["scenarios"]) == set(SCENARIOS)
+    for name, scenario in report["scenarios"].items():
+        cm = np.array(scenario["confusion_matrix"])
+        assert cm.shape == (4, 4) and cm.sum() == scenario["n"] == 4, name  # every test record has both stains
+        assert scenario["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+        assert set(scenario["per_class"]) == set(CLASS_NAMES)
+        for c, cls in enumerate(CLASS_NAMES):
+            entry = scenario["per_class"][cls]
+            assert entry["support"] == cm[c].sum() == 1
+            assert {"precision", "recall", "f1", "auc"} <= set(entry)
+            assert entry["recall"] == pytest.approx(cm[c, c] / cm[c].sum())
+        f1s = [scenario["per_class"][c]["f1"] for c in CLASS_NAMES]
+        assert scenario["macro_f1"] == pytest.approx(float(np.mean(f1s)))
+        assert 0.0 <= scenario["her2_low_auc_0_vs_1plus"] <= 1.0
+    translation = report["translation"]
+    assert translation["convention"] == CONVENTION and translation["resolution"] == [32, 32]
+    assert translation["available"] is True and translation["n_pairs"] == 4
+    for direction in ("he_to_ihc", "ihc_to_he"):
+        assert 0.0 < translation[direction]["psnr"] < 100.0
+        assert -1.0 <= translation[direction]["ssim"] <= 1.0
+    leftovers = [p.name for p in (trained_bundle / "eval").iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_evaluate_without_a_trained_model_names_the_training_command(tmp_path: Path) -> None:
+    with pytest.raises(Exception) as err:
+        run_bundle(["train.json", "evaluate.json"], "evaluating", **tiny_overrides(tmp_path, tmp_path / "cache"))
+    chain, message = err.value, ""
+    while chain is not None:
+        message += str(chain)
+        chain = chain.__cause__
+    assert "trained HER2 classifier not found" in message and "run training" in message
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_inference_config_has_the_monai_label_properties(tmp_path: Path) -> None:
+    from monai.bundle import ConfigWorkflow
+
+    # No trained weights and no inputs: MONAI (and MONAI Label) build the workflow before either is there.
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE_CONFIGS / "inference.json"),
+        meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type="infer",
+        bundle_root=str(tmp_path),
+        **TINY_INFERENCE,
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    for key in ("network_def", "preprocessing", "postprocessing", "inferer", "dataset", "evaluator", "bundle_root"):
+        assert key in workflow.parser, key
+    assert workflow.parser["dataset#transform"] == "@preprocessing"
+    assert workflow.parser["evaluator#postprocessing"] == "@postprocessing"
+    assert workflow.parser["evaluator#val_handlers"] == "@handlers"
+    with pytest.raises(Exception) as err:  # running it without an input explains how to give one
+        workflow.run()
+    chain, message = err.value, ""
+    while chain is not None:
+        message += str(chain)
+        chain = chain.__cause__
+    assert "--datalist FILE.json" in message and "--dataset_dir FOLDER" in message
+
+
+def test_inference_on_a_bci_folder_writes_one_prediction_per_case(deployed_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "predictions"
+    run_bundle(
+        "inference.json",
+        "inferring",
+        bundle_root=str(deployed_bundle),
+        dataset_dir=str(demo_dataset(deployed_bundle)),
+        datalist_split="test",
+        prediction_dir=str(out),
+        refer_threshold=0.3,
+        **TINY_INFERENCE,
+    )
+    files = sorted(out.iterdir())
+    assert [p.name for p in files] == [
+        "00017_test_0.json",
+        "00018_test_1+.json",
+        "00019_test_2+.json",
+        "00020_test_3+.json",
+    ]
+    for path in files:
+        pred = _strict_json(path)
+        assert pred["id"] == path.stem and pred["label"] == path.stem.split("_")[-1]
+        assert pred["score"] in CLASS_NAMES and len(pred["probabilities"]) == 4
+        assert sum(pred["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+        assert pred["confidence"] == pytest.approx(max(pred["probabilities"]), abs=1e-6)
+        assert pred["score"] == CLASS_NAMES[int(np.argmax(pred["probabilities"]))]
+        assert pred["refer"] == (pred["confidence"] < 0.3)
+        assert pred["scenario"] == "dual" and pred["stain_source"] == "declared"
+        assert len(pred["detected_stains"]) == 2 and set(pred["detected_stains"]) <= {"he", "ihc"}
+        assert Path(pred["inputs"]["he"]).is_file() and Path(pred["inputs"]["ihc"]).is_file()
+
+
+def test_inference_on_a_datalist_routes_declared_and_unknown_stains(deployed_bundle: Path, tmp_path: Path) -> None:
+    # A bundle folder that shares the trained classifier but has a selector calling everything IHC.
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    (bundle / "models" / "model.pt").symlink_to(deployed_bundle / "models" / "model.pt")
+    torch.save(forced_selector_state(1), bundle / "models" / "selector.pt")
+    data = demo_dataset(deployed_bundle)
+    he, ihc = data / "HE" / "test" / "00018_test_1+.png", data / "IHC" / "test" / "00018_test_1+.png"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(he, plain / "patch.png")  # an H&E image of unknown stain: the (forced) selector calls it IHC
+    records = [
+        {"he": str(he), "label": 1, "id": "he_case"},
+        {"ihc": str(ihc), "id": "ihc_case"},
+        {"image": str(plain / "patch.png")},
+    ]
+    datalist = tmp_path / "cases.json"
+    datalist.write_text(json.dumps({"test": records}))
+    run_bundle("inference.json", "inferring", bundle_root=str(bundle), datalist=str(datalist), **TINY_INFERENCE)
+    out = bundle / "eval" / "predictions"
+    assert sorted(p.name for p in out.iterdir()) == ["he_case.json", "ihc_case.json", "patch.json"]
+    he_case, ihc_case, patch = (_strict_json(out / f"{n}.json") for n in ("he_case", "ihc_case", "patch"))
+    assert he_case["scenario"] == "he_only" and he_case["detected_stains"] == ["ihc"] and he_case["label"] == "1+"
+    assert he_case["warnings"] and "given as he looks like ihc" in he_case["warnings"][0]
+    assert ihc_case["scenario"] == "ihc_only" and ihc_case["warnings"] == [] and "label" not in ihc_case
+    assert patch["scenario"] == "ihc_only" and patch["stain_source"] == "selector"
+    assert patch["detected_stains"] == ["ihc"] and patch["inputs"] == {"image": str(plain / "patch.png")}
+
+    # The unknown-stain path is exactly the deploy network's 3-channel path.
+    from her2_monai.inference import load_predictor
+
+    predictor = load_predictor(bundle, BUNDLE_CONFIGS / "inference.json", **TINY_INFERENCE)
+    result = predictor.predict(image=plain / "patch.png")
+    batch = predictor.preprocessing({"image": str(plain / "patch.png")})
+    with torch.no_grad():
+        logits = predictor.network(batch["he"].as_tensor()[None])
+    expected = logits.softmax(dim=1)[0].tolist()
+    assert result["probabilities"] == pytest.approx(expected, abs=1e-5)
+    assert result["probabilities"] == pytest.approx(patch["probabilities"], abs=1e-5)
+
+
+def test_collect_records_rejects_ambiguous_or_empty_inputs(tmp_path: Path) -> None:
+    from her2_monai.inference import collect_records
+
+    with pytest.raises(ValueError, match="exactly one input"):
+        collect_records()
+    assert collect_records(allow_empty=True) == []
+    with pytest.raises(ValueError, match="exactly one input"):
+        collect_records(tmp_path, tmp_path / "x.json")
+    with pytest.raises(ValueError, match="no images to predict"):
+        collect_records(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        collect_records(tmp_path / "missing")
+    (tmp_path / "a.json").write_text(json.dumps({"training": []}))
+    with pytest.raises(KeyError, match="no 'test' list"):
+        collect_records(datalist=tmp_path / "a.json", split="test")
+    for name in ("x.png", "x.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    ids = [r["id"] for r in collect_records(tmp_path)]
+    assert ids == ["x", "x_2"]  # same stem, distinct prediction files
+
+
+def test_prediction_result_flags_referral_and_rejects_bad_probabilities() -> None:
+    from her2_monai.inference import prediction_result
+
+    item = {"pred": torch.tensor([0.1, 0.5, 0.3, 0.1]), "scenario": torch.tensor(1), "detected_stains": [0, -1]}
+    low = prediction_result(item, refer_threshold=0.6)
+    assert low["score"] == "1+" and low["refer"] is True and low["scenario"] == "he_only"
+    assert low["detected_stains"] == ["he"] and low["warnings"] == []
+    assert prediction_result(item, refer_threshold=0.5)["refer"] is False
+    assert math.isclose(low["confidence"], 0.5)
+    with pytest.raises(ValueError, match="4 class probabilities"):
+        prediction_result({**item, "pred": torch.tensor([0.5, 0.5])})

@@ -1,0 +1,113 @@
+"""MONAI bundle tooling: verify_metadata (offline, vendored schema), verify_net_in_out and TorchScript export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BUNDLE_CONFIGS
+from test_bundle_eval_infer import TINY_INFERENCE, deployed_bundle  # noqa: F401  (session fixture)
+
+from her2_monai.inference import SELECTOR_COMMAND, HER2BundleNet, load_bundle_weights
+from her2_monai.networks.cmgan import CrossModalGAN
+from her2_monai.networks.her2net import HER2FlexibleNet
+from her2_monai.networks.selector import BranchSelector
+
+META = BUNDLE_CONFIGS / "metadata.json"
+SCHEMA = BUNDLE_CONFIGS / "schema" / "meta_schema_20240725.json"
+INFERENCE = BUNDLE_CONFIGS / "inference.json"
+
+
+def test_metadata_passes_monai_verify_metadata_with_the_vendored_schema(tmp_path: Path) -> None:
+    pytest.importorskip("jsonschema", reason="MONAI's verify_metadata needs the jsonschema package")
+    from monai.bundle import verify_metadata
+
+    metadata = json.loads(META.read_text())
+    assert metadata["schema"].endswith("/" + SCHEMA.name)  # the vendored file is the schema the metadata names
+    assert metadata["version"] == "0.1.0" and "0.1.0" in metadata["changelog"]
+    verify_metadata(meta_file=str(META), filepath=str(SCHEMA))  # the file exists, so nothing is downloaded
+    image = metadata["network_data_format"]["inputs"]["image"]
+    assert image["num_channels"] == 6 and image["value_range"] == [-1, 1]
+    pred = metadata["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == 4 and pred["channel_def"] == {
+        "0": "HER2 0",
+        "1": "HER2 1+",
+        "2": "HER2 2+",
+        "3": "HER2 3+",
+    }
+
+    broken = {k: v for k, v in metadata.items() if k != "network_data_format"}
+    (tmp_path / "metadata.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="network_data_format"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA))
+
+
+@pytest.mark.parametrize("channels", [6, 3])
+def test_network_def_passes_verify_net_in_out(channels: int) -> None:
+    from monai.bundle import verify_net_in_out
+
+    # Random weights on purpose: the check is about the I/O contract, so it needs no trained files.
+    overrides = {**TINY_INFERENCE, "_meta_#network_data_format#inputs#image#num_channels": channels}
+    verify_net_in_out(net_id="network_def", meta_file=str(META), config_file=str(INFERENCE), device="cpu", **overrides)
+
+
+def test_ckpt_export_writes_torchscript_with_the_eager_logits(deployed_bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+    from monai.bundle import ConfigParser, ckpt_export
+
+    target = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(target),
+        ckpt_file=str(deployed_bundle / "models" / "model.pt"),
+        meta_file=str(META),
+        config_file=str(INFERENCE),
+        bundle_root=str(deployed_bundle),
+        **TINY_INFERENCE,
+    )
+    extra = {"metadata.json": "", "inference.json": ""}
+    scripted = torch.jit.load(str(target), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["version"] == "0.1.0" and extra["inference.json"]
+
+    parser = ConfigParser()
+    parser.read_config(str(INFERENCE))
+    parser.update({"bundle_root": str(deployed_bundle), "device": "$torch.device('cpu')", **TINY_INFERENCE})
+    eager = load_bundle_weights(parser.get_parsed_content("network"), deployed_bundle / "models" / "model.pt")
+    gen = torch.Generator().manual_seed(1)
+    # Other batch sizes and resolutions than the traces (batch 2, 32 px) were made with.
+    for shape in ((3, 6, 48, 48), (1, 6, 32, 32), (3, 3, 48, 48), (2, 3, 64, 64)):
+        x = torch.rand(shape, generator=gen) * 2 - 1
+        with torch.no_grad():
+            diff = (scripted(x) - eager(x)).abs().max().item()
+        assert diff < 1e-4, (shape, diff)
+    with pytest.raises(Exception, match="3 channels"):
+        scripted(torch.zeros(1, 4, 32, 32))
+
+
+def test_deploy_net_loads_a_classifier_checkpoint_together_with_the_selector_file(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+
+    def build(selector_weights: Path) -> HER2BundleNet:
+        flexible = HER2FlexibleNet(
+            cmgan=CrossModalGAN(ngf=4, n_blocks=1), shared_backbone="resnet18", specific_backbone="resnet18"
+        )
+        return HER2BundleNet(flexible, BranchSelector(), selector_weights=selector_weights).eval()
+
+    source = build(tmp_path / "missing.pt")
+    classifier_only = source.net.state_dict()
+    with pytest.raises(FileNotFoundError) as err:
+        build(tmp_path / "missing.pt").load_state_dict(classifier_only)
+    assert "missing.pt" in str(err.value) and SELECTOR_COMMAND in str(err.value)
+
+    torch.save(source.selector.state_dict(), tmp_path / "selector.pt")
+    target = build(tmp_path / "selector.pt")
+    target.load_state_dict(classifier_only)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+    # The full deploy layout loads without the selector file.
+    again = build(tmp_path / "missing.pt")
+    again.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again(x), source(x))
