@@ -34,6 +34,7 @@ TINY_TRAINING = {
     "batch_size": 4,
     "shared_backbone": "resnet18",
     "specific_backbone": "resnet18",
+    "selector_steps": 3,
 }
 
 

@@ -25,7 +25,7 @@ CLS_VAL_METRICS = {
 
 def test_two_stage_training_writes_weights_checkpoints_and_datalist(trained_bundle):
     models = trained_bundle / "models"
-    for name in ("cmgan.pt", "gan_checkpoint.pt", "model.pt", "classifier_checkpoint.pt"):
+    for name in ("selector.pt", "cmgan.pt", "gan_checkpoint.pt", "model.pt", "classifier_checkpoint.pt"):
         assert (models / name).is_file(), name
     generators = torch.load(models / "cmgan.pt", weights_only=True)
     assert generators and all(k.split(".")[0] in ("he_to_ihc", "ihc_to_he") for k in generators)

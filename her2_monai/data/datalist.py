@@ -344,6 +344,7 @@ def write_datalist(datalist: dict[str, list[dict]], output: str | os.PathLike) -
     handle, tmp = tempfile.mkstemp(suffix=".json", dir=output.parent)
     with os.fdopen(handle, "w") as stream:
         json.dump(datalist, stream, indent=2)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a datalist is meant to be shared
     os.replace(tmp, output)
     return output
 
