@@ -8,17 +8,11 @@ import torch.nn.functional as F
 
 from her2_monai.constants import DUAL, HE_ONLY, IHC_ONLY, NUM_CLASSES
 from her2_monai.losses.mofe import MoFeLoss
+from her2_monai.networks.encoders import ResNetTrunk
 from her2_monai.networks.mora import MoRANet, ScenarioLowRankAdapter
-from her2_monai.networks.simmlm import ResNetTrunk, SimMLMNet, mixture_logits
+from her2_monai.networks.simmlm import SimMLMNet, mixture_logits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads per process are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = {"arch": "resnet10", "block_inplanes": (4, 8, 8, 16)}
@@ -250,7 +244,7 @@ def test_lowrank_adapter_errors() -> None:
 @pytest.mark.parametrize("freeze", ["all", "early"])
 def test_mora_gradients_reach_only_trainable_parts(freeze: str) -> None:
     model = _make(MoRANet, freeze=freeze).train()
-    net = model.backbone.net
+    net = model.backbone.resnet
     assert not net.layer1.training and not net.bn1.training  # frozen BatchNorm stays in eval mode
     running = net.bn1.running_mean.clone()
     he, ihc, m = _batch(MASKS["mixed"][0])
@@ -286,23 +280,24 @@ def test_mora_options_validated() -> None:
 # ------------------------------------------------------------------------------------------------------------- trunk
 def test_trunk_pretrained_weights(tmp_path) -> None:
     torch.manual_seed(1)
-    source = ResNetTrunk(**TINY)
-    state = {**source.net.state_dict(), "fc.weight": torch.zeros(10, 16), "fc.bias": torch.zeros(10)}
+    trunk = {"name": TINY["arch"], "block_inplanes": TINY["block_inplanes"]}
+    source = ResNetTrunk(**trunk)
+    state = {**source.resnet.state_dict(), "fc.weight": torch.zeros(10, 16), "fc.bias": torch.zeros(10)}
     path = tmp_path / "weights.pt"
     torch.save(state, path)
-    loaded = ResNetTrunk(**TINY, pretrained_weights=path)
+    loaded = ResNetTrunk(**trunk, pretrained_weights=path)
     x = torch.randn(2, 3, SIZE, SIZE)
     torch.testing.assert_close(loaded.eval()(x), source.eval()(x))
     torch.save({k: v for k, v in state.items() if not k.startswith("layer4")}, path)
     with pytest.raises(KeyError, match="layer4"):
-        ResNetTrunk(**TINY, pretrained_weights=path)
+        ResNetTrunk(**trunk, pretrained_weights=path)
     torch.save(state, path)
     with pytest.raises(ValueError, match="shape"):
-        ResNetTrunk(arch="resnet10", block_inplanes=(8, 8, 8, 16), pretrained_weights=path)
+        ResNetTrunk(name="resnet10", block_inplanes=(8, 8, 8, 16), pretrained_weights=path)
     with pytest.raises(FileNotFoundError):
-        ResNetTrunk(**TINY, pretrained_weights=tmp_path / "absent.pt")
+        ResNetTrunk(**trunk, pretrained_weights=tmp_path / "absent.pt")
     # MoRA's default freezing: the whole backbone when real weights are loaded, stages 3-4 trainable otherwise.
     assert MoRANet(**TINY, pretrained_weights=path).freeze == "all"
     assert MoRANet(**TINY).freeze == "early"
-    with pytest.raises(ValueError, match="unknown arch"):
-        ResNetTrunk(arch="resnet7")
+    with pytest.raises(ValueError, match="unknown ResNet backbone"):
+        ResNetTrunk(name="resnet7")

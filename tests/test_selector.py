@@ -23,14 +23,7 @@ from her2_monai.networks.selector import (
     train_selector,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads per process are several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

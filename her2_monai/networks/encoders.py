@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import monai.networks.nets as monai_nets
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.nets import EfficientNetBNFeatures
+from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -31,6 +31,7 @@ from her2_monai.networks.unfreeze import (
 )
 
 __all__ = [
+    "RESNET_ARCHS",
     "RESNET_BACKBONES",
     "EFFICIENTNET_BACKBONES",
     "BACKBONES",
@@ -41,7 +42,16 @@ __all__ = [
     "DisentangledEncoder",
 ]
 
-RESNET_BACKBONES: tuple[str, ...] = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+#: MONAI ResNet variants: name -> (block type, blocks per stage).
+RESNET_ARCHS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    "resnet10": (ResNetBlock, (1, 1, 1, 1)),
+    "resnet18": (ResNetBlock, (2, 2, 2, 2)),
+    "resnet34": (ResNetBlock, (3, 4, 6, 3)),
+    "resnet50": (ResNetBottleneck, (3, 4, 6, 3)),
+    "resnet101": (ResNetBottleneck, (3, 4, 23, 3)),
+    "resnet152": (ResNetBottleneck, (3, 8, 36, 3)),
+}
+RESNET_BACKBONES: tuple[str, ...] = tuple(RESNET_ARCHS)
 EFFICIENTNET_BACKBONES: tuple[str, ...] = tuple(f"efficientnet-b{i}" for i in range(8))
 BACKBONES: tuple[str, ...] = RESNET_BACKBONES + EFFICIENTNET_BACKBONES
 
@@ -49,10 +59,11 @@ BACKBONES: tuple[str, ...] = RESNET_BACKBONES + EFFICIENTNET_BACKBONES
 class ResNetTrunk(nn.Module):
     """A MONAI 2D ResNet without pooling and classifier, in torchvision's layout, returning the stride-32 feature map.
 
-    The network is ``monai.networks.nets.<name>(spatial_dims=2, conv1_t_stride=2, shortcut_type="B",
+    The network is ``monai.networks.nets.ResNet(..., spatial_dims=2, conv1_t_stride=2, shortcut_type="B",
     bias_downsample=False, feed_forward=False)``: a stride-2 7x7 stem and 1x1-convolution shortcuts without bias, as in
     torchvision (MONAI's defaults, stride-1 stem and biased shortcuts, would cost 4x the compute and not take ImageNet
-    weights). Its state-dict keys are therefore those of torchvision's ResNet under the ``resnet.`` prefix.
+    weights). Its state-dict keys are therefore those of torchvision's ResNet under the ``resnet.`` prefix. The stem
+    and the four stages are exposed (:meth:`stem`, :attr:`stages`) for models that adapt features between stages.
 
     Args:
         name: one of :data:`RESNET_BACKBONES`.
@@ -60,9 +71,10 @@ class ResNetTrunk(nn.Module):
         frozen_stages: stages frozen by hybrid unfreezing (e.g. ``("conv1", "bn1", "layer1", "layer2")``); empty: none.
         pretrained_weights: optional path of a torchvision-style ResNet state dict of the same depth.
         freeze_batchnorm: keep BatchNorm layers of frozen stages in eval mode, also after ``train()``.
+        block_inplanes: base widths of the four stages (default ``(64, 128, 256, 512)``; smaller for tests).
 
     Raises:
-        ValueError: for an unknown ``name`` or stage name.
+        ValueError: for an unknown ``name`` or stage name, or ``block_inplanes`` that are not four positive widths.
     """
 
     def __init__(
@@ -72,12 +84,18 @@ class ResNetTrunk(nn.Module):
         frozen_stages: Sequence[str] = (),
         pretrained_weights: str | Path | None = None,
         freeze_batchnorm: bool = True,
+        block_inplanes: Sequence[int] = (64, 128, 256, 512),
     ) -> None:
         super().__init__()
-        if name not in RESNET_BACKBONES:
+        if name not in RESNET_ARCHS:
             raise ValueError(f"unknown ResNet backbone '{name}'; expected one of {RESNET_BACKBONES}")
-        factory = getattr(monai_nets, name)
-        self.resnet = factory(
+        if len(block_inplanes) != 4 or any(int(c) < 1 for c in block_inplanes):
+            raise ValueError(f"block_inplanes must be four positive widths, got {tuple(block_inplanes)}")
+        block, layers = RESNET_ARCHS[name]
+        self.resnet = ResNet(
+            block,
+            list(layers),
+            [int(c) for c in block_inplanes],
             spatial_dims=2,
             n_input_channels=in_channels,
             conv1_t_stride=2,
@@ -86,11 +104,25 @@ class ResNetTrunk(nn.Module):
             feed_forward=False,
         )
         self.name = name
-        self.out_channels: int = int(self.resnet.in_planes)
+        #: Output channels of stages 1-4.
+        self.stage_channels: tuple[int, ...] = tuple(int(c) * block.expansion for c in block_inplanes)
+        self.out_channels: int = self.stage_channels[-1]
         if pretrained_weights:
             load_pretrained_resnet(self.resnet, pretrained_weights)
         self.freeze_batchnorm = bool(freeze_batchnorm)
         self.frozen_stages = freeze_resnet_stages(self.resnet, frozen_stages) if frozen_stages else []
+
+    @property
+    def stages(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        """The four residual stages (``layer1`` ... ``layer4``)."""
+        net = self.resnet
+        return (net.layer1, net.layer2, net.layer3, net.layer4)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """7x7 stride-2 convolution, BatchNorm, ReLU and max-pooling: ``(B, C, H, W) -> (B, C', H/4, W/4)``."""
+        net = self.resnet
+        x = net.act(net.bn1(net.conv1(x)))
+        return x if net.no_max_pool else net.maxpool(x)
 
     def train(self, mode: bool = True) -> ResNetTrunk:
         """Set train/eval mode; BatchNorm layers of frozen stages stay in eval mode if ``freeze_batchnorm``.
@@ -115,11 +147,10 @@ class ResNetTrunk(nn.Module):
         Returns:
             ``(B, out_channels, H/32, W/32)`` feature map.
         """
-        net = self.resnet
-        x = net.act(net.bn1(net.conv1(x)))
-        if not net.no_max_pool:
-            x = net.maxpool(x)
-        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
 
 
 class EfficientNetTrunk(nn.Module):

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from her2_monai.constants import NUM_CLASSES, SCENARIOS, STAINS
+from her2_monai.networks.encoders import ResNetTrunk
 from her2_monai.networks.selector import check_stain_inputs
-from her2_monai.networks.simmlm import ResNetTrunk
 
 __all__ = ["ScenarioLowRankAdapter", "MoRANet"]
 
@@ -129,7 +129,7 @@ class MoRANet(nn.Module):
         stages = sorted({int(s) for s in adapter_stages})
         if any(s not in (1, 2, 3, 4) for s in stages):
             raise ValueError(f"adapter_stages must be within 1..4, got {tuple(adapter_stages)}")
-        self.backbone = ResNetTrunk(arch=arch, block_inplanes=block_inplanes, pretrained_weights=pretrained_weights)
+        self.backbone = ResNetTrunk(name=arch, block_inplanes=block_inplanes, pretrained_weights=pretrained_weights)
         if freeze == "auto":
             freeze = "all" if pretrained_weights is not None else "early"
         self.freeze = freeze
@@ -153,7 +153,7 @@ class MoRANet(nn.Module):
                 p.requires_grad_(False)
 
     def _frozen_modules(self) -> list[nn.Module]:
-        net = self.backbone.net
+        net = self.backbone.resnet
         if self.freeze == "all":
             return [self.backbone]
         if self.freeze == "early":

@@ -7,147 +7,23 @@ dual, H&E-only and IHC-only cases without imputing the missing image. Trained wi
 mixture plus the MoFe ranking loss (:class:`her2_monai.losses.mofe.MoFeLoss`, weight 0.1), which asks the dual
 prediction to be at least as good as either single-stain prediction.
 
-This module also holds :class:`ResNetTrunk`, the MONAI ResNet feature extractor (with optional local pretrained
-weights) used by the alternative missing-modality models.
+Experts use :class:`her2_monai.networks.encoders.ResNetTrunk`, the same feature trunk as :class:`HER2FlexibleNet`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
-from monai.networks.nets.resnet import ResNet, ResNetBlock, ResNetBottleneck
 from torch import Tensor, nn
 
 from her2_monai.constants import NUM_CLASSES, STAINS
 from her2_monai.losses.mofe import MoFeLoss
+from her2_monai.networks.encoders import ResNetTrunk
 from her2_monai.networks.selector import check_stain_inputs
 
-__all__ = ["RESNET_ARCHS", "ResNetTrunk", "ModalityExpert", "masked_softmax", "mixture_logits", "SimMLMNet"]
-
-#: MONAI ResNet variants: name -> (block type, blocks per stage).
-RESNET_ARCHS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
-    "resnet10": (ResNetBlock, (1, 1, 1, 1)),
-    "resnet18": (ResNetBlock, (2, 2, 2, 2)),
-    "resnet34": (ResNetBlock, (3, 4, 6, 3)),
-    "resnet50": (ResNetBottleneck, (3, 4, 6, 3)),
-    "resnet101": (ResNetBottleneck, (3, 4, 23, 3)),
-}
-
-
-class ResNetTrunk(nn.Module):
-    """A 2D MONAI ResNet without its classifier: image -> feature map, with access to the four stages.
-
-    Built with a stride-2 7x7 stem and bias-free downsampling shortcuts, so parameter names and shapes match
-    torchvision's ImageNet ResNets and their state dicts load directly (MONAI's default stem has stride 1, which
-    quadruples the compute of every later layer).
-
-    Args:
-        arch: a key of :data:`RESNET_ARCHS`.
-        in_channels: input channels.
-        block_inplanes: base widths of the four stages (default ``(64, 128, 256, 512)``; smaller for tests/demo).
-        pretrained_weights: optional local path to a state dict (torchvision-style keys; ``fc.*`` and a leading
-            ``module.``/``backbone.`` prefix are ignored). Nothing is ever downloaded.
-
-    Raises:
-        ValueError: on an unknown ``arch`` or a bad ``block_inplanes``.
-        FileNotFoundError: if ``pretrained_weights`` does not exist.
-        KeyError: if the weights miss parameters the trunk needs.
-    """
-
-    def __init__(
-        self,
-        arch: str = "resnet50",
-        in_channels: int = 3,
-        block_inplanes: Sequence[int] = (64, 128, 256, 512),
-        pretrained_weights: str | os.PathLike | None = None,
-    ) -> None:
-        super().__init__()
-        if arch not in RESNET_ARCHS:
-            raise ValueError(f"unknown arch '{arch}'; expected one of {sorted(RESNET_ARCHS)}")
-        if len(block_inplanes) != 4 or any(int(c) < 1 for c in block_inplanes):
-            raise ValueError(f"block_inplanes must be four positive widths, got {tuple(block_inplanes)}")
-        block, layers = RESNET_ARCHS[arch]
-        self.arch = arch
-        self.net = ResNet(
-            block,
-            list(layers),
-            [int(c) for c in block_inplanes],
-            spatial_dims=2,
-            n_input_channels=in_channels,
-            conv1_t_stride=2,
-            bias_downsample=False,
-            feed_forward=False,
-        )
-        expansion = block.expansion
-        #: Output channels of stages 1-4.
-        self.stage_channels: tuple[int, ...] = tuple(int(c) * expansion for c in block_inplanes)
-        self.out_channels: int = self.stage_channels[-1]
-        if pretrained_weights is not None:
-            self.load_pretrained(pretrained_weights)
-
-    @property
-    def stages(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
-        """The four residual stages (``layer1`` ... ``layer4``)."""
-        return (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4)
-
-    def stem(self, x: Tensor) -> Tensor:
-        """Stem: 7x7 stride-2 convolution, BN, ReLU and max-pooling. ``(B, C, H, W) -> (B, 64', H/4, W/4)``."""
-        net = self.net
-        return net.maxpool(net.act(net.bn1(net.conv1(x))))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Compute the last-stage feature map.
-
-        Args:
-            x: ``(B, in_channels, H, W)``.
-
-        Returns:
-            ``(B, out_channels, H/32, W/32)``.
-        """
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-    def load_pretrained(self, path: str | os.PathLike) -> None:
-        """Load a local state dict into the trunk (the classifier ``fc.*`` is skipped).
-
-        Args:
-            path: file saved with ``torch.save(state_dict)``; read with ``weights_only=True``.
-
-        Raises:
-            FileNotFoundError: if the file does not exist.
-            KeyError: if trunk parameters are missing from the file.
-            ValueError: if a tensor's shape does not match.
-        """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"pretrained_weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-            state = state["state_dict"]
-        cleaned = {}
-        for key, value in state.items():
-            for prefix in ("module.", "backbone.", "net."):
-                if key.startswith(prefix):
-                    key = key[len(prefix) :]
-            if not key.startswith("fc."):
-                cleaned[key] = value
-        own = self.net.state_dict()
-        missing = [k for k in own if k not in cleaned and not k.endswith("num_batches_tracked")]
-        if missing:
-            raise KeyError(
-                f"pretrained_weights {path} lacks {len(missing)} {self.arch} trunk entries, e.g. {missing[:5]}; "
-                "expected a torchvision-style ResNet state dict"
-            )
-        for key, value in cleaned.items():
-            if key in own and own[key].shape != value.shape:
-                raise ValueError(
-                    f"pretrained_weights {path}: '{key}' has shape {tuple(value.shape)}, "
-                    f"the {self.arch} trunk expects {tuple(own[key].shape)}"
-                )
-        self.net.load_state_dict({k: v for k, v in cleaned.items() if k in own}, strict=False)
+__all__ = ["ModalityExpert", "masked_softmax", "mixture_logits", "SimMLMNet"]
 
 
 class ModalityExpert(nn.Module):
@@ -230,8 +106,9 @@ class SimMLMNet(nn.Module):
 
     Args:
         num_classes: output classes (HER2 scores).
-        arch: trunk architecture of each expert (a key of :data:`RESNET_ARCHS`; default ``"resnet50"``, the family
-            of the main model, so comparisons are like for like; ``"resnet18"`` is a lighter option).
+        arch: trunk architecture of each expert (a key of :data:`~her2_monai.networks.encoders.RESNET_ARCHS`;
+            default ``"resnet50"``, the family of the main model, so comparisons are like for like; ``"resnet18"`` is
+            a lighter option).
         block_inplanes: trunk stage widths (see :class:`ResNetTrunk`).
         gate_hidden: hidden width of the gating MLP.
         dropout: dropout before each expert's classifier.
@@ -263,7 +140,7 @@ class SimMLMNet(nn.Module):
                 ModalityExpert(
                     num_classes,
                     dropout,
-                    arch=arch,
+                    name=arch,
                     block_inplanes=block_inplanes,
                     pretrained_weights=pretrained_weights,
                 )
