@@ -45,7 +45,7 @@ def prepare_datalist(
     if not dataset_dir:
         dataset_dir = ensure_demo_dataset(
             demo_cache_dir, n_per_class=demo_n_per_class, image_size=demo_image_size, lab=demo_lab
-        )
+        ).resolve()
         logger.warning(
             "using the built-in DEMO dataset at %s (synthetic patches, for trying the pipeline). "
             "To train on BCI, add: --dataset_dir /path/to/BCI",
