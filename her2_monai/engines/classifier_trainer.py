@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from monai.engines import Trainer
 from monai.inferers import Inferer, SimpleInferer
 from torch.optim import Optimizer
 
 from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY
-from her2_monai.engines.utils import autocast, make_grad_scaler, prepare_stain_batch
+from her2_monai.engines.base import AmpTrainer
+from her2_monai.engines.utils import autocast, prepare_stain_batch
 
 __all__ = ["StainClassifierTrainer", "unwrap"]
 
@@ -22,7 +22,7 @@ def unwrap(network: nn.Module) -> nn.Module:
     return getattr(network, "module", network)
 
 
-class StainClassifierTrainer(Trainer):
+class StainClassifierTrainer(AmpTrainer):
     """Supervised training of any model with the ``forward(he, ihc, mask) -> {"logits", ...}`` interface.
 
     The loss is ``loss_function(logits, label)`` (class-weighted cross-entropy in the bundle) plus the model's own
@@ -63,28 +63,13 @@ class StainClassifierTrainer(Trainer):
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("decollate", False)
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            handlers=train_handlers,
-            amp=amp,
-            **kwargs,
-        )
+        super().__init__(device, max_epochs, train_data_loader, amp, epoch_length, train_handlers, **kwargs)
         self.network = network
         self.optimizer = optimizer
         self.loss_function = loss_function if loss_function is not None else nn.CrossEntropyLoss()
         self.inferer = inferer if inferer is not None else SimpleInferer()
         self.channels_last = channels_last
         self.grad_clip = grad_clip
-        self.scaler = make_grad_scaler(device, amp)
-
-    def run(self) -> None:  # type: ignore[override]
-        """Train; unlike the base class, keep a scaler that suits the device (none for CPU bfloat16)."""
-        self.scaler = make_grad_scaler(self.state.device, self.amp)
-        super(Trainer, self).run()
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
         batch = prepare_stain_batch(batchdata, engine.state.device, self.channels_last, engine.non_blocking)
@@ -100,13 +85,7 @@ class StainClassifierTrainer(Trainer):
             aux = unwrap(self.network).auxiliary_losses(outputs, mask, label)
         ce = self.loss_function(outputs["logits"].float(), label)
         loss = ce + sum((v.float() for v in aux.values()), torch.zeros((), device=ce.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.optimizer_step(self.optimizer, loss, clip_norm=self.grad_clip)
         output: dict[str, Any] = {"loss": loss.item(), "ce": ce.item()}
         output.update({k: float(v) for k, v in aux.items()})
         return output

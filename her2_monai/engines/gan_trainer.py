@@ -6,12 +6,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.engines import Trainer
 from torch.optim import Optimizer
 
 from her2_monai.constants import HE_KEY, IHC_KEY, MASK_KEY
+from her2_monai.engines.base import AmpTrainer
 from her2_monai.engines.distributed import wrap_ddp
-from her2_monai.engines.utils import autocast, make_grad_scaler, prepare_stain_batch
+from her2_monai.engines.utils import autocast, prepare_stain_batch
 from her2_monai.losses.adversarial import GANLoss
 from her2_monai.losses.pyramid import PyramidL1Loss
 from her2_monai.networks.cmgan import CrossModalGAN
@@ -21,12 +21,13 @@ __all__ = ["CrossModalGANTrainer"]
 _TRAINED = ("he_to_ihc", "ihc_to_he", "disc_ihc", "disc_he")
 
 
-class CrossModalGANTrainer(Trainer):
+class CrossModalGANTrainer(AmpTrainer):
     """Conditional pix2pix training of both translation directions of a :class:`CrossModalGAN`.
 
     MONAI's ``AdversarialTrainer`` shows its discriminator the generated images alone; a conditional PatchGAN must see
-    ``(source, target)`` pairs, so this trainer subclasses :class:`monai.engines.Trainer` with its own iteration (the
-    pattern of MONAI model-zoo's detection and VAE-GAN trainers). Each iteration, on the samples that have both stains:
+    ``(source, target)`` pairs, so this trainer subclasses :class:`monai.engines.Trainer` (through :class:`AmpTrainer`)
+    with its own iteration, the pattern of MONAI model-zoo's detection and VAE-GAN trainers. Each iteration, on the
+    samples that have both stains:
 
     1. generate ``fake_ihc = he_to_ihc(he)`` and ``fake_he = ihc_to_he(ihc)``;
     2. discriminator step: ``d_loss = D_loss(disc_ihc, [he, ihc] vs [he, fake_ihc]) + D_loss(disc_he, ...)`` (each
@@ -88,41 +89,21 @@ class CrossModalGANTrainer(Trainer):
     ) -> None:
         if not getattr(network, "with_discriminators", False):
             raise ValueError("CrossModalGANTrainer needs a CrossModalGAN built with with_discriminators=True")
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            handlers=train_handlers,
-            amp=amp,
-            **kwargs,
-        )
+        super().__init__(device, max_epochs, train_data_loader, amp, epoch_length, train_handlers, **kwargs)
         self.network = network
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
         self.pyramid_loss = pyramid_loss if pyramid_loss is not None else PyramidL1Loss()
         self.gan_loss = gan_loss if gan_loss is not None else GANLoss()
         self.channels_last = channels_last
-        self.scaler = make_grad_scaler(device, amp)
         self.distributed = bool(distributed)
         self.nets: dict[str, torch.nn.Module] = {name: getattr(network, name) for name in _TRAINED}
         if self.distributed:
             self.nets = {name: wrap_ddp(m, device, **(ddp_kwargs or {})) for name, m in self.nets.items()}
 
-    def run(self) -> None:  # type: ignore[override]
-        """Train; unlike the base class, keep a scaler that suits the device (none for CPU bfloat16)."""
-        self.scaler = make_grad_scaler(self.state.device, self.amp)
-        super(Trainer, self).run()
-
     def _set_discriminators_trainable(self, flag: bool) -> None:
         for p in self.network.discriminator_parameters():
             p.requires_grad_(flag)
-
-    def _step(self, optimizer: Optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
-        self.scaler.update()
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
         batch = prepare_stain_batch(batchdata, engine.state.device, self.channels_last, engine.non_blocking)
@@ -147,7 +128,7 @@ class CrossModalGANTrainer(Trainer):
                 nets["disc_he"](torch.cat([ihc, he], 1)), nets["disc_he"](torch.cat([ihc, fake_he.detach()], 1))
             )
             d_loss = d_ihc + d_he
-        self._step(self.d_optimizer, d_loss)
+        self.optimizer_step(self.d_optimizer, d_loss)
 
         # Generator step: the discriminators only pass gradients through (unwrapped under DDP: nothing to sync).
         self._set_discriminators_trainable(False)
@@ -157,7 +138,7 @@ class CrossModalGANTrainer(Trainer):
         terms_ihc = self.pyramid_loss.terms(fake_ihc.float(), ihc)
         terms_he = self.pyramid_loss.terms(fake_he.float(), he)
         g_loss = g_adv + sum(terms_ihc.values()) + sum(terms_he.values())
-        self._step(self.g_optimizer, g_loss)
+        self.optimizer_step(self.g_optimizer, g_loss)
         self._set_discriminators_trainable(True)
 
         output: dict[str, Any] = {
