@@ -11,6 +11,7 @@ from monai.engines.workflow import Workflow
 from torch.optim import Optimizer
 
 from her2_monai.engines.utils import make_grad_scaler
+from her2_monai.utils import as_bool
 
 __all__ = ["AmpTrainer"]
 
@@ -43,6 +44,7 @@ class AmpTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
+        amp = as_bool(amp, "amp")
         super().__init__(
             device=device,
             max_epochs=max_epochs,

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY
 from her2_monai.engines.base import AmpTrainer
 from her2_monai.engines.utils import autocast, prepare_stain_batch
+from her2_monai.utils import as_bool
 
 __all__ = ["StainClassifierTrainer", "unwrap"]
 
@@ -68,7 +69,7 @@ class StainClassifierTrainer(AmpTrainer):
         self.optimizer = optimizer
         self.loss_function = loss_function if loss_function is not None else nn.CrossEntropyLoss()
         self.inferer = inferer if inferer is not None else SimpleInferer()
-        self.channels_last = channels_last
+        self.channels_last = as_bool(channels_last, "channels_last")
         self.grad_clip = grad_clip
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from monai.inferers import Inferer, SimpleInferer
 
 from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, SCENARIOS
 from her2_monai.engines.utils import autocast, prepare_stain_batch
+from her2_monai.utils import as_bool
 
 __all__ = ["ScenarioEvaluator", "TranslationEvaluator", "scenario_mask"]
 
@@ -77,14 +78,14 @@ class ScenarioEvaluator(Evaluator):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
-        super().__init__(device=device, val_data_loader=val_data_loader, amp=amp, **kwargs)
+        super().__init__(device=device, val_data_loader=val_data_loader, amp=as_bool(amp, "amp"), **kwargs)
         self.inferer = inferer if inferer is not None else SimpleInferer()
         unknown = [s for s in scenarios if s not in SCENARIOS]
         if unknown:
             raise ValueError(f"unknown scenarios {unknown}; expected a subset of {SCENARIOS}")
         self.network = network
         self.scenarios = tuple(scenarios)
-        self.channels_last = channels_last
+        self.channels_last = as_bool(channels_last, "channels_last")
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
         batch = prepare_stain_batch(batchdata, engine.state.device, self.channels_last, engine.non_blocking)
@@ -131,7 +132,7 @@ class TranslationEvaluator(Evaluator):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
-        super().__init__(device=device, val_data_loader=val_data_loader, amp=amp, **kwargs)
+        super().__init__(device=device, val_data_loader=val_data_loader, amp=as_bool(amp, "amp"), **kwargs)
         self.network = network
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:

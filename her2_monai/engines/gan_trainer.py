@@ -15,6 +15,7 @@ from her2_monai.engines.utils import autocast, prepare_stain_batch
 from her2_monai.losses.adversarial import GANLoss
 from her2_monai.losses.pyramid import PyramidL1Loss
 from her2_monai.networks.cmgan import CrossModalGAN
+from her2_monai.utils import as_bool
 
 __all__ = ["CrossModalGANTrainer"]
 
@@ -95,7 +96,7 @@ class CrossModalGANTrainer(AmpTrainer):
         self.d_optimizer = d_optimizer
         self.pyramid_loss = pyramid_loss if pyramid_loss is not None else PyramidL1Loss()
         self.gan_loss = gan_loss if gan_loss is not None else GANLoss()
-        self.channels_last = channels_last
+        self.channels_last = as_bool(channels_last, "channels_last")
         self.distributed = bool(distributed)
         self.nets: dict[str, torch.nn.Module] = {name: getattr(network, name) for name in _TRAINED}
         if self.distributed:

@@ -14,6 +14,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
+from her2_monai.utils import as_bool
+
 __all__ = [
     "atomic_torch_save",
     "remove_stale_temporaries",
@@ -65,18 +67,6 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         removed.append(leftover)
         logger.warning("removed %s, left by an interrupted save of %s", leftover, path)
     return removed
-
-
-def _as_bool(name: str, value: bool | str | int) -> bool:
-    """A flag that may come from the command line as a string (``--resume false`` must not mean ``True``)."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off", ""):
-            return False
-        raise ValueError(f"{name} must be a boolean (true/false), got '{value}'")
-    return bool(value)
 
 
 def _state_dicts(objects: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,7 +184,7 @@ class ResumeFromCheckpoint:
     ) -> None:
         self.load_path = Path(load_path)
         self.load_dict = dict(load_dict)
-        self.enabled = _as_bool("enabled", enabled)
+        self.enabled = as_bool(enabled, "resume/enabled")
         self.map_location = map_location
         self.engine_key = engine_key
 

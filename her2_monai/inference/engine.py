@@ -12,6 +12,7 @@ from monai.inferers import Inferer, SimpleInferer
 from torch import nn
 
 from her2_monai.inference.predictor import forward_stain_batch
+from her2_monai.utils import as_bool
 
 __all__ = ["HER2InferenceEvaluator"]
 
@@ -42,7 +43,7 @@ class HER2InferenceEvaluator(Evaluator):
         amp: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(device=device, val_data_loader=val_data_loader, amp=amp, **kwargs)
+        super().__init__(device=device, val_data_loader=val_data_loader, amp=as_bool(amp, "amp"), **kwargs)
         for name in ("net", "selector"):
             if not isinstance(getattr(network, name, None), nn.Module):
                 raise ValueError(f"network must be a deploy network with a '{name}' submodule (HER2BundleNet)")
