@@ -43,6 +43,7 @@ __all__ = [
     "split_validation",
     "build_datalist",
     "write_datalist",
+    "read_datalist_json",
     "load_datalist_split",
     "class_weights",
 ]
@@ -349,6 +350,28 @@ def write_datalist(datalist: dict[str, list[dict]], output: str | os.PathLike) -
     return output
 
 
+def read_datalist_json(path: str | os.PathLike) -> object:
+    """Parse a datalist file, with errors that name the file.
+
+    Args:
+        path: JSON file.
+
+    Returns:
+        The parsed content (a dict of splits, or a list of records for inference inputs).
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if it is not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"datalist '{path}' not found; create it with `python -m her2_monai datalist`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"datalist '{path}' is not valid JSON: {err}") from None
+
+
 def load_datalist_split(
     path: str | os.PathLike, split: str, require_label: bool = False, require_both: bool = False
 ) -> list[dict]:
@@ -369,12 +392,7 @@ def load_datalist_split(
         ValueError: if the file is not a datalist or no record is left.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist '{path}' not found; create it with `python -m her2_monai datalist`")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"datalist '{path}' is not valid JSON: {err}") from None
+    content = read_datalist_json(path)
     if not isinstance(content, dict) or split not in content:
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise KeyError(f"datalist '{path}' has no '{split}' list (found {found})")

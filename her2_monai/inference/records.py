@@ -6,7 +6,6 @@ branch selector decides), plus an ``id`` that names its prediction file and an o
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 from monai.transforms import Compose, MapTransform
 
 from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY
-from her2_monai.data.datalist import IMAGE_SUFFIXES, scan_dataset
+from her2_monai.data.datalist import IMAGE_SUFFIXES, read_datalist_json, scan_dataset
 from her2_monai.data.io import probe_image
 from her2_monai.transforms import stain_transforms
 
@@ -104,12 +103,7 @@ def _with_id(record: dict, index: int, used: set[str]) -> dict:
 
 
 def _from_datalist(path: Path, split: str) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist '{path}' not found")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"datalist '{path}' is not valid JSON: {err}") from None
+    content = read_datalist_json(path)
     if isinstance(content, list):
         return content
     if not isinstance(content, dict):
