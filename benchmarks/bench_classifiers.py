@@ -1,7 +1,7 @@
 """Size and training-step speed of the HER2 classifiers: HER2FlexibleNet, and SimMLM / MoRA when importable.
 
 For every registered model and scenario it prints the parameter count (total and trainable) and the time of one
-training step (forward, class cross-entropy plus the model's auxiliary losses, backward; no optimizer step) on a batch
+training step (forward, the model's training objective from her2_monai.losses, backward; no optimizer step) on a batch
 of 8 images of 256x256 per stain, in three configurations: fp32 NCHW (the baseline), fp32 channels_last, and bf16
 autocast + channels_last. Ratios are baseline time / configuration time, measured in the same run (> 1 is faster).
 Timings on a shared CPU are noisy: the load average before and after is printed with them.
@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from her2_monai.constants import NUM_CLASSES
@@ -54,6 +53,7 @@ class ModelEntry:
     build: Callable[[], nn.Module]
     scenarios: tuple[str, ...]
     note: str = ""
+    loss: Callable[[], nn.Module] | None = None
 
 
 def _her2net() -> nn.Module:
@@ -70,28 +70,46 @@ def _her2net_cmgan() -> nn.Module:
 
 
 def _simmlm() -> nn.Module:
-    from her2_monai.networks.simmlm import SimMLMNet
+    from her2_monai.networks.alternatives import SimMLMNet
 
     return SimMLMNet()
 
 
 def _mora() -> nn.Module:
-    from her2_monai.networks.mora import MoRANet
+    from her2_monai.networks.alternatives import MoRANet
 
     return MoRANet()
+
+
+def _her2_loss() -> nn.Module:
+    from her2_monai.losses import HER2Loss
+
+    return HER2Loss()
+
+
+def _simmlm_loss() -> nn.Module:
+    from her2_monai.losses import SimMLMLoss
+
+    return SimMLMLoss()
+
+
+def _ce_loss() -> nn.Module:
+    from her2_monai.losses import ClassificationLoss
+
+    return ClassificationLoss()
 
 
 REGISTRY: dict[str, ModelEntry] = {
     "her2net": ModelEntry(
         "HER2FlexibleNet", _her2net, ("dual", "he_only"), "defaults: ResNet50 shared, EfficientNet-B0 specific, "
-        "feature substitution (no GAN given)"
+        "feature substitution (no GAN given)", _her2_loss
     ),
     "her2net_cmgan": ModelEntry(
         "HER2FlexibleNet+CM-GAN", _her2net_cmgan, ("he_only",), "defaults + frozen CM-GAN (ngf 64, 9 blocks) "
-        "synthesising the IHC; a dual batch does not run the GAN, so equals HER2FlexibleNet dual"
+        "synthesising the IHC; a dual batch does not run the GAN, so equals HER2FlexibleNet dual", _her2_loss
     ),
-    "simmlm": ModelEntry("SimMLM", _simmlm, ("dual", "he_only"), "defaults"),
-    "mora": ModelEntry("MoRA", _mora, ("dual", "he_only"), "defaults"),
+    "simmlm": ModelEntry("SimMLM", _simmlm, ("dual", "he_only"), "defaults", _simmlm_loss),
+    "mora": ModelEntry("MoRA", _mora, ("dual", "he_only"), "defaults", _ce_loss),
 }  # fmt: skip
 
 
@@ -121,6 +139,7 @@ def _sync(device: torch.device) -> None:
 
 def time_training_step(
     model: nn.Module,
+    loss_function: nn.Module,
     batch: Sequence[torch.Tensor],
     channels_last: bool,
     bf16: bool,
@@ -141,11 +160,7 @@ def time_training_step(
         start = time.perf_counter()
         with autocast:
             out = model(he, ihc, mask)
-            loss = F.cross_entropy(out["logits"].float(), label)
-            aux = getattr(model, "auxiliary_losses", None)
-            if aux is not None:
-                loss = loss + sum(aux(out, mask, label).values())
-        loss.backward()
+        loss_function(out, label, mask)["loss"].backward()
         _sync(device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
@@ -189,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch = make_batch(scenario, args.batch, args.size, device)
             baseline = None
             for config, (channels_last, bf16) in CONFIGS.items():
-                seconds = time_training_step(model, batch, channels_last, bf16, args.warmup, args.iters)
+                loss_function = entry.loss().to(device)
+                seconds = time_training_step(model, loss_function, batch, channels_last, bf16, args.warmup, args.iters)
                 baseline = baseline or seconds
                 print(
                     f"{entry.name:<24} {scenario:<9} {config:<30} {seconds:8.2f} {args.batch / seconds:7.2f} "

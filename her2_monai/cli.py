@@ -1,4 +1,4 @@
-"""``python -m her2_monai <command>``: the project's command line (see README and SPEC section 7)."""
+"""``python -m her2_monai <command>``: the project's command line (see the README)."""
 
 from __future__ import annotations
 

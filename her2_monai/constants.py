@@ -12,6 +12,10 @@ IHC_KEY = "ihc"
 STAINS: tuple[str, ...] = (HE_KEY, IHC_KEY)
 MASK_KEY = "mask"
 LABEL_KEY = "label"
+#: Batch key of inference records: 1 where the record declared its stains, 0 where the branch selector decides.
+STAIN_KNOWN_KEY = "stain_known"
+#: ``label`` of a record without a HER2 score (e.g. MIST pairs, used only to train the stain translation).
+UNLABELLED = -1
 
 #: Branch-selector classes: index 0 is H&E, index 1 is HER2-IHC.
 STAIN_CLASS_NAMES: tuple[str, ...] = ("he", "ihc")
@@ -39,18 +43,3 @@ def label_from_score(score: str) -> int:
     if text in ("1", "2", "3"):
         return int(text)
     raise ValueError(f"'{score}' is not a HER2 score; expected one of {', '.join(CLASS_NAMES)}")
-
-
-def scenario_from_mask(he_available: bool, ihc_available: bool) -> int:
-    """Return the scenario id for one sample from which stains are present.
-
-    Raises:
-        ValueError: if neither stain is present.
-    """
-    if he_available and ihc_available:
-        return DUAL
-    if he_available:
-        return HE_ONLY
-    if ihc_available:
-        return IHC_ONLY
-    raise ValueError("a sample needs at least one stain (H&E or IHC); both are missing")

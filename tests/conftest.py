@@ -46,13 +46,30 @@ TINY_TRAINING = {
     "batch_size": 4,
     "shared_backbone": "resnet18",
     "specific_backbone": "resnet18",
-    "selector_steps": 3,
+    "selector_epochs": 1,
+    "selector_steps_per_epoch": 2,
+    "selector_batch_size": 4,
+    "selector_crop_size": 32,
+    "selector_image_size": 32,
+    "selector_per_class": 1,
+    "selector_labs": ["A"],
 }
 
 
 def tiny_overrides(bundle_root: Path, cache_dir: Path, **extra) -> dict:
     """Overrides for a tiny run of the training config writing into ``bundle_root``."""
     return {**TINY_TRAINING, "bundle_root": str(bundle_root), "demo_cache_dir": str(cache_dir), **extra}
+
+
+def bundle_component(config_files, component_id: str, **overrides):
+    """Build one component (e.g. ``"train#preprocessing"``) of the bundle configs with overrides, as the bundle does."""
+    from monai.bundle import ConfigParser
+
+    files = [str(BUNDLE_CONFIGS / f) for f in ([config_files] if isinstance(config_files, str) else config_files)]
+    parser = ConfigParser()
+    parser.read_config(files)
+    parser.update(overrides)
+    return parser.get_parsed_content(component_id)
 
 
 def run_bundle(config_files, run_id: str, **overrides):

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from her2_monai.constants import DUAL, HE_ONLY, IHC_ONLY, NUM_CLASSES
+from her2_monai.losses import ClassificationLoss, SimMLMLoss
 from her2_monai.losses.mofe import MoFeLoss
+from her2_monai.networks.alternatives import MoRANet, ScenarioLowRankAdapter, SimMLMNet, mixture_logits
 from her2_monai.networks.encoders import ResNetTrunk
-from her2_monai.networks.mora import MoRANet, ScenarioLowRankAdapter
-from her2_monai.networks.simmlm import SimMLMNet, mixture_logits
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -163,20 +163,31 @@ def test_mofe_gradients_and_errors() -> None:
     assert MoFeLoss()(more[:0], fewer[:0], target[:0]).item() == 0.0
 
 
-def test_simmlm_auxiliary_losses() -> None:
+def test_simmlm_loss() -> None:
     model = _make(SimMLMNet).train()
     he, ihc, m = _batch(MASKS["mixed"][0])
     label = torch.tensor([0, 1, 2])
     out = model(he, ihc, m)
-    aux = model.auxiliary_losses(out, m, label)
-    assert set(aux) == {"mofe"} and aux["mofe"].ndim == 0
-    dual = out["expert_logits"][:1]
+    terms = SimMLMLoss()(out, label, m)
+    aux = {"mofe": terms["mofe"]}
+    assert set(terms) == {"loss", "ce", "mofe"} and aux["mofe"].ndim == 0
+    torch.testing.assert_close(terms["loss"], terms["ce"] + terms["mofe"])
+    # The single-stain views of a dual sample are the mixture with one expert masked, i.e. each expert's logits.
+    dual = torch.stack(
+        [
+            mixture_logits(out["expert_logits"][:1], out["gate_logits"][:1], only)[0]
+            for only in (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))
+        ],
+        dim=1,
+    )
     expected = 0.1 * MoFeLoss()(out["logits"][:1], dual, label[:1])
     torch.testing.assert_close(aux["mofe"], expected)
-    assert model.auxiliary_losses(out, m, None)["mofe"].item() == 0.0
+    assert SimMLMLoss()(out, torch.full((3,), -1), m)["mofe"].item() == 0.0  # unlabelled samples do not rank
     single_m = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     single_out = model(he, ihc, single_m)
-    assert model.auxiliary_losses(single_out, single_m, label)["mofe"].item() == 0.0
+    assert SimMLMLoss()(single_out, label, single_m)["mofe"].item() == 0.0
+    with pytest.raises(ValueError, match="mofe_weight"):
+        SimMLMLoss(mofe_weight=-1.0)
     # Experts that disagree make the mixture worse than the better single expert, so at init the hinge is active and
     # its gradient reaches the gate.
     assert aux["mofe"].item() > 0
@@ -193,7 +204,7 @@ def test_simmlm_learns_a_tiny_batch() -> None:
     losses = []
     for _ in range(15):
         out = model(he, ihc, m)
-        loss = F.cross_entropy(out["logits"], label) + sum(model.auxiliary_losses(out, m, label).values())
+        loss = SimMLMLoss()(out, label, m)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -249,8 +260,9 @@ def test_mora_gradients_reach_only_trainable_parts(freeze: str) -> None:
     running = net.bn1.running_mean.clone()
     he, ihc, m = _batch(MASKS["mixed"][0])
     out = model(he, ihc, m)
-    assert model.auxiliary_losses(out, m, torch.tensor([0, 1, 2])) == {}
-    F.cross_entropy(out["logits"], torch.tensor([0, 1, 2])).backward()
+    terms = ClassificationLoss()(out, torch.tensor([0, 1, 2]), m)
+    assert set(terms) == {"loss", "ce"}
+    terms["loss"].backward()
     torch.testing.assert_close(net.bn1.running_mean, running)
     frozen = [net.conv1, net.bn1, net.layer1, net.layer2] + ([net.layer3, net.layer4] if freeze == "all" else [])
     for module in frozen:

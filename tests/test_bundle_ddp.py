@@ -11,13 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_CONFIGS, REPO_ROOT, tiny_overrides
+from conftest import BUNDLE_CONFIGS, REPO_ROOT, bundle_component, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 WORLD_SIZE = 2
 BATCH_SIZE = 2
-STAGE_RUNS = {"her2-demo-stage1-cmgan", "her2-demo-stage2-classifier"}
+STAGE_RUNS = {"her2-demo-stage0-selector", "her2-demo-stage1-cmgan", "her2-demo-stage2-classifier"}
 
 
 @pytest.fixture(autouse=True)
@@ -65,19 +65,19 @@ def ddp_run(tmp_path_factory):
 def test_ddp_training_writes_unwrapped_weights_and_checkpoints_once(ddp_run):
     root, _, _ = ddp_run
     models = root / "models"
-    for name in ("cmgan.pt", "gan_checkpoint.pt", "model.pt", "classifier_checkpoint.pt"):
+    for name in ("selector.pt", "cmgan.pt", "gan_checkpoint.pt", "model.pt", "classifier_checkpoint.pt"):
         assert (models / name).is_file(), name
     assert not [p.name for p in models.iterdir() if p.name.startswith(".")], "temporary checkpoint files left behind"
     # State dicts hold the plain networks (no DDP 'module.' prefix): interchangeable with single-process runs.
     generators = torch.load(models / "cmgan.pt", weights_only=True)
-    assert generators and all(k.split(".")[0] in ("he_to_ihc", "ihc_to_he") for k in generators)
+    assert generators and all(k.split(".")[0] in ("he_to_ihc", "ihc_to_he", "_extra_state") for k in generators)
     weights = torch.load(models / "model.pt", weights_only=True)
     assert weights and not any(k.startswith("module.") for k in weights)
     classifier = torch.load(models / "classifier_checkpoint.pt", weights_only=True)
     assert classifier["network"].keys() == weights.keys()
     gan = torch.load(models / "gan_checkpoint.pt", weights_only=True)
-    assert any(k.startswith("disc_ihc.") for k in gan["cmgan"])
-    assert not any(k.startswith("module.") for k in gan["cmgan"])
+    assert any(k.startswith("disc_ihc.") for k in gan["discriminators"])
+    assert not any(k.startswith("module.") for k in [*gan["cmgan"], *gan["discriminators"]])
     # DistributedSampler: each process trains on its half of the data, so an epoch has half the single-process steps.
     datalist = json.loads((root / "eval" / "datalist.json").read_text())
     per_rank = -(-len(datalist["training"]) // WORLD_SIZE)
@@ -102,30 +102,27 @@ def test_ddp_creates_one_mlflow_run_per_stage(ddp_run):
 def test_ddp_validation_metrics_equal_a_single_process_evaluation(ddp_run):
     """Sharded validation + summed metric states must give exactly the full-set metrics of rank 0's model."""
     mlflow = pytest.importorskip("mlflow")
-    from monai.bundle import ConfigParser
     from monai.data import DataLoader, Dataset
 
     from her2_monai.data.datalist import load_datalist_split
     from her2_monai.engines.evaluators import ScenarioEvaluator
     from her2_monai.metrics import ScenarioClassificationMetric, psnr_ssim, to_uint8_images
-    from her2_monai.networks.cmgan import CrossModalGAN
-    from her2_monai.transforms import stain_transforms
+    from her2_monai.networks.factory import build_model, frozen_cmgan
 
     root, overrides, log = ddp_run
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'eval' / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("her2-monai")
     logged = {r.info.run_name: r.data.metrics for r in client.search_runs([experiment.experiment_id])}
     datalist = root / "eval" / "datalist.json"
-    size = overrides["image_size"]
+    preprocessing = bundle_component("train.json", "stain_preprocessing", image_size=overrides["image_size"])
 
     # Stage 1: PSNR/SSIM of the exported generators (validated after the last epoch) on the whole validation set.
-    gan = CrossModalGAN(ngf=overrides["gan_ngf"], n_blocks=overrides["gan_n_blocks"])
-    gan.load_generators(root / "models" / "cmgan.pt").eval()
+    gan = frozen_cmgan(root / "models" / "cmgan.pt")
     pairs = load_datalist_split(datalist, "validation", require_both=True)
     assert len(pairs) >= WORLD_SIZE
     scores: dict[str, list[tuple[float, float]]] = {"he_to_ihc": [], "ihc_to_he": []}
     with torch.no_grad():
-        for batch in DataLoader(Dataset(pairs, stain_transforms(size)), batch_size=len(pairs)):
+        for batch in DataLoader(Dataset(pairs, preprocessing), batch_size=len(pairs)):
             he, ihc = (batch[k].as_subclass(torch.Tensor).float() for k in ("he", "ihc"))
             for direction, fake, real in (("he_to_ihc", gan.he_to_ihc(he), ihc), ("ihc_to_he", gan.ihc_to_he(ihc), he)):
                 scores[direction] += [psnr_ssim(f, r) for f, r in zip(to_uint8_images(fake), to_uint8_images(real))]
@@ -136,12 +133,7 @@ def test_ddp_validation_metrics_equal_a_single_process_evaluation(ddp_run):
         assert stage1[f"val_ssim_{direction}"] == pytest.approx(ssim, abs=1e-6)
 
     # Stage 2: the best classifier (model.pt, from the only epoch) on the whole validation set, every scenario.
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE_CONFIGS / "train.json"))
-    for key, value in overrides.items():
-        parser[key] = value
-    network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    network = build_model(root / "models" / "model.pt")
     records = load_datalist_split(datalist, "validation", require_label=True)
     metrics = {
         "val_acc": ScenarioClassificationMetric("accuracy"),
@@ -150,7 +142,7 @@ def test_ddp_validation_metrics_equal_a_single_process_evaluation(ddp_run):
     }
     evaluator = ScenarioEvaluator(
         device="cpu",
-        val_data_loader=DataLoader(Dataset(records, stain_transforms(size)), batch_size=3),
+        val_data_loader=DataLoader(Dataset(records, preprocessing), batch_size=3),
         network=network,
         key_val_metric={"val_macro_f1": ScenarioClassificationMetric("macro_f1")},
         additional_metrics=metrics,

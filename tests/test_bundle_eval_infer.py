@@ -13,26 +13,22 @@ import torch
 from conftest import BUNDLE_CONFIGS, TINY_TRAINING, run_bundle, tiny_overrides
 
 from her2_monai.constants import CLASS_NAMES, SCENARIOS
-from her2_monai.handlers.checkpoint import atomic_torch_save
 from her2_monai.metrics import CONVENTION
-from her2_monai.networks.selector import BranchSelector, train_selector
 
-#: Inference-config overrides that rebuild the toy architecture of ``TINY_TRAINING``.
-TINY_INFERENCE = {
-    "image_size": TINY_TRAINING["image_size"],
-    "gan_ngf": TINY_TRAINING["gan_ngf"],
-    "gan_n_blocks": TINY_TRAINING["gan_n_blocks"],
-    "shared_backbone": TINY_TRAINING["shared_backbone"],
-    "specific_backbone": TINY_TRAINING["specific_backbone"],
-}
+#: The data settings of ``TINY_TRAINING`` (where the demo data is), without any architecture option: the model
+#: files record their architecture.
+TINY_DATA = {k: TINY_TRAINING[k] for k in ("demo_n_per_class", "demo_image_size", "batch_size", "gan_batch_size")}
 
 
-def forced_selector_state(stain: int) -> dict[str, torch.Tensor]:
-    """A selector state dict that calls every image ``stain`` (0 = H&E, 1 = IHC): zero weights, biased output."""
-    state = BranchSelector().state_dict()
-    state["classifier.weight"] = torch.zeros_like(state["classifier.weight"])
-    state["classifier.bias"] = torch.tensor([10.0, -10.0]) if stain == 0 else torch.tensor([-10.0, 10.0])
-    return state
+def with_forced_selector(source: Path, target: Path, stain: int) -> Path:
+    """A copy of ``source/models/model.pt`` in ``target/models`` whose selector calls every image ``stain``
+    (0 = H&E, 1 = IHC): zero weights, biased output."""
+    state = torch.load(source / "models" / "model.pt", weights_only=True)
+    state["selector.classifier.weight"] = torch.zeros_like(state["selector.classifier.weight"])
+    state["selector.classifier.bias"] = torch.tensor([10.0, -10.0]) if stain == 0 else torch.tensor([-10.0, 10.0])
+    (target / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(state, target / "models" / "model.pt")
+    return target
 
 
 def demo_dataset(root: Path) -> Path:
@@ -42,11 +38,7 @@ def demo_dataset(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def deployed_bundle(trained_bundle: Path) -> Path:
-    """The trained toy bundle plus branch-selector weights (a few demo steps) in ``models/selector.pt``."""
-    path = trained_bundle / "models" / "selector.pt"
-    if not path.is_file():
-        selector = train_selector(steps=3, batch_size=4, pool_per_class=1, image_size=32, labs=("A",), crop_size=32)
-        atomic_torch_save(selector.state_dict(), path)
+    """The trained toy bundle: ``models/model.pt`` holds the classifier, its CM-GAN and its branch selector."""
     return trained_bundle
 
 
@@ -86,6 +78,11 @@ def test_evaluate_reports_every_scenario_and_both_translation_directions(trained
         assert -1.0 <= translation[direction]["ssim"] <= 1.0
     leftovers = [p.name for p in (trained_bundle / "eval").iterdir() if p.name.endswith(".tmp")]
     assert not leftovers
+    from PIL import Image
+
+    with Image.open(trained_bundle / "eval" / "confusion_matrices.png") as figure:
+        assert figure.format == "PNG" and figure.width > 2 * figure.height  # one panel per scenario
+        assert len(set(figure.convert("L").getdata())) > 10  # drawn, not blank
 
 
 def test_evaluate_without_a_trained_model_names_the_training_command(tmp_path: Path) -> None:
@@ -109,7 +106,10 @@ def test_inference_config_has_the_monai_label_properties(tmp_path: Path) -> None
         logging_file=False,
         workflow_type="infer",
         bundle_root=str(tmp_path),
-        **TINY_INFERENCE,
+        shared_backbone="resnet18",
+        specific_backbone="resnet10",
+        gan_ngf=4,
+        gan_n_blocks=1,
     )
     workflow.initialize()
     assert workflow.check_properties() == []
@@ -137,7 +137,6 @@ def test_inference_on_a_bci_folder_writes_one_prediction_per_case(deployed_bundl
         datalist_split="test",
         prediction_dir=str(out),
         refer_threshold=0.3,
-        **TINY_INFERENCE,
     )
     files = sorted(out.iterdir())
     assert [p.name for p in files] == [
@@ -160,11 +159,8 @@ def test_inference_on_a_bci_folder_writes_one_prediction_per_case(deployed_bundl
 
 
 def test_inference_on_a_datalist_routes_declared_and_unknown_stains(deployed_bundle: Path, tmp_path: Path) -> None:
-    # A bundle folder that shares the trained classifier but has a selector calling everything IHC.
-    bundle = tmp_path / "bundle"
-    (bundle / "models").mkdir(parents=True)
-    (bundle / "models" / "model.pt").symlink_to(deployed_bundle / "models" / "model.pt")
-    torch.save(forced_selector_state(1), bundle / "models" / "selector.pt")
+    # A bundle folder with the trained classifier whose selector calls everything IHC.
+    bundle = with_forced_selector(deployed_bundle, tmp_path / "bundle", stain=1)
     data = demo_dataset(deployed_bundle)
     he, ihc = data / "HE" / "test" / "00018_test_1+.png", data / "IHC" / "test" / "00018_test_1+.png"
     plain = tmp_path / "plain"
@@ -177,7 +173,7 @@ def test_inference_on_a_datalist_routes_declared_and_unknown_stains(deployed_bun
     ]
     datalist = tmp_path / "cases.json"
     datalist.write_text(json.dumps({"test": records}))
-    run_bundle("inference.json", "inferring", bundle_root=str(bundle), datalist=str(datalist), **TINY_INFERENCE)
+    run_bundle("inference.json", "inferring", bundle_root=str(bundle), datalist=str(datalist))
     out = bundle / "eval" / "predictions"
     assert sorted(p.name for p in out.iterdir()) == ["he_case.json", "ihc_case.json", "patch.json"]
     he_case, ihc_case, patch = (_strict_json(out / f"{n}.json") for n in ("he_case", "ihc_case", "patch"))
@@ -190,7 +186,7 @@ def test_inference_on_a_datalist_routes_declared_and_unknown_stains(deployed_bun
     # The unknown-stain path is exactly the deploy network's 3-channel path.
     from her2_monai.inference import load_predictor
 
-    predictor = load_predictor(bundle, BUNDLE_CONFIGS / "inference.json", **TINY_INFERENCE)
+    predictor = load_predictor(bundle, BUNDLE_CONFIGS / "inference.json")
     result = predictor.predict(image=plain / "patch.png")
     batch = predictor.preprocessing({"image": str(plain / "patch.png")})
     with torch.no_grad():

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BUNDLE_CONFIGS
-from test_bundle_eval_infer import TINY_INFERENCE, deployed_bundle  # noqa: F401  (session fixture)
+from test_bundle_eval_infer import deployed_bundle  # noqa: F401  (session fixture)
 
-from her2_monai.inference import SELECTOR_COMMAND, HER2BundleNet, load_bundle_weights
-from her2_monai.networks.cmgan import CrossModalGAN
-from her2_monai.networks.her2net import HER2FlexibleNet
-from her2_monai.networks.selector import BranchSelector
+from her2_monai.inference import HER2Deploy
+
+#: Architecture options for an untrained deployment network (no model file): small, so the checks are quick.
+TINY_ARCHITECTURE = {"shared_backbone": "resnet18", "specific_backbone": "resnet10", "gan_ngf": 4, "gan_n_blocks": 1}
 
 META = BUNDLE_CONFIGS / "metadata.json"
 SCHEMA = BUNDLE_CONFIGS / "schema" / "meta_schema_20240725.json"
@@ -26,7 +26,9 @@ def test_metadata_passes_monai_verify_metadata_with_the_vendored_schema(tmp_path
 
     metadata = json.loads(META.read_text())
     assert metadata["schema"].endswith("/" + SCHEMA.name)  # the vendored file is the schema the metadata names
-    assert metadata["version"] == "0.1.0" and "0.1.0" in metadata["changelog"]
+    from her2_monai import __version__
+
+    assert metadata["version"] == __version__ and __version__ in metadata["changelog"]
     verify_metadata(meta_file=str(META), filepath=str(SCHEMA))  # the file exists, so nothing is downloaded
     image = metadata["network_data_format"]["inputs"]["image"]
     assert image["num_channels"] == 6 and image["value_range"] == [-1, 1]
@@ -49,12 +51,12 @@ def test_network_def_passes_verify_net_in_out(channels: int) -> None:
     from monai.bundle import verify_net_in_out
 
     # Random weights on purpose: the check is about the I/O contract, so it needs no trained files.
-    overrides = {**TINY_INFERENCE, "_meta_#network_data_format#inputs#image#num_channels": channels}
+    overrides = {**TINY_ARCHITECTURE, "_meta_#network_data_format#inputs#image#num_channels": channels}
     verify_net_in_out(net_id="network_def", meta_file=str(META), config_file=str(INFERENCE), device="cpu", **overrides)
 
 
 def test_ckpt_export_writes_torchscript_with_the_eager_logits(deployed_bundle: Path, tmp_path: Path) -> None:  # noqa: F811
-    from monai.bundle import ConfigParser, ckpt_export
+    from monai.bundle import ckpt_export
 
     target = tmp_path / "model.ts"
     ckpt_export(
@@ -64,16 +66,12 @@ def test_ckpt_export_writes_torchscript_with_the_eager_logits(deployed_bundle: P
         meta_file=str(META),
         config_file=str(INFERENCE),
         bundle_root=str(deployed_bundle),
-        **TINY_INFERENCE,
     )
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(target), _extra_files=extra)
-    assert json.loads(extra["metadata.json"])["version"] == "0.1.0" and extra["inference.json"]
+    assert json.loads(extra["metadata.json"])["version"] == "0.2.0" and extra["inference.json"]
 
-    parser = ConfigParser()
-    parser.read_config(str(INFERENCE))
-    parser.update({"bundle_root": str(deployed_bundle), "device": "$torch.device('cpu')", **TINY_INFERENCE})
-    eager = load_bundle_weights(parser.get_parsed_content("network"), deployed_bundle / "models" / "model.pt")
+    eager = HER2Deploy.from_model_file(deployed_bundle / "models" / "model.pt")
     gen = torch.Generator().manual_seed(1)
     # Other batch sizes and resolutions than the traces (batch 2, 32 px) were made with.
     for shape in ((3, 6, 48, 48), (1, 6, 32, 32), (3, 3, 48, 48), (2, 3, 64, 64)):
@@ -83,31 +81,3 @@ def test_ckpt_export_writes_torchscript_with_the_eager_logits(deployed_bundle: P
         assert diff < 1e-4, (shape, diff)
     with pytest.raises(Exception, match="3 channels"):
         scripted(torch.zeros(1, 4, 32, 32))
-
-
-def test_deploy_net_loads_a_classifier_checkpoint_together_with_the_selector_file(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-
-    def build(selector_weights: Path) -> HER2BundleNet:
-        flexible = HER2FlexibleNet(
-            cmgan=CrossModalGAN(ngf=4, n_blocks=1), shared_backbone="resnet18", specific_backbone="resnet18"
-        )
-        return HER2BundleNet(flexible, BranchSelector(), selector_weights=selector_weights).eval()
-
-    source = build(tmp_path / "missing.pt")
-    classifier_only = source.net.state_dict()
-    with pytest.raises(FileNotFoundError) as err:
-        build(tmp_path / "missing.pt").load_state_dict(classifier_only)
-    assert "missing.pt" in str(err.value) and SELECTOR_COMMAND in str(err.value)
-
-    torch.save(source.selector.state_dict(), tmp_path / "selector.pt")
-    target = build(tmp_path / "selector.pt")
-    target.load_state_dict(classifier_only)
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    with torch.no_grad():
-        assert torch.equal(target(x), source(x))
-    # The full deploy layout loads without the selector file.
-    again = build(tmp_path / "missing.pt")
-    again.load_state_dict(source.state_dict())
-    with torch.no_grad():
-        assert torch.equal(again(x), source(x))

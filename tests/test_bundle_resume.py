@@ -14,7 +14,7 @@ import torch
 from conftest import BUNDLE_CONFIGS, REPO_ROOT, run_bundle, tiny_overrides
 from ignite.engine import Engine
 
-from her2_monai.handlers import AtomicCheckpointSaver, ResumeFromCheckpoint
+from her2_monai.handlers import CheckpointHandler, ResumeCheckpointLoader
 
 EPOCHS = 3
 CLASSIFIER_RUN = "her2-demo-stage2-classifier"
@@ -50,7 +50,8 @@ def test_killed_classifier_run_resumes_from_its_last_checkpoint(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a second busy OpenMP thread slows everything down on the shared 2-core machine
     try:
-        run_bundle("train.json", "train_gan", **overrides)  # stage 1 (in-process): the frozen CM-GAN of stage 2
+        run_bundle("train.json", "train_selector", **overrides)  # stages 0 and 1 (in-process): what stage 2 loads
+        run_bundle("train.json", "train_gan", **overrides)
     finally:
         torch.set_num_threads(threads)
     models = tmp_path / "models"
@@ -109,8 +110,8 @@ def test_killed_classifier_run_resumes_from_its_last_checkpoint(tmp_path):
     assert final["iteration"] == EPOCHS * final["epoch_length"]
     assert (models / "model.pt").is_file()
     assert not [p.name for p in models.iterdir() if p.name.startswith(".")], "temporary files left behind"
-    best = torch.load(checkpoint, weights_only=True, mmap=True)["best"]
-    assert 1 <= best["best_epoch"] <= EPOCHS
+    best = torch.load(checkpoint, weights_only=True, mmap=True)["best"]["_saved"]
+    assert len(best) == 1 and 0.0 <= best[0][0] <= 1.0  # ignite's record of the best score: [(score, name)]
 
     # 3. MONAI's MLFlowHandler picks up the unfinished run of the same name: one run, continued, then finished.
     runs, client = _classifier_runs(tmp_path)
@@ -140,9 +141,9 @@ class _Counter:
         self.value = int(state["value"])
 
 
-def _engine(epochs_done: int, epoch_length: int = 3) -> Engine:
+def _engine(epochs_done: int, epoch_length: int = 3, max_epochs: int = 5) -> Engine:
     engine = Engine(lambda e, b: None)
-    engine.state.max_epochs, engine.state.epoch_length = 5, epoch_length
+    engine.state.max_epochs, engine.state.epoch_length = max_epochs, epoch_length
     engine.state.epoch, engine.state.iteration = epochs_done, epochs_done * epoch_length
     return engine
 
@@ -150,8 +151,10 @@ def _engine(epochs_done: int, epoch_length: int = 3) -> Engine:
 def test_failed_save_keeps_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "classifier_checkpoint.pt"
     counter = _Counter(1)
-    saver = AtomicCheckpointSaver(path, {"counter": counter})
-    saver(_engine(epochs_done=1))
+    saver = CheckpointHandler(path, {"counter": counter}, include_engine=True)
+    engine = _engine(epochs_done=1)
+    saver.attach(engine)
+    saver(engine)
     before = path.read_bytes()
 
     real_save = torch.save
@@ -164,35 +167,64 @@ def test_failed_save_keeps_the_previous_checkpoint_and_no_temporary_file(tmp_pat
 
     monkeypatch.setattr(torch, "save", failing_save)
     counter.value = 2
+    engine.state.epoch, engine.state.iteration = 2, 6
     with pytest.raises(OSError, match="disk full"):
-        saver(_engine(epochs_done=2))
+        saver(engine)
     monkeypatch.undo()
 
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file remains
     assert path.read_bytes() == before
-    restored, engine = _Counter(0), _engine(epochs_done=0)
-    ResumeFromCheckpoint(path, {"counter": restored}, enabled="true")(engine)
-    assert restored.value == 1 and engine.state.epoch == 1 and engine.state.iteration == 3
+    restored, fresh = _Counter(0), Engine(lambda e, b: None)
+    loader = ResumeCheckpointLoader(path, {"counter": restored})
+    loader.attach(fresh)
+    fresh.state.max_epochs = 5
+    loader(fresh)
+    assert restored.value == 1 and fresh.state.epoch == 1 and fresh.state.iteration == 3
+
+
+def test_best_model_is_written_only_when_the_score_improves_and_survives_a_resume(tmp_path):
+    path = tmp_path / "model.pt"
+    counter = _Counter(0)
+    best = CheckpointHandler(path, {"model": counter}, score_name="f1")
+    engine = _engine(epochs_done=1)
+    for epoch, (score, value) in enumerate(((0.5, 1), (0.4, 2), (0.7, 3)), start=1):
+        engine.state.epoch, engine.state.metrics, counter.value = epoch, {"f1": score}, value
+        best(engine)
+        assert int(torch.load(path, weights_only=True)["value"]) == (1 if epoch < 3 else 3)
+    # The record of the best score travels in the resume checkpoint: a resumed run does not save a worse model.
+    resumed = CheckpointHandler(path, {"model": counter}, score_name="f1")
+    resumed.load_state_dict(best.state_dict())
+    engine.state.epoch, engine.state.metrics, counter.value = 4, {"f1": 0.6}, 4
+    resumed(engine)
+    assert int(torch.load(path, weights_only=True)["value"]) == 3
 
 
 def test_savers_remove_leftovers_of_a_killed_save(tmp_path):
     path = tmp_path / "classifier_checkpoint.pt"
-    leftover = tmp_path / f".{path.name}.abc123"  # what atomic_torch_save leaves when SIGKILLed mid-write
+    leftover = tmp_path / f".{path.name}.abc123.tmp"  # what an atomic write leaves when SIGKILLed mid-write
     leftover.write_bytes(b"partial")
-    unrelated = tmp_path / ".model.pt.xyz"
+    unrelated = tmp_path / ".model.pt.xyz.tmp"
     unrelated.write_bytes(b"other file's leftover")
-    AtomicCheckpointSaver(path, {"counter": _Counter(0)}).attach(_engine(0))
+    CheckpointHandler(path, {"counter": _Counter(0)})
     assert not leftover.exists() and unrelated.exists()
 
 
-@pytest.mark.parametrize(
-    "flag, expected", [("true", True), ("false", False), ("False", False), (True, True), (0, False)]
-)
-def test_resume_flag_from_the_command_line(tmp_path, flag, expected):
-    """``--resume false`` arrives as the string 'false', which must not switch resuming on."""
-    assert ResumeFromCheckpoint(tmp_path / "c.pt", {}, enabled=flag).enabled is expected
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
+    engine = Engine(lambda e, b: None)
+    with caplog.at_level("WARNING"):
+        ResumeCheckpointLoader(tmp_path / "c.pt", {"counter": _Counter(0)}).attach(engine)
+    assert "starting from scratch" in caplog.text
 
 
-def test_resume_flag_rejects_a_non_boolean(tmp_path):
-    with pytest.raises(ValueError, match="boolean"):
-        ResumeFromCheckpoint(tmp_path / "c.pt", {}, enabled="sometimes")
+def test_resume_past_max_epochs_is_refused(tmp_path):
+    path = tmp_path / "c.pt"
+    saver = CheckpointHandler(path, {"counter": _Counter(1)}, include_engine=True)
+    engine = _engine(epochs_done=4)
+    saver.attach(engine)
+    saver(engine)
+    fresh = Engine(lambda e, b: None)
+    fresh.state.max_epochs = 2
+    loader = ResumeCheckpointLoader(path, {"counter": _Counter(0)})
+    loader.attach(fresh)
+    with pytest.raises(ValueError, match="max_epochs"):
+        loader(fresh)

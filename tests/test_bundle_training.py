@@ -1,4 +1,4 @@
-"""The training bundle end to end at toy size: both stages, checkpoints, MLflow tracking, stage separation."""
+"""The training bundle end to end at toy size: all stages, checkpoints, MLflow tracking, stage separation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_bundle, tiny_overrides
+from conftest import BUNDLE_CONFIGS, run_bundle, tiny_overrides
 
 GAN_METRICS = {"g_loss", "d_loss", "g_adv", "ihc_l1_full", "ihc_l1_half", "he_l1_full", "he_l1_half"}
 GAN_VAL_METRICS = {"val_psnr_he_to_ihc", "val_ssim_he_to_ihc", "val_psnr_ihc_to_he", "val_ssim_ihc_to_he"}
@@ -23,17 +23,28 @@ CLS_VAL_METRICS = {
 }
 
 
-def test_two_stage_training_writes_weights_checkpoints_and_datalist(trained_bundle):
+def test_training_writes_weights_checkpoints_and_datalist(trained_bundle):
     models = trained_bundle / "models"
     for name in ("selector.pt", "cmgan.pt", "gan_checkpoint.pt", "model.pt", "classifier_checkpoint.pt"):
         assert (models / name).is_file(), name
     generators = torch.load(models / "cmgan.pt", weights_only=True)
-    assert generators and all(k.split(".")[0] in ("he_to_ihc", "ihc_to_he") for k in generators)
+    assert generators and all(k.split(".")[0] in ("he_to_ihc", "ihc_to_he", "_extra_state") for k in generators)
+    assert (
+        generators["_extra_state"]["arguments"]["ngf"] == 8 and generators["_extra_state"]["class"] == "CrossModalGAN"
+    )
     checkpoint = torch.load(models / "classifier_checkpoint.pt", weights_only=True)
     assert {"trainer", "network", "optimizer", "lr_scheduler", "best"} <= set(checkpoint)
     assert checkpoint["trainer"]["max_epochs"] == 1 and checkpoint["trainer"]["iteration"] == 3  # 12 pairs / batch 4
+    # model.pt is the classifier with its frozen CM-GAN and selector, and the record of how they were built.
     weights = torch.load(models / "model.pt", weights_only=True)
-    assert all(isinstance(v, torch.Tensor) for v in weights.values())
+    record = weights.pop("_extra_state")
+    assert record["class"] == "HER2FlexibleNet" and record["arguments"]["shared_backbone"] == "resnet18"
+    assert record["metadata"] == {"profile": "demo", "image_size": 32, "dataset": ""}
+    assert weights["cmgan._extra_state"]["class"] == "CrossModalGAN"
+    assert weights["selector._extra_state"]["class"] == "BranchSelector"
+    assert all(isinstance(v, torch.Tensor) for k, v in weights.items() if not k.endswith("_extra_state"))
+    # The resume checkpoint stores the network as it is; the best model is the same network's weights.
+    assert checkpoint["network"].keys() == torch.load(models / "model.pt", weights_only=True).keys()
     datalist = json.loads((trained_bundle / "eval" / "datalist.json").read_text())
     assert len(datalist["training"]) + len(datalist["validation"]) == 16 and len(datalist["test"]) == 4
     assert sorted(p.name for p in (trained_bundle / "eval" / "translation_grids").iterdir()) == ["grid_epoch_001.png"]
@@ -44,16 +55,18 @@ def test_mlflow_store_holds_both_stages_with_metrics_and_artifacts(trained_bundl
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{trained_bundle / 'eval' / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("her2-monai")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert set(runs) == {"her2-demo-stage1-cmgan", "her2-demo-stage2-classifier"}
-    gan, cls = runs["her2-demo-stage1-cmgan"], runs["her2-demo-stage2-classifier"]
-    assert gan.info.status == "FINISHED" and cls.info.status == "FINISHED"
+    assert set(runs) == {"her2-demo-stage0-selector", "her2-demo-stage1-cmgan", "her2-demo-stage2-classifier"}
+    selector, gan, cls = (runs[f"her2-demo-stage{i}"] for i in ("0-selector", "1-cmgan", "2-classifier"))
+    assert {r.info.status for r in (selector, gan, cls)} == {"FINISHED"}
+    assert {"loss", "val_stain_accuracy"} <= set(selector.data.metrics)
+    assert "selector.pt" in {a.path for a in client.list_artifacts(selector.info.run_id)}
     assert GAN_METRICS | GAN_VAL_METRICS <= set(gan.data.metrics)
     assert CLS_METRICS | CLS_VAL_METRICS <= set(cls.data.metrics)
     assert gan.data.params["image_size"] == "32" and cls.data.params["missing_strategy"] == "cmgan"
     # per-iteration logging: one g_loss point per iteration of the single epoch
     assert len(client.get_metric_history(gan.info.run_id, "g_loss")) >= 2
     gan_artifacts = {a.path for a in client.list_artifacts(gan.info.run_id)}
-    assert {"cmgan.pt", "datalist.json", "translation_grids"} <= gan_artifacts
+    assert {"cmgan.pt", "datalist.json", "grid_epoch_001.png"} <= gan_artifacts
     assert {"model.pt", "datalist.json"} <= {a.path for a in client.list_artifacts(cls.info.run_id)}
 
 
@@ -65,3 +78,26 @@ def test_classifier_stage_alone_explains_a_missing_gan(tmp_path):
         message += str(chain)
         chain = chain.__cause__
     assert "stage-1 CM-GAN weights not found" in message and "run train_gan" in message
+
+
+def test_training_workflows_have_monai_bundle_properties(tmp_path):
+    """MONAI's property checks (used by MONAI Label and model-zoo tooling) pass for the training workflows."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE_CONFIGS / "train.json"),
+        meta_file=str(BUNDLE_CONFIGS / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        **tiny_overrides(tmp_path, tmp_path / "cache"),
+    )
+    workflow.initialize()  # prepares the (tiny) demo datalist: building the trainer reads it
+    assert workflow.check_properties() == []
+    assert workflow.parser["train#trainer#max_epochs"] == "@cls_epochs"
+    assert workflow.max_epochs == 1 and workflow.train_dataset is not None
+
+
+def test_single_process_configs_carry_no_rank_logic():
+    text = "".join((BUNDLE_CONFIGS / f).read_text() for f in ("train.json", "evaluate.json", "inference.json"))
+    for word in ("rank", "is_main_process", "distributed", "barrier"):
+        assert word not in text, word

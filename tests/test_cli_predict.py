@@ -8,20 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import BUNDLE_CONFIGS, REPO_ROOT
 from test_bundle_eval_infer import (  # noqa: F401  (session fixture)
-    TINY_INFERENCE,
     demo_dataset,
     deployed_bundle,
-    forced_selector_state,
+    with_forced_selector,
 )
 
 from her2_monai.cli import main
 from her2_monai.constants import CLASS_NAMES
 
 KEYS = {"score", "probabilities", "confidence", "refer", "scenario", "detected_stains"}
-TINY_FLAGS = [f"--{k}={v}" for k, v in TINY_INFERENCE.items()]
 
 
 def _predict(capsys, bundle: Path, *args: str) -> tuple[int, str, str]:
@@ -38,7 +35,7 @@ def pair(deployed_bundle: Path) -> tuple[Path, Path]:  # noqa: F811
 
 def test_predict_dual_prints_one_json_object(capsys, deployed_bundle: Path, pair) -> None:  # noqa: F811
     he, ihc = pair
-    code, out, _ = _predict(capsys, deployed_bundle, "--he", str(he), "--ihc", str(ihc), *TINY_FLAGS)
+    code, out, _ = _predict(capsys, deployed_bundle, "--he", str(he), "--ihc", str(ihc))
     assert code == 0
     assert len(out.strip().splitlines()) == 1
     result = json.loads(out)
@@ -52,7 +49,7 @@ def test_predict_dual_prints_one_json_object(capsys, deployed_bundle: Path, pair
     # The threshold is configurable; the probabilities of a 4-class softmax lie in (0.25, 1).
     for threshold, refer in ((0.0, False), (1.0, True)):
         code, out, _ = _predict(
-            capsys, deployed_bundle, "--he", str(he), "--ihc", str(ihc), f"--refer_threshold={threshold}", *TINY_FLAGS
+            capsys, deployed_bundle, "--he", str(he), "--ihc", str(ihc), f"--refer_threshold={threshold}"
         )
         assert code == 0 and json.loads(out)["refer"] is refer
 
@@ -65,10 +62,8 @@ def test_predict_image_of_unknown_stain_follows_the_selector(
     pair,
     stain: int,
 ) -> None:
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "model.pt").symlink_to(deployed_bundle / "models" / "model.pt")
-    torch.save(forced_selector_state(stain), tmp_path / "models" / "selector.pt")
-    code, out, _ = _predict(capsys, tmp_path, "--image", str(pair[1]), *TINY_FLAGS)
+    with_forced_selector(deployed_bundle, tmp_path, stain)
+    code, out, _ = _predict(capsys, tmp_path, "--image", str(pair[1]))
     assert code == 0
     result = json.loads(out)
     assert result["scenario"] == ("he_only", "ihc_only")[stain]

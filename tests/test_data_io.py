@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from her2_monai.data.io import ImageReadError, probe_image, read_rgb
+from her2_monai.data.image_reader import ImageReadError, probe_image, read_rgb
 
 
 def test_bci_jpeg_bytes_under_png_name_are_read(shared_data):

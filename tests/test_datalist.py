@@ -12,7 +12,7 @@ from PIL import Image
 from her2_monai.constants import CLASS_NAMES
 from her2_monai.data.datalist import DatalistError, build_datalist, scan_dataset, split_validation
 from her2_monai.data.demo import generate_demo_dataset
-from her2_monai.data.io import read_rgb
+from her2_monai.data.image_reader import read_rgb
 
 
 def test_real_bci_pairs_scan_with_labels(shared_data):

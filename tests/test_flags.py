@@ -7,7 +7,7 @@ import torch
 
 from her2_monai.engines.evaluators import ScenarioEvaluator
 from her2_monai.engines.gan_trainer import CrossModalGANTrainer
-from her2_monai.networks.cmgan import CrossModalGAN
+from her2_monai.networks.cmgan import CrossModalDiscriminators, CrossModalGAN
 from her2_monai.utils import as_bool
 
 
@@ -34,9 +34,9 @@ def test_as_bool_rejects_other_strings_naming_the_flag():
 
 
 def test_engines_read_string_flags():
-    gan = CrossModalGAN(ngf=4, n_blocks=1, ndf=4, with_discriminators=True)
+    gan, discs = CrossModalGAN(ngf=4, n_blocks=1), CrossModalDiscriminators(ndf=4)
     optim = torch.optim.Adam(gan.parameters())
-    trainer = CrossModalGANTrainer("cpu", 1, [], gan, optim, optim, amp="false", channels_last="false")
+    trainer = CrossModalGANTrainer("cpu", 1, [], gan, discs, optim, optim, amp="false", channels_last="false")
     assert trainer.amp is False and trainer.channels_last is False
     evaluator = ScenarioEvaluator("cpu", [], torch.nn.Identity(), amp="true", channels_last="0")
     assert evaluator.amp is True and evaluator.channels_last is False

@@ -12,8 +12,10 @@ from monai.losses import PatchAdversarialLoss
 
 from her2_monai.losses.adversarial import GANLoss
 from her2_monai.losses.pyramid import GaussianPyramid, PyramidL1Loss
-from her2_monai.networks.cmgan import CrossModalGAN
+from her2_monai.networks.cmgan import CrossModalDiscriminators, CrossModalGAN
+from her2_monai.networks.factory import frozen_cmgan
 from her2_monai.networks.pix2pix import PatchGANDiscriminator, PyramidPix2PixGenerator
+from her2_monai.networks.record import ArchitectureMismatchError
 
 #: Parameter count pix2pix/CycleGAN report for ``resnet_9blocks`` (3 -> 3 channels, ngf 64, InstanceNorm).
 REF_RESNET9_INSTANCE = 11_378_179
@@ -338,23 +340,23 @@ def test_synthesize_bad_input():
         gan.synthesize(he, None, torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
     with pytest.raises(ValueError, match=r"\(B, 2\)"):
         gan.synthesize(he, ihc, torch.ones(2, 3))
-    with pytest.raises(ValueError, match="0 or 1"):
+    with pytest.raises(ValueError, match="only 0 .missing. and 1"):
         gan.synthesize(he, ihc, torch.full((2, 2), 0.5))
-    with pytest.raises(ValueError, match="matching the mask"):
+    with pytest.raises(ValueError, match="batch size mismatch"):
         gan.synthesize(he, ihc[:1], torch.ones(2, 2))
-    with pytest.raises(ValueError, match="matching the mask"):
+    with pytest.raises(ValueError, match="3 RGB channels"):
         gan.synthesize(he[:, :1], ihc, torch.ones(2, 2))
 
 
 def test_freeze_keeps_eval_and_blocks_gradients():
-    gan = tiny_cmgan(with_discriminators=True)
+    gan = tiny_cmgan()
     he, ihc = stains(2)
     mask = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 
     # unfrozen and training: gradients reach the generator that produced the missing stain
     he_out, ihc_out = gan.synthesize(he, ihc, mask)
     (he_out.sum() + ihc_out.sum()).backward()
-    assert all(p.grad is not None for p in gan.generator_parameters())
+    assert all(p.grad is not None for p in gan.parameters())
     gan.zero_grad(set_to_none=True)
 
     parent = nn.Sequential(gan, nn.Linear(2, 2))
@@ -377,49 +379,42 @@ def test_freeze_keeps_eval_and_blocks_gradients():
     assert gan.training and all(p.requires_grad for p in gan.parameters())
 
 
-def test_parameter_groups():
-    gan = tiny_cmgan(with_discriminators=True)
-    g_ids = {id(p) for p in gan.generator_parameters()}
-    d_ids = {id(p) for p in gan.discriminator_parameters()}
-    assert g_ids and d_ids and not g_ids & d_ids
-    assert g_ids | d_ids == {id(p) for p in gan.parameters()}
-    assert isinstance(gan.disc_ihc, PatchGANDiscriminator) and gan.disc_ihc.in_channels == 6
-    with pytest.raises(RuntimeError, match="with_discriminators"):
-        list(tiny_cmgan().discriminator_parameters())
+def test_discriminators_are_a_separate_module():
+    gan, discs = tiny_cmgan(), CrossModalDiscriminators(ndf=4)
+    assert not {id(p) for p in gan.parameters()} & {id(p) for p in discs.parameters()}
+    assert isinstance(discs.disc_ihc, PatchGANDiscriminator) and discs.disc_ihc.in_channels == 6
+    discs.set_trainable(False)
+    assert not any(p.requires_grad for p in discs.parameters())
+    discs.set_trainable(True)
+    assert all(p.requires_grad for p in discs.parameters())
+    # The stage-1 output file is the generators' state dict alone, with their architecture record.
+    assert all(k.startswith(("he_to_ihc.", "ihc_to_he.")) or k == "_extra_state" for k in gan.state_dict())
 
 
-def test_generator_state_dict_round_trip(tmp_path):
-    trained = tiny_cmgan(with_discriminators=True)
+def test_cmgan_file_rebuilds_its_own_architecture(tmp_path):
+    trained = tiny_cmgan(metadata={"image_size": 32})
     he, ihc = stains(2)
     trained(he, ihc, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # updates BatchNorm running stats (buffers)
     trained.eval()
-    path = tmp_path / "cmgan_generators.pt"
-    torch.save(trained.generator_state_dict(), path)
-    assert all(k.startswith(("he_to_ihc.", "ihc_to_he.")) for k in torch.load(path, weights_only=True))
+    path = tmp_path / "cmgan.pt"
+    torch.save(trained.state_dict(), path)
+    record = torch.load(path, weights_only=True)["_extra_state"]
+    assert record["class"] == "CrossModalGAN" and record["arguments"]["ngf"] == 4
+    assert record["metadata"] == {"image_size": 32}
 
     torch.manual_seed(123)
-    fresh = CrossModalGAN(ngf=4, n_blocks=1).load_generators(path).freeze()
+    fresh = frozen_cmgan(path)  # no architecture argument: it comes from the file
+    assert fresh.is_frozen and fresh.metadata == {"image_size": 32}
     mask = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     with torch.no_grad():
         for a, b in zip(trained(he, ihc, mask), fresh(he, ihc, mask)):
             assert torch.equal(a, b)
 
-    # a full stage-1 state dict (with discriminators) loads too; the discriminator entries are skipped
-    full = tmp_path / "full.pt"
-    torch.save({"cmgan": trained.state_dict(), "epoch": torch.tensor(3)}, full)
-    CrossModalGAN(ngf=4, n_blocks=1).load_generators(full, key="cmgan")
-    with pytest.raises(KeyError, match="not in the loaded checkpoint"):
-        CrossModalGAN(ngf=4, n_blocks=1).load_generators(full, key="model")
-
-    state = trained.generator_state_dict()
-    missing = {k: v for k, v in state.items() if not k.startswith("ihc_to_he.model.0.")}
-    with pytest.raises(KeyError, match="1 missing"):
-        CrossModalGAN(ngf=4, n_blocks=1).load_generators(missing)
-    with pytest.raises(KeyError, match="unexpected"):
-        CrossModalGAN(ngf=4, n_blocks=1).load_generators({**state, "head.weight": torch.zeros(1)})
-    with pytest.raises(KeyError, match="missing"):
-        CrossModalGAN(ngf=4, n_blocks=2).load_generators(state)
-    with pytest.raises(ValueError, match="shapes do not match"):
-        CrossModalGAN(ngf=8, n_blocks=1).load_generators(state)
-    with pytest.raises(FileNotFoundError):
-        CrossModalGAN(ngf=4, n_blocks=1).load_generators(tmp_path / "nope.pt")
+    # Loading into a network built differently names the differing arguments.
+    with pytest.raises(ArchitectureMismatchError, match="n_blocks=1 in the file, 2 here"):
+        CrossModalGAN(ngf=4, n_blocks=2).load_state_dict(torch.load(path, weights_only=True))
+    torch.save({k: v for k, v in trained.state_dict().items() if k != "_extra_state"}, path)
+    with pytest.raises(ArchitectureMismatchError, match="another bundle"):
+        frozen_cmgan(path)
+    with pytest.raises(FileNotFoundError, match="run train_gan"):
+        frozen_cmgan(tmp_path / "nope.pt")

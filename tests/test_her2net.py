@@ -1,4 +1,4 @@
-"""Tests of HER2FlexibleNet: encoders, attention, hybrid unfreezing, pretrained loading, losses, deploy wrapper."""
+"""Tests of HER2FlexibleNet: encoders, attention, hybrid unfreezing, pretrained loading, its loss, deploy module."""
 
 from __future__ import annotations
 
@@ -11,18 +11,21 @@ from monai.networks.nets import resnet18
 from torch import nn
 
 from her2_monai.constants import DUAL, HE_ONLY, IHC_ONLY, NUM_CLASSES
+from her2_monai.inference.deploy import HER2Deploy
+from her2_monai.losses import HER2Loss
 from her2_monai.losses.disentangle import DomainAlignmentLoss, DomainClassificationLoss, gaussian_mmd
 from her2_monai.networks.attention import ModalitySensitiveAttention
 from her2_monai.networks.cmgan import CrossModalGAN
 from her2_monai.networks.encoders import EfficientNetTrunk, ResNetTrunk, build_encoder
-from her2_monai.networks.her2net import HER2DeployNet, HER2FlexibleNet
-from her2_monai.networks.selector import BranchSelector, stains_to_inputs
+from her2_monai.networks.her2net import HER2FlexibleNet
+from her2_monai.networks.selector import BranchSelector
 from her2_monai.networks.unfreeze import (
     DEFAULT_FROZEN_STAGES,
     StateDictMismatchError,
     freeze_resnet_stages,
     load_pretrained_resnet,
 )
+from her2_monai.stain_batch import route_unknown_stains
 
 SIZE = 64
 MASKS = {
@@ -124,7 +127,7 @@ def test_gradients_reach_trainable_params_only(strategy):
     }
     he, ihc, mask = _batch(MASKS["mixed"] + [[1, 1]])
     out = net(he, ihc, mask)
-    loss = F.cross_entropy(out["logits"], torch.tensor([0, 1, 2, 3])) + sum(net.auxiliary_losses(out, mask).values())
+    loss = HER2Loss()(out, torch.tensor([0, 1, 2, 3]), mask)["loss"]
     loss.backward()
     trainable = dict(net.named_parameters())
     no_grad = [n for n, p in trainable.items() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
@@ -189,25 +192,36 @@ def test_losses_zero_with_graph_when_no_sample_qualifies(mode):
         assert leaf.grad is not None and leaf.grad.abs().sum() == 0
 
 
-def test_net_auxiliary_losses_follow_the_mask():
+def test_her2_loss_follows_the_mask_and_its_sample_rule():
     net = _small_net("feature_substitution").eval()
     he, _, _ = _batch(MASKS["dual"])
+    label = torch.tensor([0, 1, 2])
     with torch.no_grad():
         same = net(he, he.clone(), torch.ones(3, 2))
         diff = net(*_batch(MASKS["dual"], seed=1))
     mask = torch.ones(3, 2)
-    assert net.auxiliary_losses(same, mask)["dao"].item() == pytest.approx(0.0, abs=1e-6)
-    assert net.auxiliary_losses(diff, mask)["dao"].item() > 0
-    assert set(net.auxiliary_losses(diff, mask)) == {"dao", "dco"}
+    loss = HER2Loss()
+    assert loss(same, label, mask)["dao"].item() == pytest.approx(0.0, abs=1e-6)
+    terms = loss(diff, label, mask)
+    assert set(terms) == {"loss", "ce", "dao", "dco"} and terms["dao"].item() > 0
+    torch.testing.assert_close(terms["loss"], terms["ce"] + terms["dao"] + terms["dco"])
+    torch.testing.assert_close(terms["ce"], F.cross_entropy(diff["logits"], label))
     single = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    assert all(v.item() == 0.0 for v in net.auxiliary_losses(diff, single).values())
-    real = _small_net("feature_substitution", auxiliary_samples="real").eval()
+    assert loss(diff, label, single)["dao"].item() == 0.0 and loss(diff, label, single)["dco"].item() == 0.0
     with torch.no_grad():
-        out = real(*_batch([[1, 0], [0, 1], [1, 0]]))
-    losses = real.auxiliary_losses(out, single)
-    assert losses["dao"].item() == 0.0 and losses["dco"].item() > 0
+        out = net(*_batch([[1, 0], [0, 1], [1, 0]]))
+    real = HER2Loss(auxiliary_samples="real")(out, label, single)
+    assert real["dao"].item() == 0.0 and real["dco"].item() > 0
+    # Class weights and unlabelled samples (label -1) are the loss's rules, not the trainer's.
+    weighted = HER2Loss(class_weights=[1.0, 2.0, 3.0, 4.0])(diff, torch.tensor([0, -1, 2]), mask)
+    expected = F.cross_entropy(diff["logits"][[0, 2]], torch.tensor([0, 2]), weight=torch.tensor([1.0, 2, 3, 4]))
+    torch.testing.assert_close(weighted["ce"], expected)
+    nothing = HER2Loss()(diff, torch.tensor([-1, -1, -1]), mask)
+    assert nothing["ce"].item() == 0.0
     with pytest.raises(KeyError, match="shared_he"):
-        net.auxiliary_losses({"logits": diff["logits"]}, mask)
+        loss({"logits": diff["logits"]}, label, mask)
+    with pytest.raises(ValueError, match="auxiliary_samples"):
+        HER2Loss(auxiliary_samples="some")
 
 
 def test_dco_decreases_when_specific_features_separate_the_stains():
@@ -383,7 +397,8 @@ def _trace(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
 @torch.jit.optimized_execution(False)
 def test_deploy_wrapper_traces_and_routes():
     net = _small_net("cmgan").eval()  # ResNet10 specific trunks: a 4x smaller graph to trace than EfficientNet
-    deploy = HER2DeployNet(net, _MeanColourSelector()).eval()
+    net.selector = _MeanColourSelector()
+    deploy = HER2Deploy(net).eval()
     size = 32
     x = torch.rand(4, 3, size, size) * 2 - 1
     x[:2, 0] += 0.5  # red-ish: routed to H&E
@@ -408,14 +423,23 @@ def test_deploy_wrapper_traces_and_routes():
 
 @torch.jit.optimized_execution(False)
 def test_deploy_wrapper_with_branch_selector():
-    net = _small_net("feature_substitution").eval()
     selector = BranchSelector().eval()
-    deploy = HER2DeployNet(net, selector).eval()
+    net = _small_net("feature_substitution", selector=selector).eval()
+    deploy = HER2Deploy(net).eval()
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     traced = _trace(deploy, x)
     with torch.no_grad():
         out = deploy(x)
         assert out.shape == (3, NUM_CLASSES)
         torch.testing.assert_close(traced(x), out)
-        he, ihc, mask = stains_to_inputs(x, selector.predict_stain(x))
+        he, ihc, mask = route_unknown_stains(x, selector.predict_stain(x) == 1)
         torch.testing.assert_close(out, net(he, ihc, mask)["logits"])
+    # The deploy module adds no weights: its state dict is the classifier's, so a model file loads into either.
+    assert deploy.state_dict().keys() == net.state_dict().keys()
+    other = HER2Deploy(_small_net("feature_substitution", seed=5, selector=BranchSelector())).eval()
+    other.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), out)
+    other.net.selector = None
+    with pytest.raises(ValueError, match="no branch selector"):
+        other(x)

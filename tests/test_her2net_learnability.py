@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from her2_monai.constants import NUM_CLASSES
+from her2_monai.losses import HER2Loss
 from her2_monai.networks.cmgan import CrossModalGAN
 from her2_monai.networks.her2net import HER2FlexibleNet
 
@@ -77,7 +77,7 @@ def test_overfits_demo_pairs(demo_pairs, scenario):
     while steps < MAX_STEPS:
         net.train()
         out = net(he, ihc, mask)
-        loss = F.cross_entropy(out["logits"], labels) + sum(net.auxiliary_losses(out, mask, labels).values())
+        loss = HER2Loss()(out, labels, mask)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

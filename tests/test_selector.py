@@ -1,4 +1,4 @@
-"""Tests for the branch selector (H&E vs IHC), stain features, routing helpers and demo-only training."""
+"""Tests for the branch selector (H&E vs IHC), stain features, the stain-batch routing rules and the selector stage."""
 
 from __future__ import annotations
 
@@ -8,20 +8,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_bundle, tiny_overrides
 from skimage.color import rgb2hed
 
 from her2_monai.constants import DUAL, HE_ONLY, IHC_ONLY
-from her2_monai.networks.selector import (
-    RUIFROK_HED_VECTORS,
-    BranchSelector,
-    StainFeatureExtractor,
-    augment_stain_batch,
+from her2_monai.networks.factory import frozen_selector
+from her2_monai.networks.selector import BranchSelector
+from her2_monai.stain_batch import (
+    assign_unknown_stains,
+    check_mask,
     check_stain_inputs,
-    mask_to_scenario,
-    route,
-    stains_to_inputs,
-    train_selector,
+    route_unknown_stains,
+    scenario_id,
+    scenario_ids,
 )
+from her2_monai.stain_features import RUIFROK_HED_VECTORS, StainFeatureExtractor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -104,68 +105,72 @@ def test_stain_feature_extractor_validation() -> None:
         StainFeatureExtractor(eps=0)
 
 
-def test_route_and_mask_to_scenario() -> None:
-    assert route(True, True) == DUAL
-    assert route(True, False) == HE_ONLY
-    assert route(False, True) == IHC_ONLY
+def test_scenario_rules() -> None:
+    assert scenario_id(True, True) == DUAL
+    assert scenario_id(True, False) == HE_ONLY
+    assert scenario_id(False, True) == IHC_ONLY
     with pytest.raises(ValueError, match="both are missing"):
-        route(False, False)
+        scenario_id(False, False)
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-    assert mask_to_scenario(mask).tolist() == [DUAL, HE_ONLY, IHC_ONLY]
+    assert scenario_ids(mask).tolist() == [DUAL, HE_ONLY, IHC_ONLY]
+    assert scenario_ids(mask > 0).tolist() == [DUAL, HE_ONLY, IHC_ONLY]
     with pytest.raises(ValueError, match=r"\(B, 2\)"):
-        mask_to_scenario(torch.ones(3))
+        check_mask(torch.ones(3))
     with pytest.raises(ValueError, match="only 0"):
-        mask_to_scenario(torch.tensor([[1.0, 2.0]]))
+        check_mask(torch.tensor([[1.0, 2.0]]))
     with pytest.raises(ValueError, match=r"samples \[1\]"):
-        mask_to_scenario(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+        check_mask(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
 
 
-def test_stains_to_inputs() -> None:
+def test_routing_of_unknown_stains() -> None:
     x = torch.rand(3, 3, 8, 8) * 2 - 1
-    he, ihc, mask = stains_to_inputs(x, torch.tensor([0, 1, 0]))
+    he, ihc, mask = route_unknown_stains(x, torch.tensor([0, 1, 0]))
     torch.testing.assert_close(mask, torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]))
     torch.testing.assert_close(he[[0, 2]], x[[0, 2]])
     torch.testing.assert_close(ihc[1], x[1])
     assert he[1].abs().sum() == 0 and ihc[[0, 2]].abs().sum() == 0
-    assert mask_to_scenario(mask).tolist() == [HE_ONLY, IHC_ONLY, HE_ONLY]
     # The output is a valid classifier batch.
-    _, _, _, scenario = check_stain_inputs(he, ihc, mask)
-    assert scenario.tolist() == [HE_ONLY, IHC_ONLY, HE_ONLY]
+    _, _, available = check_stain_inputs(he, ihc, mask)
+    assert scenario_ids(available).tolist() == [HE_ONLY, IHC_ONLY, HE_ONLY]
     with pytest.raises(ValueError, match="one entry per image"):
-        stains_to_inputs(x, torch.tensor([0, 1]))
+        route_unknown_stains(x, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="0 \\(H&E\\) or 1"):
-        stains_to_inputs(x, torch.tensor([0, 2, 1]))
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        stains_to_inputs(x[:, :2], torch.tensor([0, 1, 0]))
+        route_unknown_stains(x, torch.tensor([0, 2, 1]))
+    # Declared stains are never moved, whatever the selector says.
+    declared_ihc = torch.rand(3, 3, 8, 8)
+    given = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    unknown = torch.tensor([False, False, True])
+    he2, ihc2, mask2 = assign_unknown_stains(x, declared_ihc, given, unknown, torch.tensor([True, True, True]))
+    torch.testing.assert_close(mask2, torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(he2[:2], x[:2])
+    torch.testing.assert_close(ihc2[2], x[2])
+    assert he2[2].abs().sum() == 0
 
 
-def test_augmentation_is_bounded_seeded_and_off_at_zero() -> None:
-    stain = StainFeatureExtractor()
-    rgb = torch.rand(4, 3, 16, 16) * 0.9 + 0.05
-    assert torch.equal(augment_stain_batch(rgb, torch.Generator().manual_seed(0), stain, strength=0), rgb)
-    a = augment_stain_batch(rgb, torch.Generator().manual_seed(1), stain)
-    b = augment_stain_batch(rgb, torch.Generator().manual_seed(1), stain)
-    assert torch.equal(a, b) and a.shape == rgb.shape
-    assert a.min() >= 0 and a.max() <= 1 and (a - rgb).abs().mean() > 0.01
+def _train_selector_stage(root: Path, **overrides) -> dict[str, torch.Tensor]:
+    run_bundle("train.json", "train_selector", **tiny_overrides(root, root / "cache", **overrides))
+    return torch.load(root / "models" / "selector.pt", weights_only=True)
 
 
-def test_train_selector_is_deterministic() -> None:
-    kwargs = {"steps": 3, "batch_size": 4, "crop_size": 32, "pool_per_class": 1, "image_size": 64, "labs": ("A",)}
-    first = train_selector(seed=3, **kwargs)
-    second = train_selector(seed=3, **kwargs)
-    other = train_selector(seed=4, **kwargs)
-    assert not first.training
-    for (name, p1), p2 in zip(first.state_dict().items(), second.state_dict().values()):
-        assert torch.equal(p1, p2), name
-    assert any(not torch.equal(p1, p3) for p1, p3 in zip(first.parameters(), other.parameters()))
-    with pytest.raises(ValueError, match="steps"):
-        train_selector(steps=0)
+def test_selector_stage_is_deterministic_and_records_its_architecture(tmp_path: Path) -> None:
+    first = _train_selector_stage(tmp_path / "a", seed=3)
+    second = _train_selector_stage(tmp_path / "b", seed=3)
+    other = _train_selector_stage(tmp_path / "c", seed=4)
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, second[name]), name
+    assert any(not torch.equal(v, other[k]) for k, v in first.items() if isinstance(v, torch.Tensor))
+    record = first["_extra_state"]
+    assert record["class"] == "BranchSelector" and record["metadata"]["crop_size"] == 32
+    selector = frozen_selector(tmp_path / "a" / "models" / "selector.pt")
+    assert not selector.training and not any(p.requires_grad for p in selector.parameters())
 
 
 def _real_images() -> list[tuple[str, np.ndarray, int]]:
     from skimage import data as skdata
 
-    from her2_monai.data.io import read_rgb
+    from her2_monai.data.image_reader import read_rgb
 
     items = []
     sources = {"bci/HE/test": 0, "bci/IHC/test": 1, "mist/HE": 0, "mist/IHC": 1}
@@ -177,11 +182,18 @@ def _real_images() -> list[tuple[str, np.ndarray, int]]:
 
 
 @pytest.mark.slow
-def test_selector_trained_on_demo_labels_real_images() -> None:
-    """Trained on procedural demo renders only, the selector must label real BCI, MIST and scikit-image images."""
+def test_selector_trained_on_demo_labels_real_images(tmp_path: Path) -> None:
+    """Trained by the bundle stage on procedural demo renders only, the selector must label real BCI, MIST and
+    scikit-image images."""
     if not (SHARED_DATA / "bci").is_dir() or not (SHARED_DATA / "mist").is_dir():
         pytest.skip(f"real-image fixtures not found at {SHARED_DATA}")
-    model = train_selector(steps=300, batch_size=24, crop_size=48, pool_per_class=2, image_size=128, seed=0)
+    defaults = (
+        "selector_epochs", "selector_steps_per_epoch", "selector_batch_size", "selector_crop_size",
+        "selector_image_size", "selector_per_class", "selector_labs",
+    )  # fmt: skip
+    overrides = {k: v for k, v in tiny_overrides(tmp_path, tmp_path / "cache").items() if k not in defaults}
+    run_bundle("train.json", "train_selector", **overrides)
+    model = frozen_selector(tmp_path / "models" / "selector.pt")
     images = _real_images()
     assert sum(s == 0 for *_, s in images) >= 10 and sum(s == 1 for *_, s in images) >= 11
     wrong = []

@@ -5,8 +5,8 @@ Accepted layouts under ``dataset_dir`` (any mix):
 * ``HE/{train,test}/NAME`` and ``IHC/{train,test}/NAME`` — the BCI layout; files paired by name.
 * ``HE/NAME`` and ``IHC/NAME`` with no split folders (e.g. MIST samples) — all go to the training pool.
 * ``AB/{train,test}/NAME`` or ``AB/NAME`` — one 2W x H image per pair, H&E and IHC side by side in either order. The
-  halves are told apart from their stain colours (:func:`her2_monai.data.stain.order_he_ihc`) and written as lossless
-  PNGs under ``pairs_dir`` (next to the datalist), so every later step sees ordinary BCI-style records.
+  halves are told apart from their stain colours (:func:`her2_monai.stain_features.order_he_ihc`) and written as
+  lossless PNGs under ``pairs_dir`` (next to the datalist), so every later step sees ordinary BCI-style records.
 
 Labels come from BCI names ``NNNNN_{split}_{score}.ext`` (score ``0``, ``1+``, ``2+``, ``3+``). A name in that form with
 an unreadable score is a problem; a name that does not use the form at all (MIST) gives an unlabelled record
@@ -24,17 +24,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY, LABEL_KEY, SCENARIOS, label_from_score
-from her2_monai.data.io import ImageReadError, probe_image, read_rgb
-from her2_monai.data.stain import order_he_ihc
+from her2_monai.data.image_reader import ImageReadError, probe_image, read_rgb
+from her2_monai.fileio import save_image_atomic, write_json_atomic
+from her2_monai.stain_batch import scenario_id
+from her2_monai.stain_features import order_he_ihc
 
 __all__ = [
     "DatalistError",
@@ -94,8 +94,7 @@ class ScanReport:
 
 
 def _scenario(record: dict) -> str:
-    he, ihc = record.get(HE_KEY) is not None, record.get(IHC_KEY) is not None
-    return SCENARIOS[0] if he and ihc else SCENARIOS[1] if he else SCENARIOS[2]
+    return SCENARIOS[scenario_id(record.get(HE_KEY) is not None, record.get(IHC_KEY) is not None)]
 
 
 def _images(folder: Path) -> dict[str, Path]:
@@ -207,25 +206,13 @@ def _scan_ab(dataset_dir: Path, pairs_dir: Path, require_labels: bool, report: S
             target = {}
             for stain, pixels in ((HE_KEY, he), (IHC_KEY, ihc)):
                 dest = pairs_dir / stain.upper() / (split_name or "all") / f"{stem}.png"
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_png(pixels, dest)
+                save_image_atomic(pixels, dest)
                 target[stain] = str(dest.resolve())
             if label is None:
                 report.unlabelled += 1
             report.ab_pairs += 1
             out.append((_split_of(split_name, name), {**target, LABEL_KEY: label, "id": stem}))
     return out
-
-
-def _atomic_png(pixels: np.ndarray, dest: Path) -> None:
-    handle, tmp = tempfile.mkstemp(suffix=".png", dir=dest.parent)
-    os.close(handle)
-    try:
-        Image.fromarray(pixels).save(tmp, format="PNG")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def split_validation(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -340,14 +327,7 @@ def write_datalist(datalist: dict[str, list[dict]], output: str | os.PathLike) -
     Returns:
         The output path.
     """
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(suffix=".json", dir=output.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(datalist, stream, indent=2)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a datalist is meant to be shared
-    os.replace(tmp, output)
-    return output
+    return write_json_atomic(datalist, output)
 
 
 def read_datalist_json(path: str | os.PathLike) -> object:

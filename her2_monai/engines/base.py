@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from monai.engines import Trainer
-from monai.engines.workflow import Workflow
 from torch.optim import Optimizer
 
-from her2_monai.engines.utils import make_grad_scaler
 from her2_monai.utils import as_bool
 
 __all__ = ["AmpTrainer"]
 
 
 class AmpTrainer(Trainer):
-    """A :class:`monai.engines.Trainer` whose mixed precision suits the device, for subclasses with their own iteration.
+    """A :class:`monai.engines.Trainer` for subclasses with their own iteration, whose mixed precision suits the device.
 
-    MONAI's ``Trainer.run`` always creates a CUDA gradient scaler when ``amp`` is set; here the scaler is active only
-    for float16 on CUDA (CPU autocast uses bfloat16, which needs none). Batches are not decollated: iterations
-    return dicts of floats and tensors for the handlers.
+    ``Trainer.run`` creates a CUDA gradient scaler whenever ``amp`` is on; on the CPU (bfloat16 autocast, which needs
+    no scaling) that scaler disables itself, and :meth:`optimizer_step` goes through it either way. Batches are not
+    decollated: iterations return dicts of floats and tensors for the handlers.
 
     Args:
         device: training device.
@@ -44,30 +43,42 @@ class AmpTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
-        amp = as_bool(amp, "amp")
         super().__init__(
             device=device,
             max_epochs=max_epochs,
             data_loader=train_data_loader,
             epoch_length=epoch_length,
             handlers=train_handlers,
-            amp=amp,
+            amp=as_bool(amp, "amp"),
             **kwargs,
         )
-        self.scaler = make_grad_scaler(device, amp)
 
     def run(self) -> None:  # type: ignore[override]
         """Train (from the last state when called again, or after a resume handler has restored one)."""
-        self.scaler = make_grad_scaler(self.state.device, self.amp)
-        Workflow.run(self)
+        with warnings.catch_warnings():
+            # On the CPU the CUDA scaler made by Trainer.run announces that it disables itself; that is intended.
+            warnings.filterwarnings("ignore", message=".*GradScaler.*")
+            warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
+            super().run()
 
     def optimizer_step(self, optimizer: Optimizer, loss: torch.Tensor, clip_norm: float | None = None) -> None:
-        """Backpropagate ``loss`` through the scaler and step ``optimizer``, optionally clipping the gradient norm."""
+        """Backpropagate ``loss`` (through the gradient scaler when one is active) and step ``optimizer``.
+
+        Args:
+            optimizer: the optimizer to step.
+            loss: scalar loss.
+            clip_norm: maximum gradient norm (``None``: no clipping).
+        """
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
+        (scaler.scale(loss) if scaler else loss).backward()
         if clip_norm:
-            self.scaler.unscale_(optimizer)
+            if scaler:
+                scaler.unscale_(optimizer)
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, clip_norm)
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()

@@ -10,41 +10,11 @@ import torch.nn as nn
 from monai.engines import Evaluator
 from monai.inferers import Inferer, SimpleInferer
 
-from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, SCENARIOS
-from her2_monai.engines.utils import autocast, prepare_stain_batch
+from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, SCENARIOS, UNLABELLED
+from her2_monai.stain_batch import autocast, prepare_stain_batch, simulate_scenario
 from her2_monai.utils import as_bool
 
-__all__ = ["ScenarioEvaluator", "TranslationEvaluator", "scenario_mask"]
-
-
-def scenario_mask(mask: torch.Tensor, scenario: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which samples can be evaluated in ``scenario`` and the availability mask that simulates it.
-
-    ``dual`` needs both stains; ``he_only`` hides the IHC of every sample that has an H&E; ``ihc_only`` hides the H&E
-    of every sample that has an IHC.
-
-    Args:
-        mask: real availability ``(B, 2)``.
-        scenario: one of :data:`~her2_monai.constants.SCENARIOS`.
-
-    Returns:
-        ``(selected (B,) bool, simulated_mask (N, 2))`` for the ``N`` selected samples.
-
-    Raises:
-        ValueError: for an unknown scenario.
-    """
-    has = mask > 0
-    if scenario == "dual":
-        selected = has.all(dim=1)
-        keep = torch.tensor([1.0, 1.0])
-    elif scenario == "he_only":
-        selected, keep = has[:, 0], torch.tensor([1.0, 0.0])
-    elif scenario == "ihc_only":
-        selected, keep = has[:, 1], torch.tensor([0.0, 1.0])
-    else:
-        raise ValueError(f"unknown scenario '{scenario}'; expected one of {SCENARIOS}")
-    n = int(selected.sum())
-    return selected, keep.to(mask.device).expand(n, 2).contiguous()
+__all__ = ["ScenarioEvaluator", "TranslationEvaluator"]
 
 
 class ScenarioEvaluator(Evaluator):
@@ -57,7 +27,7 @@ class ScenarioEvaluator(Evaluator):
 
     Args:
         device: device to run on.
-        val_data_loader: loader of :func:`~her2_monai.transforms.stain_transforms` batches.
+        val_data_loader: loader of batches of the bundle's stain preprocessing.
         network: classifier with the ``forward(he, ihc, mask)`` interface.
         scenarios: scenarios to evaluate.
         inferer: calls the network as ``inferer(he, network, ihc, mask)`` (default ``SimpleInferer``).
@@ -89,17 +59,17 @@ class ScenarioEvaluator(Evaluator):
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
         batch = prepare_stain_batch(batchdata, engine.state.device, self.channels_last, engine.non_blocking)
-        labelled = batch.get(LABEL_KEY, torch.full((batch[MASK_KEY].shape[0],), -1)) >= 0
+        labelled = batch.get(LABEL_KEY, torch.full((batch[MASK_KEY].shape[0],), UNLABELLED)) >= 0
         self.network.eval()
         logits: dict[str, torch.Tensor] = {}
         labels: dict[str, torch.Tensor] = {}
         with torch.no_grad(), autocast(engine.state.device, self.amp):
             for scenario in self.scenarios:
-                selected, _ = scenario_mask(batch[MASK_KEY], scenario)
+                selected, _ = simulate_scenario(batch[MASK_KEY], scenario)
                 selected &= labelled
                 if not bool(selected.any()):
                     continue
-                _, mask = scenario_mask(batch[MASK_KEY][selected], scenario)
+                _, mask = simulate_scenario(batch[MASK_KEY][selected], scenario)
                 he, ihc = batch[HE_KEY][selected], batch[IHC_KEY][selected]
                 he = he * mask[:, 0, None, None, None]
                 ihc = ihc * mask[:, 1, None, None, None]
@@ -117,8 +87,8 @@ class TranslationEvaluator(Evaluator):
 
     Args:
         device: device to run on.
-        val_data_loader: loader of :func:`~her2_monai.transforms.stain_transforms` batches.
-        network: the CM-GAN.
+        val_data_loader: loader of batches of the bundle's stain preprocessing.
+        network: the CM-GAN (:class:`~her2_monai.networks.cmgan.CrossModalGAN`).
         amp: mixed precision.
         kwargs: passed on to :class:`monai.engines.Evaluator`.
     """

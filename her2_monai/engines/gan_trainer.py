@@ -11,15 +11,16 @@ from torch.optim import Optimizer
 from her2_monai.constants import HE_KEY, IHC_KEY, MASK_KEY
 from her2_monai.engines.base import AmpTrainer
 from her2_monai.engines.distributed import wrap_ddp
-from her2_monai.engines.utils import autocast, prepare_stain_batch
 from her2_monai.losses.adversarial import GANLoss
 from her2_monai.losses.pyramid import PyramidL1Loss
-from her2_monai.networks.cmgan import CrossModalGAN
+from her2_monai.networks.cmgan import CrossModalDiscriminators, CrossModalGAN
+from her2_monai.stain_batch import autocast, prepare_stain_batch
 from her2_monai.utils import as_bool
 
 __all__ = ["CrossModalGANTrainer"]
 
-_TRAINED = ("he_to_ihc", "ihc_to_he", "disc_ihc", "disc_he")
+_GENERATORS = ("he_to_ihc", "ihc_to_he")
+_DISCRIMINATORS = ("disc_ihc", "disc_he")
 
 
 class CrossModalGANTrainer(AmpTrainer):
@@ -38,10 +39,10 @@ class CrossModalGANTrainer(AmpTrainer):
     **Multi-GPU** (``distributed=True``): the iteration calls the four networks one by one, so wrapping the whole
     CrossModalGAN in ``DistributedDataParallel`` would synchronise nothing (DDP only acts inside its own ``forward``).
     Each generator and discriminator is instead wrapped in its own DDP (gradients averaged over processes in each
-    backward, BatchNorm buffers broadcast from rank 0 at each forward), while ``network`` itself stays unwrapped, so
-    checkpoints, the exported generators and the evaluator see the plain module and the same state-dict keys as a
-    single-process run. In the generator step the discriminators are called unwrapped: their parameters are frozen
-    there, and a DDP forward would wait for gradients that never come.
+    backward, BatchNorm buffers broadcast from rank 0 at each forward), while ``network`` and ``discriminators``
+    themselves stay unwrapped, so checkpoints, the exported generators and the evaluator see the plain modules and
+    the same state-dict keys as a single-process run. In the generator step the discriminators are called
+    unwrapped: their parameters are frozen there, and a DDP forward would wait for gradients that never come.
 
     Per-iteration output (logged by MONAI/MLflow handlers): ``g_loss``, ``d_loss``, ``g_adv``, and every pyramid term
     per direction (e.g. ``ihc_l1_full``, ``ihc_l1_half``, ``he_l1_full``...), plus detached image tensors under
@@ -51,9 +52,10 @@ class CrossModalGANTrainer(AmpTrainer):
         device: training device.
         max_epochs: epochs to train.
         train_data_loader: loader of records with both stains (others are ignored batch-wise).
-        network: a :class:`CrossModalGAN` built with ``with_discriminators=True``.
-        g_optimizer: optimizer over ``network.generator_parameters()``.
-        d_optimizer: optimizer over ``network.discriminator_parameters()``.
+        network: the :class:`CrossModalGAN` (the two generators).
+        discriminators: the :class:`CrossModalDiscriminators` that judge them.
+        g_optimizer: optimizer over ``network.parameters()``.
+        d_optimizer: optimizer over ``discriminators.parameters()``.
         pyramid_loss: reconstruction loss (default: full + 1/2 levels, weight 25 each).
         gan_loss: adversarial loss (default vanilla, discriminator loss halved).
         amp: mixed precision (float16 + gradient scaling on CUDA, bfloat16 on CPU).
@@ -66,7 +68,6 @@ class CrossModalGANTrainer(AmpTrainer):
         kwargs: passed on to :class:`monai.engines.Trainer` (e.g. ``key_train_metric``).
 
     Raises:
-        ValueError: if ``network`` has no discriminators.
         RuntimeError: if ``distributed`` is set without an initialised process group.
     """
 
@@ -76,6 +77,7 @@ class CrossModalGANTrainer(AmpTrainer):
         max_epochs: int,
         train_data_loader: Iterable,
         network: CrossModalGAN,
+        discriminators: CrossModalDiscriminators,
         g_optimizer: Optimizer,
         d_optimizer: Optimizer,
         pyramid_loss: PyramidL1Loss | None = None,
@@ -88,23 +90,19 @@ class CrossModalGANTrainer(AmpTrainer):
         ddp_kwargs: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not getattr(network, "with_discriminators", False):
-            raise ValueError("CrossModalGANTrainer needs a CrossModalGAN built with with_discriminators=True")
         super().__init__(device, max_epochs, train_data_loader, amp, epoch_length, train_handlers, **kwargs)
         self.network = network
+        self.discriminators = discriminators
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
         self.pyramid_loss = pyramid_loss if pyramid_loss is not None else PyramidL1Loss()
         self.gan_loss = gan_loss if gan_loss is not None else GANLoss()
         self.channels_last = as_bool(channels_last, "channels_last")
         self.distributed = bool(distributed)
-        self.nets: dict[str, torch.nn.Module] = {name: getattr(network, name) for name in _TRAINED}
+        self.nets: dict[str, torch.nn.Module] = {name: getattr(network, name) for name in _GENERATORS}
+        self.nets.update({name: getattr(discriminators, name) for name in _DISCRIMINATORS})
         if self.distributed:
             self.nets = {name: wrap_ddp(m, device, **(ddp_kwargs or {})) for name, m in self.nets.items()}
-
-    def _set_discriminators_trainable(self, flag: bool) -> None:
-        for p in self.network.discriminator_parameters():
-            p.requires_grad_(flag)
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
         batch = prepare_stain_batch(batchdata, engine.state.device, self.channels_last, engine.non_blocking)
@@ -112,15 +110,16 @@ class CrossModalGANTrainer(AmpTrainer):
         if not bool(dual.any()):
             return {"g_loss": float("nan"), "d_loss": float("nan"), "skipped": True}
         he, ihc = batch[HE_KEY][dual], batch[IHC_KEY][dual]
-        net, nets = self.network, self.nets  # nets: the same modules, DDP-wrapped when distributed
-        net.train()
+        discs, nets = self.discriminators, self.nets  # nets: the same modules, DDP-wrapped when distributed
+        self.network.train()
+        discs.train()
 
         with autocast(engine.state.device, self.amp):
             fake_ihc = nets["he_to_ihc"](he)
             fake_he = nets["ihc_to_he"](ihc)
 
         # Discriminator step on detached fakes.
-        self._set_discriminators_trainable(True)
+        discs.set_trainable(True)
         with autocast(engine.state.device, self.amp):
             d_ihc = self.gan_loss.discriminator_loss(
                 nets["disc_ihc"](torch.cat([he, ihc], 1)), nets["disc_ihc"](torch.cat([he, fake_ihc.detach()], 1))
@@ -132,15 +131,15 @@ class CrossModalGANTrainer(AmpTrainer):
         self.optimizer_step(self.d_optimizer, d_loss)
 
         # Generator step: the discriminators only pass gradients through (unwrapped under DDP: nothing to sync).
-        self._set_discriminators_trainable(False)
+        discs.set_trainable(False)
         with autocast(engine.state.device, self.amp):
-            g_adv = self.gan_loss.generator_loss(net.disc_ihc(torch.cat([he, fake_ihc], 1)))
-            g_adv = g_adv + self.gan_loss.generator_loss(net.disc_he(torch.cat([ihc, fake_he], 1)))
+            g_adv = self.gan_loss.generator_loss(discs.disc_ihc(torch.cat([he, fake_ihc], 1)))
+            g_adv = g_adv + self.gan_loss.generator_loss(discs.disc_he(torch.cat([ihc, fake_he], 1)))
         terms_ihc = self.pyramid_loss.terms(fake_ihc.float(), ihc)
         terms_he = self.pyramid_loss.terms(fake_he.float(), he)
         g_loss = g_adv + sum(terms_ihc.values()) + sum(terms_he.values())
         self.optimizer_step(self.g_optimizer, g_loss)
-        self._set_discriminators_trainable(True)
+        discs.set_trainable(True)
 
         output: dict[str, Any] = {
             "g_loss": g_loss.item(),

@@ -1,235 +1,179 @@
-"""Atomic checkpoints and resumption (MONAI's ``CheckpointSaver`` writes in place, so a kill can corrupt a file)."""
+"""Checkpoints: ignite's ``Checkpoint`` writing one file atomically; resumption through MONAI's ``CheckpointLoader``.
+
+ignite's :class:`~ignite.handlers.Checkpoint` gathers the objects' state dicts (unwrapping DDP), keeps the best
+score and has a state of its own; what it lacks for this bundle is a save handler that writes a *fixed* file name
+atomically. ignite's ``DiskSaver(atomic=True)`` deletes the previous file before writing the next one under the same
+name (a kill in between loses the best model) and leaves anonymous ``tmp*`` files when killed, and MONAI's
+``CheckpointSaver`` writes in place. :class:`AtomicFileSaver` is that save handler; :class:`CheckpointHandler`
+attaches the pair to an engine as MONAI handlers are attached.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
+from monai.handlers import CheckpointLoader
 
-from her2_monai.utils import as_bool
+from her2_monai.fileio import atomic_torch_save, remove_stale_temporaries
 
-__all__ = [
-    "atomic_torch_save",
-    "remove_stale_temporaries",
-    "AtomicCheckpointSaver",
-    "BestModelSaver",
-    "GeneratorExporter",
-    "ResumeFromCheckpoint",
-]
+__all__ = ["AtomicFileSaver", "CheckpointHandler", "ResumeCheckpointLoader"]
 
 logger = logging.getLogger(__name__)
 
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: readers never see a partial file.
-
-    Returns:
-        The final path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+_EVENTS = {"epoch_completed": Events.EPOCH_COMPLETED, "completed": Events.COMPLETED}
 
 
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that :func:`atomic_torch_save` left beside ``path`` when a run was killed mid-write.
+class AtomicFileSaver(BaseSaveHandler):
+    """ignite save handler that always writes ``path`` (whatever name ignite proposes), atomically, on rank 0 only.
 
-    ``SIGKILL`` (or a power cut) skips the cleanup of :func:`atomic_torch_save`, leaving a ``.<name>.<random>`` file,
-    possibly hundreds of MB. The savers call this when attached, i.e. before they write again. Only one process may
-    write a given path (rank 0 under DDP), so no other writer's file can be removed.
-
-    Returns:
-        The removed files.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    removed = []
-    for leftover in path.parent.glob(f".{path.name}.*"):
-        leftover.unlink(missing_ok=True)
-        removed.append(leftover)
-        logger.warning("removed %s, left by an interrupted save of %s", leftover, path)
-    return removed
-
-
-def _state_dicts(objects: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: obj.state_dict() for name, obj in objects.items()}
-
-
-class AtomicCheckpointSaver:
-    """Save ``{name: obj.state_dict()}`` of training objects every ``save_interval`` epochs to one file, atomically.
-
-    The engine it is attached to is saved too, under ``engine_key`` (epoch and iteration), so that
-    :class:`ResumeFromCheckpoint` can continue a killed run; taking the engine at attach time keeps bundle configs free
-    of a trainer <-> handler reference cycle.
+    The previous file is replaced by a rename, never deleted first, so a kill at any moment leaves either the old or
+    the new complete file. Leftovers of a killed write are removed when the saver is created.
 
     Args:
-        save_path: checkpoint file (overwritten each time: it always holds the latest complete epoch).
-        save_dict: objects with ``state_dict()`` (networks, optimizers, schedulers, other handlers...).
-        save_interval: save every this many epochs.
-        engine_key: key of the engine's own state in the file.
+        path: the destination file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        for leftover in remove_stale_temporaries(self.path):
+            logger.warning("removed %s, left by an interrupted save of %s", leftover, self.path)
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        # torch.distributed directly: ignite's idist.get_rank() sets up its own process group on first use, a
+        # collective call that hangs when only rank 0 runs a stage.
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            atomic_torch_save(checkpoint, self.path)
+
+    def remove(self, filename: str) -> None:
+        """Nothing to remove: the next save replaces the file in place."""
+
+
+class CheckpointHandler:
+    """Save ``save_dict`` to one file with ignite's :class:`~ignite.handlers.Checkpoint` at an engine event.
+
+    Three uses in the bundle: the resume checkpoint of a stage (every epoch, ``include_engine=True``), the best model
+    (on the validator, ``score_name`` set: written only when the score improves) and a stage's final weights
+    (``event="completed"``). A ``save_dict`` with a single object is written as that object's plain state dict
+    (ignite's convention), so ``models/*.pt`` load with ``load_state_dict(torch.load(..., weights_only=True))``.
+
+    The handler is itself checkpointable (``state_dict`` holds the best score so far), so a resumed run does not
+    overwrite its best model with a worse one.
+
+    Args:
+        save_path: the file to write.
+        save_dict: objects with ``state_dict()``.
+        event: ``"epoch_completed"`` or ``"completed"``.
+        score_name: save only when ``engine.state.metrics[score_name]`` beats the best so far (higher is better).
+        include_engine: also save the engine it is attached to, under ``engine_key`` (to resume training).
+        engine_key: that key.
+        save_interval: with ``"epoch_completed"``, save every this many epochs.
+
+    Raises:
+        ValueError: for an unknown event, a bad interval or a ``save_dict`` using ``engine_key``.
     """
 
     def __init__(
         self,
         save_path: str | os.PathLike,
         save_dict: Mapping[str, Any],
-        save_interval: int = 1,
+        event: str = "epoch_completed",
+        score_name: str | None = None,
+        include_engine: bool = False,
         engine_key: str = "trainer",
+        save_interval: int = 1,
     ) -> None:
+        if event not in _EVENTS:
+            raise ValueError(f"event must be one of {sorted(_EVENTS)}, got '{event}'")
         if save_interval < 1:
             raise ValueError(f"save_interval must be at least 1, got {save_interval}")
-        if engine_key in save_dict:
+        if include_engine and engine_key in save_dict:
             raise ValueError(f"'{engine_key}' is reserved for the engine's own state; rename that save_dict entry")
         self.save_path = Path(save_path)
         self.save_dict = dict(save_dict)
-        self.save_interval = save_interval
+        self.event = event
+        self.score_name = score_name
+        self.include_engine = include_engine
         self.engine_key = engine_key
+        self.save_interval = save_interval
+        self.checkpoint = self._make(self.save_dict)
+
+    def _make(self, to_save: Mapping[str, Any]) -> Checkpoint:
+        score: Callable[[Engine], float] | None = None
+        if self.score_name is not None:
+            name = self.score_name
+
+            def score(engine: Engine) -> float:
+                if name not in engine.state.metrics:
+                    raise KeyError(f"metric '{name}' not computed; available: {sorted(engine.state.metrics)}")
+                return float(engine.state.metrics[name])
+
+        return Checkpoint(dict(to_save), AtomicFileSaver(self.save_path), n_saved=1, score_function=score)
 
     def attach(self, engine: Engine) -> None:
-        """Save at the end of every ``save_interval``-th epoch (after removing leftovers of a killed save)."""
-        remove_stale_temporaries(self.save_path)
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self)
+        """Register on the configured event (with the engine added to what is saved when ``include_engine``)."""
+        if self.include_engine:
+            saved = self.checkpoint.state_dict()
+            self.checkpoint = self._make({self.engine_key: engine, **self.save_dict})
+            self.checkpoint.load_state_dict(saved)
+        event = _EVENTS[self.event]
+        if self.event == "epoch_completed" and self.save_interval > 1:
+            event = event(every=self.save_interval)
+        engine.add_event_handler(event, self)
 
     def __call__(self, engine: Engine) -> None:
-        atomic_torch_save({self.engine_key: engine.state_dict(), **_state_dicts(self.save_dict)}, self.save_path)
-        logger.info("checkpoint of epoch %d written to %s", engine.state.epoch, self.save_path)
+        before = self.checkpoint.last_checkpoint
+        self.checkpoint(engine)
+        if self.score_name is None or self.checkpoint.last_checkpoint != before or engine.state.epoch == 1:
+            logger.info("epoch %d: wrote %s", engine.state.epoch, self.save_path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """ignite's record of what was saved with which score."""
+        return self.checkpoint.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore that record (called when a run resumes)."""
+        self.checkpoint.load_state_dict(state)
 
 
-class BestModelSaver:
-    """Keep the network weights of the best validation epoch, as a plain state dict, written atomically.
+class ResumeCheckpointLoader(CheckpointLoader):
+    """MONAI's :class:`~monai.handlers.CheckpointLoader` that also restores the engine it is attached to.
 
-    Attach to the validation evaluator (run by MONAI's ``ValidationHandler``, whose evaluator's ``state.epoch`` is the
-    trainer's epoch). The best value is part of this handler's state, so put the handler in the trainer's
-    :class:`AtomicCheckpointSaver` to keep the record across a resume.
-
-    Args:
-        save_path: file of the best weights (e.g. ``models/model.pt``).
-        network: the network (a DDP wrapper is unwrapped).
-        metric_name: key in ``engine.state.metrics`` to maximise.
-    """
-
-    def __init__(self, save_path: str | os.PathLike, network: torch.nn.Module, metric_name: str) -> None:
-        self.save_path = Path(save_path)
-        self.network = network
-        self.metric_name = metric_name
-        self.best = -math.inf
-        self.best_epoch = 0
-
-    def attach(self, engine: Engine) -> None:
-        remove_stale_temporaries(self.save_path)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        if self.metric_name not in engine.state.metrics:
-            raise KeyError(f"metric '{self.metric_name}' not computed; available: {sorted(engine.state.metrics)}")
-        value = float(engine.state.metrics[self.metric_name])
-        if math.isnan(value) or value <= self.best:
-            return
-        self.best = value
-        self.best_epoch = int(engine.state.epoch)
-        model = getattr(self.network, "module", self.network)
-        atomic_torch_save(model.state_dict(), self.save_path)
-        logger.info("new best %s = %.4f at epoch %d -> %s", self.metric_name, value, self.best_epoch, self.save_path)
-
-    def state_dict(self) -> dict[str, float]:
-        return {"best": self.best, "best_epoch": self.best_epoch}
-
-    def load_state_dict(self, state: Mapping[str, float]) -> None:
-        self.best = float(state["best"])
-        self.best_epoch = int(state["best_epoch"])
-
-
-class ResumeFromCheckpoint:
-    """When ``enabled``, load an :class:`AtomicCheckpointSaver` file at the start of training and continue from it.
-
-    The file is read with ``torch.load(..., weights_only=True)``. Without a file, training starts fresh (logged).
+    A config cannot list the trainer inside its own handlers' ``load_dict`` without a reference cycle, so the engine
+    is added here when the loader is attached. Without a checkpoint file the stage starts from scratch (a stage of
+    ``training`` that had not saved anything yet when the run was killed), which is logged.
 
     Args:
-        load_path: checkpoint file.
-        load_dict: the same objects as the saver's ``save_dict`` (the engine itself is restored from ``engine_key``).
-        enabled: resume (``False``: do nothing); the strings ``"true"``/``"false"`` of a command-line override work.
-        map_location: device mapping for the loaded tensors.
+        load_path: the resume checkpoint written by :class:`CheckpointHandler` with ``include_engine=True``.
+        load_dict: the objects saved in it (without the engine).
         engine_key: key of the engine's state in the file.
-
-    Raises:
-        ValueError: if ``enabled`` is a string that is not a boolean; (when run) if the checkpoint lacks an object
-            or its epoch exceeds the trainer's ``max_epochs``.
+        map_location: device mapping for the loaded tensors.
     """
 
     def __init__(
         self,
         load_path: str | os.PathLike,
         load_dict: Mapping[str, Any],
-        enabled: bool | str = True,
-        map_location: str | torch.device | None = "cpu",
         engine_key: str = "trainer",
+        map_location: str | dict | None = "cpu",
     ) -> None:
-        self.load_path = Path(load_path)
-        self.load_dict = dict(load_dict)
-        self.enabled = as_bool(enabled, "resume/enabled")
-        self.map_location = map_location
+        super().__init__(load_path=str(load_path), load_dict=dict(load_dict), map_location=map_location)
         self.engine_key = engine_key
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        if not self.enabled:
-            return
-        if not self.load_path.is_file():
+        if not Path(self.load_path).is_file():
             logger.warning("resume requested but %s does not exist: starting from scratch", self.load_path)
             return
-        checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
-        to_load = {**self.load_dict, self.engine_key: engine}
-        missing = sorted(set(to_load) - set(checkpoint))
-        if missing:
-            raise ValueError(f"checkpoint {self.load_path} lacks {missing}; it holds {sorted(checkpoint)}")
-        max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
-        if max_epochs is not None and engine.state.epoch > max_epochs:
-            raise ValueError(
-                f"checkpoint {self.load_path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}"
-            )
-        if max_epochs is not None:
-            engine.state.max_epochs = max_epochs
-        logger.info("resumed from %s at epoch %d", self.load_path, engine.state.epoch)
-
-
-class GeneratorExporter:
-    """When stage 1 completes, write the two CM-GAN generators as a plain state dict (what stage 2 loads), atomically.
-
-    Args:
-        save_path: output file (e.g. ``models/cmgan.pt``).
-        network: the :class:`~her2_monai.networks.cmgan.CrossModalGAN` (a DDP wrapper is unwrapped).
-    """
-
-    def __init__(self, save_path: str | os.PathLike, network: torch.nn.Module) -> None:
-        self.save_path = Path(save_path)
-        self.network = network
-
-    def attach(self, engine: Engine) -> None:
-        remove_stale_temporaries(self.save_path)
-        engine.add_event_handler(Events.COMPLETED, self)
+        self.load_dict[self.engine_key] = engine
+        super().attach(engine)
 
     def __call__(self, engine: Engine) -> None:
-        model = getattr(self.network, "module", self.network)
-        atomic_torch_save(model.generator_state_dict(), self.save_path)
-        logger.info("CM-GAN generators written to %s", self.save_path)
+        super().__call__(engine)
+        logger.info("resumed from %s at epoch %d", self.load_path, engine.state.epoch)

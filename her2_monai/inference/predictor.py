@@ -1,8 +1,8 @@
-"""One prediction path for the bundle's inference workflow, the ``predict`` command and serving.
+"""Predicting files and records with the trained bundle: the ``predict`` command, the Python API and serving.
 
-:func:`forward_stain_batch` runs the deploy network on a batch whose samples have declared stains (H&E, IHC or both)
-or one image of unknown stain (the branch selector decides), :func:`prediction_result` turns one post-processed sample
-into the JSON answer, and :class:`HER2Predictor` wires both with the bundle's preprocessing and post-processing.
+:class:`HER2Predictor` wires the bundle's preprocessing, the :class:`~her2_monai.inference.deploy.HER2Deploy` module
+and :func:`prediction_result`, which turns one post-processed sample into the JSON answer. :func:`load_predictor`
+builds it from ``inference.json`` and the model file alone (the architecture comes from the file's record).
 """
 
 from __future__ import annotations
@@ -13,93 +13,27 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import decollate_batch, list_data_collate
-from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import apply_transform
-from torch import nn
 
-from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, SCENARIOS, STAIN_CLASS_NAMES
-from her2_monai.engines.utils import autocast, prepare_stain_batch
-from her2_monai.inference.network import load_bundle_weights
-from her2_monai.inference.records import IMAGE_KEY, SOURCE_KEYS, STAIN_KNOWN_KEY, check_record_files
+from her2_monai.constants import (
+    CLASS_NAMES,
+    HE_KEY,
+    IHC_KEY,
+    LABEL_KEY,
+    SCENARIOS,
+    STAIN_CLASS_NAMES,
+    STAIN_KNOWN_KEY,
+)
+from her2_monai.inference.deploy import NO_IMAGE, PRED_KEY, SCENARIO_KEY, STAIN_PROB_KEY, STAINS_KEY, HER2Deploy
+from her2_monai.inference.records import IMAGE_KEY, SOURCE_KEYS, check_record_files
+from her2_monai.metrics.translation import to_uint8_images
+from her2_monai.networks.factory import require_model_file
+from her2_monai.stain_batch import autocast, prepare_stain_batch
 
-__all__ = [
-    "PRED_KEY",
-    "SCENARIO_KEY",
-    "STAINS_KEY",
-    "STAIN_PROB_KEY",
-    "forward_stain_batch",
-    "prediction_result",
-    "HER2Predictor",
-    "load_predictor",
-]
-
-#: Output keys of :func:`forward_stain_batch`.
-PRED_KEY = "pred"
-SCENARIO_KEY = "scenario"
-STAINS_KEY = "detected_stains"
-STAIN_PROB_KEY = "stain_confidence"
-_NO_IMAGE = -1
-
-
-def forward_stain_batch(
-    network: nn.Module,
-    batch: Mapping[str, Any],
-    device: torch.device | str,
-    inferer: Inferer | None = None,
-    amp: bool = False,
-) -> dict[str, torch.Tensor]:
-    """HER2 logits for a batch of declared-stain and unknown-stain samples.
-
-    Declared stains are used as given (the selector is not allowed to override a user's statement); the selector
-    still classifies every given image so that a mislabelled input shows up in ``detected_stains``. An unknown-stain
-    sample (``stain_known == 0``, image in the H&E slot) is routed as the selector says, exactly as
-    :class:`~her2_monai.networks.her2net.HER2DeployNet` does for a 3-channel input.
-
-    Args:
-        network: a deploy network with ``net`` (:class:`HER2FlexibleNet`) and ``selector`` submodules.
-        batch: collated output of :func:`~her2_monai.inference.records.inference_transforms`.
-        device: where to run.
-        inferer: calls the classifier as ``inferer(he, net, ihc, mask)`` (default ``SimpleInferer``).
-        amp: mixed precision.
-
-    Returns:
-        ``pred`` ``(B, 4)`` float logits; ``scenario`` ``(B,)`` long; ``detected_stains`` ``(B, 2)`` long: the
-        selector's call (0 = H&E, 1 = IHC) for the image in the H&E slot and the IHC slot (``-1`` = no image; an
-        unknown-stain image is reported in slot 0); ``stain_confidence`` ``(B, 2)`` the selector's probability of that
-        call (``nan`` = no image); ``stain_known`` ``(B,)`` float.
-
-    Raises:
-        AttributeError: if ``network`` has no ``net``/``selector``.
-    """
-    inferer = inferer if inferer is not None else SimpleInferer()
-    stain_batch = prepare_stain_batch(batch, device)
-    he, ihc, mask = stain_batch[HE_KEY], stain_batch[IHC_KEY], stain_batch[MASK_KEY]
-    n = mask.shape[0]
-    known = torch.as_tensor(batch.get(STAIN_KNOWN_KEY, torch.ones(n))).as_subclass(torch.Tensor)
-    known = known.to(device=mask.device, dtype=torch.float32).reshape(n) > 0.5
-    network.eval()
-    with torch.no_grad(), autocast(device, amp):
-        stain_prob = [network.selector(img).float().softmax(dim=1) for img in (he, ihc)]
-        calls = [p.argmax(dim=1) for p in stain_prob]
-        # Unknown-stain images sit in the H&E slot; move those the selector calls IHC to the IHC slot.
-        to_ihc = ~known & (calls[0] == 1)
-        slot = to_ihc[:, None, None, None]
-        he, ihc = torch.where(slot, torch.zeros_like(he), he), torch.where(slot, he, ihc)
-        mask = torch.where(to_ihc[:, None], torch.tensor([0.0, 1.0], device=mask.device), mask)
-        outputs = inferer(he, network.net, ihc, mask)
-    present = stain_batch[MASK_KEY] > 0.5  # slots as given, before routing
-    detected = torch.stack(calls, dim=1).where(present, torch.full_like(present, _NO_IMAGE, dtype=torch.long))
-    confidence = torch.stack([p.amax(dim=1) for p in stain_prob], dim=1)
-    confidence = confidence.where(present, torch.full_like(confidence, float("nan")))
-    return {
-        PRED_KEY: outputs["logits"].float(),
-        SCENARIO_KEY: outputs["scenario"],
-        STAINS_KEY: detected,
-        STAIN_PROB_KEY: confidence,
-        STAIN_KNOWN_KEY: known.float(),
-    }
+__all__ = ["prediction_result", "HER2Predictor", "load_predictor"]
 
 
 def _scalar(value: Any) -> float:
@@ -107,7 +41,7 @@ def _scalar(value: Any) -> float:
 
 
 def prediction_result(item: Mapping[str, Any], refer_threshold: float = 0.5) -> dict[str, Any]:
-    """The JSON answer for one sample after post-processing (``pred`` = 4 class probabilities).
+    """The JSON answer for one sample after post-processing (``pred`` = class probabilities).
 
     Args:
         item: one decollated sample: ``pred`` ``(4,)`` probabilities, ``scenario``, ``detected_stains`` ``(2,)``,
@@ -117,8 +51,8 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float = 0.5) -> 
     Returns:
         ``score`` ("0".."3+"), ``probabilities`` (4 floats), ``confidence`` (max probability), ``refer`` (bool),
         ``refer_threshold``, ``scenario``, ``detected_stains`` (stain names of the given images: H&E slot then IHC
-        slot, or the one unknown-stain image), ``warnings`` (declared stains the selector disagrees with), and when
-        known ``id``, ``inputs`` (paths) and ``label`` (true score).
+        slot, or the one unknown-stain image), ``stain_source``, ``warnings`` (declared stains the selector disagrees
+        with), and when known ``id``, ``inputs`` (paths) and ``label`` (true score).
 
     Raises:
         ValueError: if ``pred`` does not hold one probability per class.
@@ -133,7 +67,7 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float = 0.5) -> 
     stain_conf = [float(v) for v in torch.as_tensor(item.get(STAIN_PROB_KEY, [math.nan] * 2)).reshape(-1).tolist()]
     detected, warnings = [], []
     for slot, (declared, call) in enumerate(zip((HE_KEY, IHC_KEY), calls)):
-        if call == _NO_IMAGE:
+        if call == NO_IMAGE:
             continue
         detected.append(STAIN_CLASS_NAMES[call])
         if known and STAIN_CLASS_NAMES[call] != declared:
@@ -166,17 +100,17 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float = 0.5) -> 
 
 
 class HER2Predictor:
-    """Predict HER2 scores for files or records with the bundle's network, transforms and inferer.
+    """Predict HER2 scores for files or records with the bundle's preprocessing and deployed model.
 
     Args:
-        network: the deploy network with weights loaded (see :func:`~her2_monai.inference.network.load_bundle_weights`).
-        preprocessing: record -> model input (:func:`~her2_monai.inference.records.inference_transforms`).
+        network: the deployed model with its weights (:class:`~her2_monai.inference.deploy.HER2Deploy`).
+        preprocessing: record -> model input (the bundle's inference ``preprocessing``).
         postprocessing: per-sample output transform turning ``pred`` logits into probabilities (the bundle's
             ``postprocessing``); ``None`` applies a softmax.
         device: where to run.
-        inferer: calls the classifier (default ``SimpleInferer``).
         refer_threshold: confidence below which a case is flagged ``refer``.
         amp: mixed precision.
+        batch_size: records per forward pass.
 
     Raises:
         ValueError: if ``refer_threshold`` is outside ``[0, 1]``.
@@ -184,13 +118,13 @@ class HER2Predictor:
 
     def __init__(
         self,
-        network: nn.Module,
+        network: HER2Deploy,
         preprocessing: Callable,
         postprocessing: Callable | None = None,
         device: torch.device | str = "cpu",
-        inferer: Inferer | None = None,
         refer_threshold: float = 0.5,
         amp: bool = False,
+        batch_size: int = 8,
     ) -> None:
         if not 0.0 <= refer_threshold <= 1.0:
             raise ValueError(f"refer_threshold must be in [0, 1], got {refer_threshold}")
@@ -198,9 +132,9 @@ class HER2Predictor:
         self.network = network.to(self.device).eval()
         self.preprocessing = preprocessing
         self.postprocessing = postprocessing
-        self.inferer = inferer
         self.refer_threshold = float(refer_threshold)
-        self.amp = amp
+        self.amp = bool(amp)
+        self.batch_size = int(batch_size)
 
     def _postprocess(self, item: dict[str, Any]) -> dict[str, Any]:
         if self.postprocessing is None:
@@ -208,26 +142,28 @@ class HER2Predictor:
             return item
         return apply_transform(self.postprocessing, item)
 
-    def predict_records(self, records: Sequence[Mapping[str, Any]], batch_size: int = 8) -> list[dict[str, Any]]:
+    def predict_records(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Predict every record (keys ``he``/``ihc`` or ``image``, optional ``id`` and ``label``).
 
         Args:
             records: inference records.
-            batch_size: records per forward pass.
 
         Returns:
             One :func:`prediction_result` dict per record, in order.
 
         Raises:
-            her2_monai.data.io.ImageReadError: naming the file, if an input is missing or unreadable.
+            her2_monai.data.image_reader.ImageReadError: naming the file, if an input is missing or unreadable.
         """
         for record in records:
             check_record_files(record)
         results = []
-        for start in range(0, len(records), batch_size):
-            items = [apply_transform(self.preprocessing, dict(r)) for r in records[start : start + batch_size]]
+        for start in range(0, len(records), self.batch_size):
+            items = [apply_transform(self.preprocessing, dict(r)) for r in records[start : start + self.batch_size]]
             batch = list_data_collate(items)
-            outputs = forward_stain_batch(self.network, batch, self.device, self.inferer, self.amp)
+            stains = prepare_stain_batch(batch, self.device)
+            outputs = self.network.predict_batch(
+                stains[HE_KEY], stains[IHC_KEY], stains["mask"], batch.get(STAIN_KNOWN_KEY), self.amp
+            )
             for data, out in zip(decollate_batch(batch, detach=True), decollate_batch(outputs, detach=True)):
                 merged = {**{k: v for k, v in data.items() if k not in (HE_KEY, IHC_KEY)}, **out}
                 results.append(prediction_result(self._postprocess(merged), self.refer_threshold))
@@ -246,7 +182,7 @@ class HER2Predictor:
 
         Raises:
             ValueError: if no input or both ``image`` and ``he``/``ihc`` are given.
-            her2_monai.data.io.ImageReadError: naming the file, if it is missing or unreadable.
+            her2_monai.data.image_reader.ImageReadError: naming the file, if it is missing or unreadable.
         """
         if image is not None and (he is not None or ihc is not None):
             raise ValueError("give either --image (stain unknown) or --he/--ihc (declared stains), not both")
@@ -256,25 +192,55 @@ class HER2Predictor:
         record = {k: str(v) for k, v in record.items() if v is not None}
         return self.predict_records([record])[0]
 
+    @torch.no_grad()
+    def translate(self, path: str | os.PathLike, target: str = IHC_KEY) -> np.ndarray:
+        """The CM-GAN's synthetic stain for one patch, as the classifier sees it (at the model's image size).
+
+        Args:
+            path: the source image (H&E when ``target`` is ``"ihc"``, IHC when it is ``"he"``).
+            target: the stain to synthesise, ``"ihc"`` or ``"he"``.
+
+        Returns:
+            ``(S, S, 3)`` uint8 RGB image.
+
+        Raises:
+            ValueError: for an unknown target or a model without a CM-GAN.
+            her2_monai.data.image_reader.ImageReadError: naming the file, if it is missing or unreadable.
+        """
+        if target not in (HE_KEY, IHC_KEY):
+            raise ValueError(f"target must be '{HE_KEY}' or '{IHC_KEY}', got '{target}'")
+        cmgan = self.network.net.cmgan
+        if cmgan is None:
+            raise ValueError("this model fills missing stains by feature substitution; it has no CM-GAN to translate")
+        source = IHC_KEY if target == HE_KEY else HE_KEY
+        check_record_files({source: str(path)})
+        item = apply_transform(self.preprocessing, {source: str(path)})
+        x = prepare_stain_batch(list_data_collate([item]), self.device)[source]
+        generator = cmgan.he_to_ihc if target == IHC_KEY else cmgan.ihc_to_he
+        with autocast(self.device, self.amp):
+            fake = generator(x).float()
+        return to_uint8_images(fake)[0]
+
 
 def load_predictor(
     bundle_root: str | os.PathLike = "bundle",
     config_file: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     **overrides: Any,
 ) -> HER2Predictor:
-    """Build a :class:`HER2Predictor` from the bundle's ``inference.json`` with the trained weights loaded.
+    """Build a :class:`HER2Predictor` from the bundle's ``inference.json`` and its trained model file.
 
     Args:
         bundle_root: bundle folder holding ``models/`` (and, by default, ``configs/inference.json``).
         config_file: inference config(s) (default ``<bundle_root>/configs/inference.json``).
-        overrides: config values to override (``refer_threshold``, ``device``, ``profile``, architecture knobs...).
+        overrides: config values to override (``refer_threshold``, ``device``, ...). Architecture options are
+            checked against the model file's record.
 
     Returns:
         The predictor.
 
     Raises:
-        FileNotFoundError: if the config or a weight file is missing (naming the command that makes it).
-        ValueError: if the weights do not fit the configured network.
+        FileNotFoundError: if the config or the model file is missing (naming the command that makes it).
+        ValueError: for a damaged or foreign model file, or overrides that disagree with its record.
     """
     from monai.bundle import ConfigParser
 
@@ -289,12 +255,8 @@ def load_predictor(
     parser.read_config(files)
     parser.update({"bundle_root": str(bundle_root), **overrides})
     try:
+        require_model_file(parser.get_parsed_content("model_weights"))
         parts = {k: parser.get_parsed_content(k) for k in _PREDICTOR_PARTS}
-        load_bundle_weights(
-            parts["network"],
-            parser.get_parsed_content("model_weights"),
-            f"profile {parser.get_parsed_content('profile')!r}",
-        )
     except RuntimeError as err:
         raise _root_cause(err) from None
     return HER2Predictor(
@@ -302,13 +264,13 @@ def load_predictor(
         preprocessing=parts["preprocessing"],
         postprocessing=parts["postprocessing"],
         device=parts["device"],
-        inferer=parts["inferer"],
         refer_threshold=float(parts["refer_threshold"]),
         amp=bool(parts["amp"]),
+        batch_size=int(parts["batch_size"]),
     )
 
 
-_PREDICTOR_PARTS = ("network", "preprocessing", "postprocessing", "device", "inferer", "refer_threshold", "amp")
+_PREDICTOR_PARTS = ("network", "preprocessing", "postprocessing", "device", "refer_threshold", "amp", "batch_size")
 
 
 def _root_cause(err: BaseException) -> BaseException:

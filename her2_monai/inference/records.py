@@ -10,19 +10,16 @@ import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
-from monai.transforms import Compose, MapTransform
+from monai.transforms import MapTransform
 
-from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY
+from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, STAIN_KNOWN_KEY
 from her2_monai.data.datalist import IMAGE_SUFFIXES, read_datalist_json, scan_dataset
-from her2_monai.data.io import probe_image
-from her2_monai.transforms import stain_transforms
+from her2_monai.data.image_reader import probe_image
 
 __all__ = [
     "IMAGE_KEY",
-    "STAIN_KNOWN_KEY",
     "SOURCE_KEYS",
     "AssignUnknownStaind",
-    "inference_transforms",
     "collect_records",
     "require_records",
     "check_record_files",
@@ -30,8 +27,6 @@ __all__ = [
 
 #: Record key of an image whose stain is unknown.
 IMAGE_KEY = "image"
-#: Batch key: 1 where the record declared its stains, 0 where the selector must decide.
-STAIN_KNOWN_KEY = "stain_known"
 #: Batch keys keeping the input paths (``""`` when absent) for the prediction files.
 SOURCE_KEYS: dict[str, str] = {HE_KEY: "he_path", IHC_KEY: "ihc_path", IMAGE_KEY: "image_path"}
 _SPLITS = ("training", "validation", "test")
@@ -74,19 +69,6 @@ class AssignUnknownStaind(MapTransform):
         d[self.stain_known_key] = 0.0 if image is not None else 1.0
         d.setdefault(LABEL_KEY, None)
         return d
-
-
-def inference_transforms(image_size: int) -> Compose:
-    """Record -> model input: :class:`AssignUnknownStaind`, then the evaluation chain of :func:`stain_transforms`.
-
-    Args:
-        image_size: side in pixels the networks were trained at (the bundle's ``image_size``).
-
-    Returns:
-        A MONAI ``Compose`` producing ``he``, ``ihc`` ``(3, S, S)`` in ``[-1, 1]``, ``mask`` ``(2,)``, ``label``,
-        ``stain_known`` and the source paths.
-    """
-    return Compose([AssignUnknownStaind(), stain_transforms(image_size)])
 
 
 def _with_id(record: dict, index: int, used: set[str]) -> dict:
@@ -189,7 +171,7 @@ def check_record_files(record: Mapping) -> None:
     """Fail early, naming the file, if an input of ``record`` is missing or not a readable image.
 
     Raises:
-        her2_monai.data.io.ImageReadError: with the path and the reason.
+        her2_monai.data.image_reader.ImageReadError: with the path and the reason.
     """
     for key in (HE_KEY, IHC_KEY, IMAGE_KEY):
         value = record.get(key)

@@ -1,59 +1,19 @@
-"""Writing predictions and reports as JSON, atomically (a reader never sees a half-written file)."""
+"""Writing one JSON prediction file per case, atomically (a reader never sees a half-written file)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from ignite.engine import Engine, Events
 
+from her2_monai.fileio import write_json_atomic
 from her2_monai.inference.predictor import prediction_result
 
-__all__ = ["json_safe", "write_json_atomic", "PredictionWriter"]
+__all__ = ["PredictionWriter"]
 
 logger = logging.getLogger(__name__)
-
-
-def json_safe(value: Any) -> Any:
-    """Replace NaN and infinities (not valid JSON) by ``None``, recursively; numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_json_atomic(content: Any, path: str | os.PathLike) -> Path:
-    """Write ``content`` as strict JSON (NaN -> null) to a temporary file beside ``path``, then rename it.
-
-    Args:
-        content: JSON-serialisable data.
-        path: destination; parent folders are created.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(json_safe(content), stream, indent=2, allow_nan=False)
-            stream.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 class PredictionWriter:
@@ -91,4 +51,6 @@ class PredictionWriter:
             self.written.append(write_json_atomic(result, self.output_dir / f"{name}.json"))
 
     def _summary(self, engine: Engine) -> None:
+        if not self.written:
+            raise RuntimeError(f"no prediction was written to {self.output_dir}: the inference input was empty")
         logger.info("wrote %d prediction file(s) to %s", len(self.written), self.output_dir)

@@ -1,13 +1,19 @@
-"""Losses: pyramid L1 and GAN objectives of the CM-GAN, ShaSpec's DAO/DCO, SimMLM's MoFe."""
+"""Losses: the classifiers' training objectives (HER2Loss...), pyramid L1 and GAN losses of the CM-GAN, and their
+building blocks (ShaSpec's DAO/DCO, SimMLM's MoFe)."""
 
 from __future__ import annotations
 
 from her2_monai.losses.adversarial import GANLoss
+from her2_monai.losses.classification import AUXILIARY_SAMPLES, ClassificationLoss, HER2Loss, SimMLMLoss
 from her2_monai.losses.disentangle import DisentanglementLoss, DomainAlignmentLoss, DomainClassificationLoss
 from her2_monai.losses.mofe import MoFeLoss
 from her2_monai.losses.pyramid import GaussianPyramid, PyramidL1Loss
 
 __all__ = [
+    "AUXILIARY_SAMPLES",
+    "ClassificationLoss",
+    "HER2Loss",
+    "SimMLMLoss",
     "DisentanglementLoss",
     "DomainAlignmentLoss",
     "DomainClassificationLoss",

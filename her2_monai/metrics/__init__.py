@@ -1,8 +1,9 @@
-"""Metrics: per-scenario classification and stain-translation quality."""
+"""Metrics: per-scenario classification, stain-translation quality, and the evaluation report."""
 
 from __future__ import annotations
 
 from her2_monai.metrics.classification import ScenarioClassificationMetric, classification_report, macro_f1
+from her2_monai.metrics.report import translation_summary, write_evaluation_report
 from her2_monai.metrics.translation import CONVENTION, TranslationMetric, psnr_ssim, to_uint8_images
 
 __all__ = [
@@ -13,4 +14,6 @@ __all__ = [
     "psnr_ssim",
     "to_uint8_images",
     "CONVENTION",
+    "translation_summary",
+    "write_evaluation_report",
 ]

@@ -1,4 +1,4 @@
-"""Classification metrics broken down by missing-stain scenario."""
+"""Classification metrics broken down by missing-stain scenario (scikit-learn does the arithmetic)."""
 
 from __future__ import annotations
 
@@ -9,40 +9,42 @@ import numpy as np
 import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
 from her2_monai.constants import CLASS_NAMES, NUM_CLASSES, SCENARIOS
 
-__all__ = ["ScenarioClassificationMetric", "confusion_matrix", "macro_f1", "classification_report"]
+__all__ = ["ScenarioClassificationMetric", "macro_f1", "classification_report"]
 
 
-def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """``(C, C)`` counts, rows = true class, columns = predicted class."""
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(label, int), np.asarray(pred, int)), 1)
-    return cm
-
-
-def _per_class(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    tp = np.diag(cm).astype(float)
-    precision = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
-    recall = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return precision, recall, f1
+def _labels_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (true, predicted) label arrays that a confusion matrix counts (rows true, columns predicted)."""
+    rows, cols = np.nonzero(cm)
+    counts = cm[rows, cols]
+    return np.repeat(rows, counts), np.repeat(cols, counts)
 
 
 def macro_f1(cm: np.ndarray) -> float:
-    """Unweighted mean F1 over the classes present in the ground truth of ``cm``."""
-    present = cm.sum(1) > 0
-    if not present.any():
+    """Unweighted mean F1 over the classes present in the ground truth of a confusion matrix.
+
+    Args:
+        cm: ``(C, C)`` counts, rows = true class, columns = predicted class.
+
+    Returns:
+        The macro-F1, NaN for an empty matrix.
+    """
+    cm = np.asarray(cm)
+    present = np.nonzero(cm.sum(1))[0]
+    if present.size == 0:
         return float("nan")
-    return float(_per_class(cm)[2][present].mean())
+    true, pred = _labels_from_confusion(cm)
+    return float(f1_score(true, pred, labels=present, average="macro", zero_division=0))
 
 
 class ScenarioClassificationMetric(Metric):
-    """Accuracy or macro-F1 of one scenario, or the mean over scenarios, from :class:`ScenarioEvaluator` outputs.
+    """Accuracy or macro-F1 of one scenario, or the mean over scenarios, from ``ScenarioEvaluator`` outputs.
 
-    Confusion matrices are accumulated per scenario (and summed across processes under DDP).
+    The state is one confusion matrix per scenario -- the sufficient statistic for both metrics, and one that sums
+    across processes under DDP (ignite ``sync_all_reduce``), so every rank gets the full-set value.
 
     Args:
         kind: ``"accuracy"`` or ``"macro_f1"``.
@@ -82,10 +84,9 @@ class ScenarioClassificationMetric(Metric):
         for s, name in enumerate(SCENARIOS):
             if name not in logits:
                 continue
-            pred = logits[name].argmax(dim=1).to(self._device)
-            label = labels[name].to(self._device)
-            index = label * NUM_CLASSES + pred
-            self._cm[s] += torch.bincount(index, minlength=NUM_CLASSES**2).view(NUM_CLASSES, NUM_CLASSES)
+            pred = logits[name].argmax(dim=1).cpu().numpy()
+            cm = confusion_matrix(labels[name].cpu().numpy(), pred, labels=list(range(NUM_CLASSES)))
+            self._cm[s] += torch.as_tensor(cm, dtype=torch.long, device=self._device)
 
     @sync_all_reduce("_cm")
     def compute(self) -> float:
@@ -99,23 +100,11 @@ class ScenarioClassificationMetric(Metric):
         return float(np.mean(values)) if values else float("nan")
 
 
-def _binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC via the rank-sum statistic; NaN when one of the two groups is empty."""
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+def _auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC, NaN when one of the two groups is empty (undefined)."""
+    if positive.all() or not positive.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), float)
-    sorted_scores = scores[order]
-    # average ranks for ties
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1
-        i = j + 1
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, scores))
 
 
 def classification_report(
@@ -134,20 +123,21 @@ def classification_report(
     probabilities = np.asarray(probabilities, float)
     label = np.asarray(label, int)
     pred = probabilities.argmax(1)
-    cm = confusion_matrix(pred, label, len(class_names))
-    precision, recall, f1 = _per_class(cm)
+    classes = list(range(len(class_names)))
+    cm = confusion_matrix(label, pred, labels=classes)
+    precision, recall, f1, support = precision_recall_fscore_support(label, pred, labels=classes, zero_division=0)
     per_class = {
         name: {
             "precision": float(precision[c]),
             "recall": float(recall[c]),
             "f1": float(f1[c]),
-            "auc": _binary_auc(probabilities[:, c], label == c),
-            "support": int(cm[c].sum()),
+            "auc": _auc(label == c, probabilities[:, c]),
+            "support": int(support[c]),
         }
         for c, name in enumerate(class_names)
     }
     low = np.isin(label, [0, 1])
-    her2_low_auc = _binary_auc(probabilities[low, 1] - probabilities[low, 0], label[low] == 1) if low.any() else None
+    her2_low_auc = _auc(label[low] == 1, probabilities[low, 1] - probabilities[low, 0]) if low.any() else None
     return {
         "n": int(len(label)),
         "accuracy": float((pred == label).mean()) if len(label) else float("nan"),

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from einops import rearrange
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -22,7 +23,7 @@ CONVENTION = (
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, H, W, 3)`` uint8, rounding like an image writer would."""
     array = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return array.permute(0, 2, 3, 1).cpu().numpy()
+    return rearrange(array, "b c h w -> b h w c").cpu().numpy()
 
 
 def psnr_ssim(fake: np.ndarray, real: np.ndarray) -> tuple[float, float]:

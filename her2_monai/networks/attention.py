@@ -10,6 +10,7 @@ output, and their mean over each stain's channel block says how much the classif
 from __future__ import annotations
 
 import torch
+from einops import reduce
 from torch import nn
 
 __all__ = ["ChannelAttention", "SpatialAttention", "ModalitySensitiveAttention"]
@@ -149,4 +150,4 @@ class ModalitySensitiveAttention(nn.Module):
         Returns:
             ``(B, num_stains)``.
         """
-        return channel_weights.reshape(channel_weights.shape[0], self.num_stains, -1).mean(dim=2)
+        return reduce(channel_weights, "b (stain c) -> b stain", "mean", stain=self.num_stains)

@@ -1,6 +1,6 @@
 """Hybrid unfreezing of ResNet trunks and loading of torchvision-style ResNet weights onto MONAI's ResNet.
 
-Hybrid unfreezing (P001 in SPEC section 3) freezes the early, generic stages of a ResNet (stem, ``layer1``,
+Hybrid unfreezing (the P001 HER2 classifier's recipe) freezes the early, generic stages of a ResNet (stem, ``layer1``,
 ``layer2``) and fine-tunes ``layer3``, ``layer4`` and everything after them. MONAI's ``monai.networks.nets.ResNet``
 uses the same attribute names as torchvision's ResNet (``conv1``, ``bn1``, ``layer1`` ... ``layer4``, ``fc``), so
 both the stage names and the state-dict keys below refer to either.

@@ -1,16 +1,16 @@
-"""MONAI dictionary transforms for records with an H&E and/or an IHC stain."""
+"""MONAI dictionary transforms for records with an H&E and/or an IHC stain (the bundle configs chain them)."""
 
 from __future__ import annotations
 
-from her2_monai.transforms.io import UNLABELLED, LoadStainsd
-from her2_monai.transforms.pipelines import stain_transforms
-from her2_monai.transforms.stains import FillMissingStainsd, RandModalityDropoutd, RandStainJitterd
+from her2_monai.transforms.augment import LabAppearanceBatch, RandLabAppearanced, RandStainJitterd
+from her2_monai.transforms.load import LoadStainsd
+from her2_monai.transforms.missing import FillMissingStainsd, RandModalityDropoutd
 
 __all__ = [
-    "UNLABELLED",
     "LoadStainsd",
     "FillMissingStainsd",
     "RandModalityDropoutd",
     "RandStainJitterd",
-    "stain_transforms",
+    "RandLabAppearanced",
+    "LabAppearanceBatch",
 ]

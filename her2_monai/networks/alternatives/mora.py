@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from her2_monai.constants import NUM_CLASSES, SCENARIOS, STAINS
 from her2_monai.networks.encoders import ResNetTrunk
-from her2_monai.networks.selector import check_stain_inputs
+from her2_monai.networks.record import RecordedNetwork
+from her2_monai.stain_batch import apply_to_present, check_stain_inputs, scenario_ids
 
 __all__ = ["ScenarioLowRankAdapter", "MoRANet"]
 
@@ -73,7 +75,7 @@ class ScenarioLowRankAdapter(nn.Module):
         return x + self.scale * torch.einsum("bcr,brhw->bchw", self.up[scenario], z)
 
 
-class MoRANet(nn.Module):
+class MoRANet(RecordedNetwork, nn.Module):
     """One shared ResNet backbone for both stains, adapted per missing-modality scenario by low-rank adapters.
 
     Design choices:
@@ -103,6 +105,7 @@ class MoRANet(nn.Module):
         dropout: dropout before the classifier.
         alpha: LoRA scaling numerator (default ``rank``).
         pretrained_weights: local backbone state dict (torchvision-style keys).
+        metadata: facts about the training run saved with the weights.
 
     Raises:
         ValueError: on an unknown ``freeze``/``missing_feature`` or a stage outside 1-4.
@@ -120,6 +123,7 @@ class MoRANet(nn.Module):
         dropout: float = 0.0,
         alpha: float | None = None,
         pretrained_weights: str | os.PathLike | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if freeze not in _FREEZE_MODES:
@@ -151,6 +155,17 @@ class MoRANet(nn.Module):
         for module in self._frozen_modules():
             for p in module.parameters():
                 p.requires_grad_(False)
+        self.record_architecture(
+            metadata,
+            num_classes=num_classes,
+            arch=arch,
+            block_inplanes=block_inplanes,
+            rank=rank,
+            adapter_stages=adapter_stages,
+            missing_feature=missing_feature,
+            dropout=dropout,
+            alpha=alpha,
+        )
 
     def _frozen_modules(self) -> list[nn.Module]:
         net = self.backbone.resnet
@@ -200,23 +215,11 @@ class MoRANet(nn.Module):
         Raises:
             ValueError: on bad shapes or a bad mask (see :func:`check_stain_inputs`).
         """
-        he, ihc, mask, scenario = check_stain_inputs(he, ihc, mask)
-        batch = mask.shape[0]
+        he, ihc, available = check_stain_inputs(he, ihc, mask)
+        scenario = scenario_ids(available)
         features = []
         for column, image in enumerate((he, ihc)):
-            available = mask[:, column] > 0
-            feat = self.missing_token[column].to(image.dtype).expand(batch, -1)
-            if bool(available.all()):
-                feat = self.encode(image, scenario)
-            elif bool(available.any()):
-                index = torch.nonzero(available).flatten()
-                feat = feat.index_copy(0, index, self.encode(image[index], scenario[index]))
-            features.append(feat)
+            token = self.missing_token[column].to(image.dtype).expand(image.shape[0], -1)
+            features += apply_to_present(self.encode, available[:, column], [token], image, scenario)
         features_t = torch.stack(features, dim=1)
         return {"logits": self.head(features_t.flatten(1)), "scenario": scenario, "features": features_t}
-
-    def auxiliary_losses(
-        self, outputs: dict[str, Tensor], mask: Tensor, label: Tensor | None = None
-    ) -> dict[str, Tensor]:
-        """MoRA adds no auxiliary loss; returns ``{}`` (the trainer's CE is the whole objective)."""
-        return {}

@@ -8,20 +8,17 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY
-from her2_monai.data.io import read_rgb
+from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, UNLABELLED
+from her2_monai.data.image_reader import read_rgb
 
 __all__ = ["LoadStainsd"]
-
-#: Label value of unlabelled records (e.g. MIST pairs used only to train the stain translation).
-UNLABELLED = -1
 
 
 class LoadStainsd(MapTransform):
     """Read the stains named by ``keys`` into ``(3, H, W)`` float32 tensors in ``[0, 255]`` and record availability.
 
     A key whose value is ``None`` (or absent) is a missing stain: the key is removed from the output, so that MONAI
-    transforms with ``allow_missing_keys=True`` skip it, and :class:`~her2_monai.transforms.stains.FillMissingStainsd`
+    transforms with ``allow_missing_keys=True`` skip it, and :class:`~her2_monai.transforms.missing.FillMissingStainsd`
     restores it as zeros at the end of the pipeline. The availability mask (``(len(keys),)`` float, 1 = present) is
     written under ``mask_key``. A ``None`` label becomes ``-1`` so that batches collate.
 
@@ -32,7 +29,7 @@ class LoadStainsd(MapTransform):
 
     Raises:
         ValueError: if a record has none of the stains, naming the record.
-        her2_monai.data.io.ImageReadError: if a file cannot be read (its path and the reason).
+        her2_monai.data.image_reader.ImageReadError: if a file cannot be read (its path and the reason).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Stain-level dictionary transforms: missing-stain filling, modality dropout and per-stain colour jitter."""
+"""Dictionary transforms for the missing-stain state: filling a missing stain, and hiding one (modality dropout)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from monai.transforms import MapTransform, RandomizableTransform
 
 from her2_monai.constants import HE_KEY, IHC_KEY, MASK_KEY
 
-__all__ = ["FillMissingStainsd", "RandModalityDropoutd", "RandStainJitterd"]
+__all__ = ["FillMissingStainsd", "RandModalityDropoutd"]
 
 
 class FillMissingStainsd(MapTransform):
     """Put a zero image in place of every missing stain, shaped like the stains that are present.
 
     Run it last: every earlier transform then works only on real pixels. The mask (see
-    :class:`~her2_monai.transforms.io.LoadStainsd`) already says which stains are real.
+    :class:`~her2_monai.transforms.load.LoadStainsd`) already says which stains are real.
 
     Args:
         keys: stain keys.
@@ -51,7 +51,7 @@ class RandModalityDropoutd(RandomizableTransform, MapTransform):
 
     Args:
         keys: stain keys in mask-column order.
-        prob: chance of dropping a stain from a dual record (SPEC: about 0.2).
+        prob: chance of dropping a stain from a dual record (the MM'25 recipe uses about 0.2).
         drop_weights: relative chance of dropping each key (default: H&E and IHC equally).
         mask_key: availability mask key.
     """
@@ -85,44 +85,4 @@ class RandModalityDropoutd(RandomizableTransform, MapTransform):
         d.pop(self.keys[self._drop], None)
         mask[self._drop] = 0.0
         d[self.mask_key] = mask
-        return d
-
-
-class RandStainJitterd(RandomizableTransform, MapTransform):
-    """Independent random stain-strength jitter for each stain, in optical-density space.
-
-    Each present key is perturbed on its own draw (H&E and IHC come from different slides and staining runs): the
-    optical density ``OD = -log((I + 1) / 256)`` of every RGB channel is scaled by ``U(1 - scale, 1 + scale)`` and
-    shifted by ``U(-shift, shift)``. Scaling OD (rather than intensity) keeps glass white and changes the stain, the way
-    staining time and reagent batches do.
-
-    Args:
-        keys: stain keys; images ``(3, H, W)`` in ``[0, 255]``.
-        prob: chance of jittering each stain.
-        scale: half-width of the per-channel OD multiplier.
-        shift: half-width of the per-channel OD offset.
-    """
-
-    def __init__(
-        self, keys: Sequence[str] = (HE_KEY, IHC_KEY), prob: float = 0.5, scale: float = 0.1, shift: float = 0.03
-    ) -> None:
-        RandomizableTransform.__init__(self, prob)
-        MapTransform.__init__(self, keys, allow_missing_keys=True)
-        self.scale = scale
-        self.shift = shift
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            super().randomize(None)
-            if not self._do_transform:
-                continue
-            image = torch.as_tensor(d[key], dtype=torch.float32)
-            channels = image.shape[0]
-            alpha = torch.as_tensor(self.R.uniform(1 - self.scale, 1 + self.scale, channels), dtype=torch.float32)
-            beta = torch.as_tensor(self.R.uniform(-self.shift, self.shift, channels), dtype=torch.float32)
-            view = (channels,) + (1,) * (image.ndim - 1)
-            od = -torch.log((image.clamp(0, 255) + 1.0) / 256.0)
-            od = od * alpha.view(view) + beta.view(view)
-            d[key] = (torch.exp(-od.clamp_min(0)) * 256.0 - 1.0).clamp(0, 255)
         return d

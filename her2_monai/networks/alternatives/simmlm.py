@@ -3,9 +3,9 @@
 After SimMLM (Li, Chen & Han, ICCV 2025): each stain has its own *expert* (a feature trunk and a classifier head), a
 *gating network* looks at the available inputs and weighs the experts, and the final prediction is the weighted
 mixture of the expert logits. Missing experts get weight exactly zero (a masked softmax), so the same network serves
-dual, H&E-only and IHC-only cases without imputing the missing image. Trained with the class-weighted CE on the
-mixture plus the MoFe ranking loss (:class:`her2_monai.losses.mofe.MoFeLoss`, weight 0.1), which asks the dual
-prediction to be at least as good as either single-stain prediction.
+dual, H&E-only and IHC-only cases without imputing the missing image. Trained with
+:class:`~her2_monai.losses.classification.SimMLMLoss`: the class-weighted CE on the mixture plus the MoFe ranking loss
+(weight 0.1), which asks the dual prediction to be at least as good as either single-stain prediction.
 
 Experts use :class:`her2_monai.networks.encoders.ResNetTrunk`, the same feature trunk as :class:`HER2FlexibleNet`.
 """
@@ -13,15 +13,16 @@ Experts use :class:`her2_monai.networks.encoders.ResNetTrunk`, the same feature 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from her2_monai.constants import NUM_CLASSES, STAINS
-from her2_monai.losses.mofe import MoFeLoss
 from her2_monai.networks.encoders import ResNetTrunk
-from her2_monai.networks.selector import check_stain_inputs
+from her2_monai.networks.record import RecordedNetwork
+from her2_monai.stain_batch import apply_to_present, check_stain_inputs, scenario_ids
 
 __all__ = ["ModalityExpert", "masked_softmax", "mixture_logits", "SimMLMNet"]
 
@@ -90,7 +91,7 @@ def mixture_logits(expert_logits: Tensor, gate_logits: Tensor, mask: Tensor) -> 
     return (weights.unsqueeze(-1) * expert_logits).sum(dim=1), weights
 
 
-class SimMLMNet(nn.Module):
+class SimMLMNet(RecordedNetwork, nn.Module):
     """Dynamic mixture of modality experts with a learnt, availability-masked gate.
 
     Design choices (where SimMLM leaves them open):
@@ -102,7 +103,8 @@ class SimMLMNet(nn.Module):
       gate sees "the same inputs" as the experts, which these features summarise.
     - **Mixture**: at the logit level, ``logits = sum_m w_m * expert_logits_m`` with ``w = masked_softmax(gate, mask)``.
     - **Single-stain predictions of a dual sample** (needed by MoFe) are the mixture re-evaluated with one expert
-      masked (:func:`mixture_logits` with the reduced mask), which equals that expert's logits: no second forward pass.
+      masked (:func:`mixture_logits` with the reduced mask), which equals that expert's logits (``expert_logits``):
+      no second forward pass.
 
     Args:
         num_classes: output classes (HER2 scores).
@@ -112,12 +114,11 @@ class SimMLMNet(nn.Module):
         block_inplanes: trunk stage widths (see :class:`ResNetTrunk`).
         gate_hidden: hidden width of the gating MLP.
         dropout: dropout before each expert's classifier.
-        mofe_weight: weight of the MoFe ranking loss in :meth:`auxiliary_losses` (SimMLM/ our spec: 0.1).
-        mofe_margin: margin of the MoFe hinge.
         pretrained_weights: local state dict loaded into both expert trunks.
+        metadata: facts about the training run saved with the weights.
 
     Raises:
-        ValueError: on bad sizes (see :class:`ResNetTrunk`) or a negative ``mofe_weight``.
+        ValueError: on bad sizes (see :class:`ResNetTrunk`).
     """
 
     def __init__(
@@ -127,13 +128,10 @@ class SimMLMNet(nn.Module):
         block_inplanes: Sequence[int] = (64, 128, 256, 512),
         gate_hidden: int = 128,
         dropout: float = 0.0,
-        mofe_weight: float = 0.1,
-        mofe_margin: float = 0.0,
         pretrained_weights: str | os.PathLike | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if mofe_weight < 0:
-            raise ValueError(f"mofe_weight must be non-negative, got {mofe_weight}")
         self.num_classes = int(num_classes)
         self.experts = nn.ModuleList(
             [
@@ -153,8 +151,14 @@ class SimMLMNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(gate_hidden, len(STAINS)),
         )
-        self.mofe_weight = float(mofe_weight)
-        self.mofe = MoFeLoss(margin=mofe_margin)
+        self.record_architecture(
+            metadata,
+            num_classes=num_classes,
+            arch=arch,
+            block_inplanes=block_inplanes,
+            gate_hidden=gate_hidden,
+            dropout=dropout,
+        )
 
     def forward(self, he: Tensor | None, ihc: Tensor | None, mask: Tensor) -> dict[str, Tensor]:
         """Classify a batch with any mix of available stains.
@@ -172,20 +176,14 @@ class SimMLMNet(nn.Module):
         Raises:
             ValueError: on bad shapes or a bad mask (see :func:`check_stain_inputs`).
         """
-        he, ihc, mask, scenario = check_stain_inputs(he, ihc, mask)
+        he, ihc, available = check_stain_inputs(he, ihc, mask)
+        scenario = scenario_ids(available)
+        mask = available.to(he.dtype)
         batch = mask.shape[0]
         features, logits = [], []
         for column, (expert, image) in enumerate(zip(self.experts, (he, ihc))):
-            available = mask[:, column] > 0
-            feat = image.new_zeros(batch, expert.out_channels)
-            logit = image.new_zeros(batch, self.num_classes)
-            if bool(available.all()):
-                feat, logit = expert(image)
-            elif bool(available.any()):
-                index = torch.nonzero(available).flatten()
-                sub_feat, sub_logit = expert(image[index])
-                feat = feat.index_copy(0, index, sub_feat)
-                logit = logit.index_copy(0, index, sub_logit)
+            fills = [image.new_zeros(batch, expert.out_channels), image.new_zeros(batch, self.num_classes)]
+            feat, logit = apply_to_present(expert, available[:, column], fills, image)
             features.append(feat)
             logits.append(logit)
         features_t = torch.stack(features, dim=1)
@@ -200,35 +198,3 @@ class SimMLMNet(nn.Module):
             "expert_logits": expert_logits,
             "features": features_t,
         }
-
-    def auxiliary_losses(
-        self, outputs: dict[str, Tensor], mask: Tensor, label: Tensor | None = None
-    ) -> dict[str, Tensor]:
-        """Weighted MoFe ranking loss over the dual samples of the batch.
-
-        For every sample with both stains, the single-stain predictions are the mixture with the other expert masked
-        (:func:`mixture_logits`); MoFe penalises the dual loss exceeding either of them.
-
-        Args:
-            outputs: the dict returned by :meth:`forward`.
-            mask: ``(B, 2)`` availability used for that forward pass.
-            label: ``(B,)`` long class labels; MoFe needs them (``None`` gives a zero term).
-
-        Returns:
-            ``{"mofe": mofe_weight * loss}``, a scalar (zero when the batch has no dual sample or no labels).
-        """
-        logits = outputs["logits"]
-        zero = logits.new_zeros(())
-        if label is None or self.mofe_weight == 0:
-            return {"mofe": zero}
-        dual = (mask[:, 0] > 0) & (mask[:, 1] > 0)
-        if not bool(dual.any()):
-            return {"mofe": zero}
-        expert_logits, gate_logits = outputs["expert_logits"][dual], outputs["gate_logits"][dual]
-        singles = []
-        for column in range(len(STAINS)):
-            only = torch.zeros_like(mask[dual])
-            only[:, column] = 1.0
-            singles.append(mixture_logits(expert_logits, gate_logits, only)[0])
-        loss = self.mofe(logits[dual], torch.stack(singles, dim=1), label[dual])
-        return {"mofe": self.mofe_weight * loss}

@@ -1,0 +1,248 @@
+"""The deployment module: one object serves ``predict``, the inference workflow, TorchScript export and serving.
+
+:class:`HER2Deploy` wraps a trained :class:`~her2_monai.networks.her2net.HER2FlexibleNet` (which holds its frozen
+CM-GAN and branch selector) and offers the two ways a deployed model is called:
+
+* :meth:`HER2Deploy.forward` -- one tensor in, logits out: ``(B, 6, H, W)`` is H&E then IHC; ``(B, 3, H, W)`` is one
+  image of either stain, routed per sample by the branch selector. This is MONAI's bundle contract
+  (``verify_net_in_out``, ``ckpt_export``) and the exported TorchScript.
+* :meth:`HER2Deploy.predict_batch` -- a batch of records whose stains are declared or unknown, with everything the
+  JSON answer needs (logits, scenario, the selector's call and confidence per image).
+
+The module adds no weights of its own: its state dict *is* the classifier's (the ``net.`` prefix is dropped on save
+and added on load), so ``models/model.pt`` loads into either.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from her2_monai.constants import STAIN_KNOWN_KEY
+from her2_monai.networks.factory import build_model
+from her2_monai.networks.her2net import HER2FlexibleNet
+from her2_monai.stain_batch import assign_unknown_stains, autocast, check_mask, route_unknown_stains
+
+__all__ = [
+    "PRED_KEY",
+    "SCENARIO_KEY",
+    "STAINS_KEY",
+    "STAIN_PROB_KEY",
+    "STAIN_KNOWN_KEY",
+    "NO_IMAGE",
+    "HER2Deploy",
+]
+
+#: Output keys of :meth:`HER2Deploy.predict_batch`.
+PRED_KEY = "pred"
+SCENARIO_KEY = "scenario"
+STAINS_KEY = "detected_stains"
+STAIN_PROB_KEY = "stain_confidence"
+#: ``detected_stains`` value of an empty slot.
+NO_IMAGE = -1
+
+_PREFIX = "net."
+
+
+def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for key in list(state_dict):
+        if key.startswith(prefix + _PREFIX):
+            state_dict[prefix + key[len(prefix) + len(_PREFIX) :]] = state_dict.pop(key)
+
+
+def _add_prefix(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    if any(key.startswith(prefix + _PREFIX) for key in state_dict):
+        return
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[prefix + _PREFIX + key[len(prefix) :]] = state_dict.pop(key)
+
+
+class _TracedDeploy(nn.Module):
+    """What ``torch.jit.script`` compiles for a :class:`HER2Deploy`: one trace per input layout, picked by channels.
+
+    A trace freezes Python branches, so one trace cannot serve both the H&E+IHC and the single-stain inputs.
+    """
+
+    def __init__(self, dual: nn.Module, single: nn.Module, in_channels: int = 3) -> None:
+        super().__init__()
+        self.dual = dual
+        self.single = single
+        self.in_channels = in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` (selector-routed) or ``(B, 2C, H, W)`` (H&E then IHC), in ``[-1, 1]`` -> ``(B, 4)``."""
+        if x.dim() != 4:
+            raise ValueError("expected a (B, C, H, W) tensor")
+        if x.shape[1] == 2 * self.in_channels:
+            return self.dual(x)
+        if x.shape[1] == self.in_channels:
+            return self.single(x)
+        raise ValueError("expected 3 channels (one stain, routed by the selector) or 6 channels (H&E then IHC)")
+
+
+class HER2Deploy(nn.Module):
+    """The deployed HER2 model (see the module docstring).
+
+    Args:
+        net: the trained classifier; it needs a ``selector`` for images of unknown stain.
+        trace_size: side in pixels of the example inputs traced for TorchScript export (the graphs are fully
+            convolutional, so any size works afterwards).
+        trace_batch: batch size of those example inputs.
+
+    Raises:
+        ValueError: for a trace size below 8 or a batch below 1.
+    """
+
+    def __init__(self, net: HER2FlexibleNet, trace_size: int = 64, trace_batch: int = 2) -> None:
+        super().__init__()
+        if trace_size < 8 or trace_batch < 1:
+            raise ValueError(f"trace_size must be >= 8 and trace_batch >= 1, got {trace_size} and {trace_batch}")
+        self.net = net
+        self.trace_size = int(trace_size)
+        self.trace_batch = int(trace_batch)
+        self.register_state_dict_post_hook(_strip_prefix)
+        self.register_load_state_dict_pre_hook(_add_prefix)
+
+    @classmethod
+    def from_model_file(
+        cls,
+        model_file: str | os.PathLike,
+        overrides: Mapping[str, Any] | None = None,
+        missing_ok: bool = False,
+        trace_size: int | None = None,
+    ) -> HER2Deploy:
+        """Rebuild the deployed model from ``models/model.pt`` (architecture from its record, weights loaded).
+
+        Args:
+            model_file: the classifier's weights file.
+            overrides: configured architecture options, each checked against the record.
+            missing_ok: without a file, an untrained model from ``overrides`` (for checks before training).
+            trace_size: export trace size (default: the recorded image size, else 64).
+
+        Returns:
+            The module in eval mode.
+
+        Raises:
+            FileNotFoundError: if the file is missing and not ``missing_ok``.
+            ValueError: for a foreign or damaged file, or overrides that disagree with it.
+        """
+        net = build_model(model_file, overrides, missing_ok=missing_ok)
+        size = trace_size or int(net.metadata.get("image_size") or 64)
+        return cls(net, trace_size=size).eval()
+
+    @property
+    def in_channels(self) -> int:
+        """Channels per stain image."""
+        return self.net.in_channels
+
+    def _selector(self) -> nn.Module:
+        if self.net.selector is None:
+            raise ValueError(
+                "this model has no branch selector, so images of unknown stain cannot be routed; declare the stain "
+                "(--he / --ihc) or use a model trained by the bundle (its model.pt holds the selector)"
+            )
+        return self.net.selector
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Predict HER2 logits from one tensor.
+
+        Args:
+            x: ``(B, C, H, W)`` (single stain, routed by the selector) or ``(B, 2C, H, W)`` (H&E then IHC), in
+                ``[-1, 1]``.
+
+        Returns:
+            ``(B, num_classes)`` logits.
+
+        Raises:
+            ValueError: for any other shape.
+        """
+        c = self.in_channels
+        if x.ndim != 4 or x.shape[1] not in (c, 2 * c):
+            raise ValueError(
+                f"expected (B, {c}, H, W) single-stain or (B, {2 * c}, H, W) H&E+IHC input, got {tuple(x.shape)}"
+            )
+        if x.shape[1] == 2 * c:
+            available = torch.ones((x.shape[0], 2), dtype=torch.bool, device=x.device)
+            return self.net.forward_available(x[:, :c], x[:, c:], available, all_available=True)["logits"]
+        he, ihc, mask = route_unknown_stains(x, self._selector()(x).argmax(dim=1) == 1)
+        return self.net.forward_available(he, ihc, mask > 0.5)["logits"]
+
+    @torch.no_grad()
+    def predict_batch(
+        self, he: Tensor, ihc: Tensor, mask: Tensor, stain_known: Tensor | None = None, amp: bool = False
+    ) -> dict[str, Tensor]:
+        """HER2 logits for a batch of declared-stain and unknown-stain samples.
+
+        Declared stains are used as given (the selector may not override a user's statement), but the selector still
+        labels every given image, so a mislabelled input shows up in ``detected_stains``. An unknown-stain sample
+        (``stain_known == 0``, its image in the H&E slot) is routed as the selector says, exactly as :meth:`forward`
+        routes a 3-channel input. The selector runs only on slots that hold an image.
+
+        Args:
+            he: ``(B, C, H, W)`` in ``[-1, 1]``, zeros where missing.
+            ihc: ``(B, C, H, W)``.
+            mask: ``(B, 2)`` availability as given (an unknown-stain image counts as H&E).
+            stain_known: ``(B,)`` 1 = stains declared, 0 = selector decides (``None``: all declared).
+            amp: mixed precision (float16 on CUDA, bfloat16 on the CPU).
+
+        Returns:
+            ``pred`` ``(B, K)`` float logits; ``scenario`` ``(B,)`` long; ``detected_stains`` ``(B, 2)`` long: the
+            selector's call (0 = H&E, 1 = IHC) for the image in each slot (``-1`` = no image; an unknown-stain image
+            is reported in slot 0); ``stain_confidence`` ``(B, 2)``: the selector's probability of that call (NaN =
+            no image); ``stain_known`` ``(B,)`` float; ``stain_attention`` ``(B, 2)``.
+
+        Raises:
+            ValueError: for an invalid mask, or unknown stains with a model that has no selector.
+        """
+        present = check_mask(mask)
+        n = mask.shape[0]
+        known = torch.ones(n, dtype=torch.bool, device=mask.device)
+        if stain_known is not None:
+            known = torch.as_tensor(stain_known, device=mask.device).reshape(n) > 0.5
+        device = he.device
+        calls = torch.full((n, 2), NO_IMAGE, dtype=torch.long, device=device)
+        confidence = torch.full((n, 2), float("nan"), device=device)
+        self.eval()
+        with autocast(device, amp):
+            if self.net.selector is not None or not bool(known.all()):
+                selector = self._selector()
+                for slot, image in enumerate((he, ihc)):
+                    rows = present[:, slot].nonzero().flatten()
+                    if rows.numel():
+                        prob = selector(image.index_select(0, rows)).float().softmax(dim=1)
+                        calls[rows, slot] = prob.argmax(dim=1)
+                        confidence[rows, slot] = prob.amax(dim=1)
+            routed_he, routed_ihc, routed_mask = assign_unknown_stains(he, ihc, mask, ~known, calls[:, 0] == 1)
+            outputs = self.net(routed_he, routed_ihc, routed_mask)
+        return {
+            PRED_KEY: outputs["logits"].float(),
+            SCENARIO_KEY: outputs["scenario"],
+            STAINS_KEY: calls,
+            STAIN_PROB_KEY: confidence,
+            STAIN_KNOWN_KEY: known.float(),
+            "stain_attention": outputs["stain_attention"].float(),
+        }
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Return the module that ``torch.jit.script`` (used by ``python -m monai.bundle ckpt_export``) compiles in
+        place of this one: traces of the 6-channel and 3-channel paths behind a scriptable dispatcher."""
+        was_training = self.training
+        self.eval()
+        c, size = self.in_channels, self.trace_size
+        device = next(self.parameters()).device
+        gen = torch.Generator().manual_seed(0)
+        dual_in = torch.rand(self.trace_batch, 2 * c, size, size, generator=gen).to(device) * 2 - 1
+        single_in = torch.rand(self.trace_batch, c, size, size, generator=gen).to(device) * 2 - 1
+        with torch.no_grad(), warnings.catch_warnings():
+            # Tracer warnings about Python values and shapes are expected: both graphs are checked against eager
+            # execution by the bundle tests at other batch sizes and resolutions.
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            dual = torch.jit.trace(self, dual_in, check_trace=False)
+            single = torch.jit.trace(self, single_in, check_trace=False)
+        self.train(was_training)
+        return _TracedDeploy(dual, single, c)

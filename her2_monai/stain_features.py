@@ -1,0 +1,323 @@
+"""Colour deconvolution of histology images: optical density, stain concentrations, stain statistics, stain jitter.
+
+Hematoxylin, eosin and DAB absorb light by the Beer-Lambert law, so an image's optical density ``OD = -ln(I / I0)``
+is a linear mix of the three stains' OD vectors (Ruifrok & Johnston 2001). Projecting OD on the inverse of the stain
+matrix gives per-pixel concentrations. This module holds everything built on that, once:
+
+* :class:`StainFeatureExtractor`: in-graph (traceable) optical density, concentrations and pooled stain statistics,
+  used by the branch selector and by the H&E/IHC ordering of side-by-side pair images (:func:`order_he_ihc`);
+* :func:`jitter_optical_density`: the affine OD-space stain jitter behind the training augmentations
+  (:class:`~her2_monai.transforms.augment.RandStainJitterd`), and :func:`lab_appearance`, the branch selector's
+  simulation of other labs' staining and scanning built on it.
+
+Eosin absorbs green far more than blue and DAB the other way round, which is why the *eosin index* (OD-weighted
+``(OD_green - OD_blue) / OD_total``) separates H&E from HER2-IHC whatever the lab's stain intensity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "RUIFROK_HED_VECTORS",
+    "STAIN_FEATURE_SETS",
+    "EOSIN_INDEX",
+    "StainFeatureExtractor",
+    "jitter_optical_density",
+    "lab_appearance",
+    "eosin_index",
+    "order_he_ihc",
+]
+
+#: Optical-density vectors of hematoxylin, eosin and DAB (Ruifrok & Johnston 2001), the rows of scikit-image's
+#: ``rgb_from_hed`` before normalisation.
+RUIFROK_HED_VECTORS: tuple[tuple[float, float, float], ...] = (
+    (0.65, 0.70, 0.29),
+    (0.07, 0.99, 0.11),
+    (0.27, 0.57, 0.78),
+)
+
+#: Column of the eosin index in :class:`StainFeatureExtractor` outputs.
+EOSIN_INDEX = 12
+
+#: Named subsets of :class:`StainFeatureExtractor` outputs. ``"invariant"``: the stain proportions and the eosin
+#: index, which do not change with stain intensity, tissue amount or illumination (what differs most between labs);
+#: ``"eosin"``: only the eosin proportion and eosin index -- eosin is what H&E always has and IHC never has, whereas
+#: DAB is absent from HER2-0 IHC and hematoxylin is in both; ``"all"``: every statistic.
+STAIN_FEATURE_SETS: dict[str, tuple[int, ...]] = {
+    "eosin": (7, EOSIN_INDEX),
+    "invariant": (6, 7, 8, EOSIN_INDEX),
+    "all": tuple(range(14)),
+}
+
+
+class StainFeatureExtractor(nn.Module):
+    """Per-image stain statistics from colour deconvolution, computed in the graph (traceable, no numpy).
+
+    Steps: map ``[-1, 1]`` to RGB transmission in ``(0, 1]``; optionally divide by the image's own white point (the
+    brightest locally averaged value per channel) so the grey or yellowish glass of another scanner reads as zero
+    optical density; ``OD = -ln(max(rgb, eps))``; stain concentrations by projecting OD on the inverse of the
+    normalised hematoxylin/eosin/DAB matrix, as scikit-image's ``rgb2hed`` does (but unclipped, since a negative eosin
+    concentration is itself evidence of DAB). Pooled into ``num_features`` numbers:
+
+    ========  ===========================================================================================
+    index     feature
+    ========  ===========================================================================================
+    0-2       mean concentration of H, E, DAB
+    3-5       standard deviation of each concentration
+    6-8       concentration per unit total OD, OD-weighted (a stain *proportion*, independent of intensity)
+    9-11      mean OD of the R, G, B channels
+    12        eosin index: OD-weighted mean of ``(OD_green - OD_blue) / OD_total`` (pink vs brown)
+    13        tissue fraction: share of pixels whose total OD exceeds ``tissue_od``
+    ========  ===========================================================================================
+
+    Args:
+        stain_vectors: three RGB optical-density vectors (hematoxylin, eosin, DAB); normalised internally.
+        eps: smallest transmission, bounding OD at ``-ln(eps)``.
+        white_balance: divide by the estimated white point before taking OD.
+        white_pool: side of the average-pooling window used to estimate the white point robustly to noise (inputs
+            must be at least this large).
+        tissue_od: total-OD threshold that marks a pixel as tissue.
+
+    Raises:
+        ValueError: if ``stain_vectors`` is not a non-singular 3x3 matrix or a parameter is out of range.
+    """
+
+    num_features: int = 14
+
+    def __init__(
+        self,
+        stain_vectors: Sequence[Sequence[float]] = RUIFROK_HED_VECTORS,
+        eps: float = 1.0 / 255.0,
+        white_balance: bool = True,
+        white_pool: int = 4,
+        tissue_od: float = 0.15,
+    ) -> None:
+        super().__init__()
+        vectors = torch.as_tensor(stain_vectors, dtype=torch.float64)
+        if vectors.shape != (3, 3):
+            raise ValueError(
+                f"stain_vectors must be 3 RGB vectors (H, E, DAB), shape (3, 3); got {tuple(vectors.shape)}"
+            )
+        vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if abs(float(torch.linalg.det(vectors))) < 1e-6:
+            raise ValueError(
+                "stain_vectors are linearly dependent; colour deconvolution needs three independent vectors"
+            )
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1), got {eps}")
+        if white_pool < 1:
+            raise ValueError(f"white_pool must be at least 1, got {white_pool}")
+        self.eps = float(eps)
+        self.white_balance = bool(white_balance)
+        self.white_pool = int(white_pool)
+        self.tissue_od = float(tissue_od)
+        # od (row vector over RGB) @ stains_from_od = concentrations (H, E, DAB)
+        self.register_buffer("stains_from_od", torch.linalg.inv(vectors).to(torch.float32), persistent=False)
+        self.register_buffer("od_from_stains", vectors.to(torch.float32), persistent=False)
+
+    def optical_density(self, x: Tensor) -> Tensor:
+        """Optical density of an image batch.
+
+        Args:
+            x: ``(B, 3, H, W)`` RGB in ``[-1, 1]``.
+
+        Returns:
+            ``(B, 3, H, W)`` non-negative optical density per RGB channel.
+        """
+        rgb = ((x.float() + 1.0) * 0.5).clamp(self.eps, 1.0)
+        if self.white_balance:
+            white = F.avg_pool2d(rgb, self.white_pool).amax(dim=(2, 3), keepdim=True)
+            # A floor keeps an all-dark crop (no glass in view) from being stretched into a bright one.
+            rgb = (rgb / white.clamp_min(0.25)).clamp(self.eps, 1.0)
+        return -torch.log(rgb)
+
+    def concentrations(self, od: Tensor) -> Tensor:
+        """Project optical density on the stain vectors.
+
+        Args:
+            od: ``(B, 3, H, W)`` optical density.
+
+        Returns:
+            ``(B, 3, H, W)`` hematoxylin, eosin and DAB concentrations (unclipped).
+        """
+        return torch.einsum("bchw,cs->bshw", od, self.stains_from_od)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Compute the features.
+
+        Args:
+            x: ``(B, 3, H, W)`` RGB in ``[-1, 1]``.
+
+        Returns:
+            ``(B, num_features)`` stain statistics.
+        """
+        return self.pool_features(self.optical_density(x))
+
+    def pool_features(self, od: Tensor) -> Tensor:
+        """Pool the statistics from an optical-density batch (lets callers reuse an OD they already computed).
+
+        Args:
+            od: ``(B, 3, H, W)`` from :meth:`optical_density`.
+
+        Returns:
+            ``(B, num_features)`` stain statistics.
+        """
+        conc = self.concentrations(od)
+        total = od.sum(dim=1, keepdim=True)  # (B, 1, H, W)
+        weight_sum = total.sum(dim=(2, 3)).clamp_min(1e-6)  # (B, 1)
+        proportion = (conc * total).sum(dim=(2, 3)) / (total * total).sum(dim=(2, 3)).clamp_min(1e-6)
+        eosin_ratio = (od[:, 1:2] - od[:, 2:3]) / total.clamp_min(1e-3)
+        eosin_index = (eosin_ratio * total).sum(dim=(2, 3)) / weight_sum
+        tissue = (total > self.tissue_od).to(od.dtype).mean(dim=(2, 3))
+        return torch.cat(
+            [
+                conc.mean(dim=(2, 3)),
+                conc.std(dim=(2, 3)),
+                proportion,
+                od.mean(dim=(2, 3)),
+                eosin_index,
+                tissue,
+            ],
+            dim=1,
+        )
+
+
+def jitter_optical_density(od: Tensor, od_map: Tensor, od_shift: Tensor) -> Tensor:
+    """Apply a per-image affine map in optical-density space: ``od' = od @ od_map + od_shift``, kept non-negative.
+
+    Scaling and shifting optical density (rather than intensity) changes how much stain there is while glass stays
+    white. With ``od_map`` diagonal this scales each RGB channel's density; with
+    ``inv(S) @ diag(alpha) @ S'`` it scales the hematoxylin/eosin/DAB concentrations and re-stains them with other
+    stain vectors ``S'`` (Tellez et al.'s HED jitter plus a stain-hue change).
+
+    Args:
+        od: ``(B, 3, H, W)`` or ``(3, H, W)`` optical density.
+        od_map: ``(B, 3, 3)`` or ``(3, 3)``, acting on the channel axis (row vector convention).
+        od_shift: ``(B, 3)`` or ``(3,)``.
+
+    Returns:
+        Jittered optical density, same shape as ``od``, clamped at 0.
+    """
+    single = od.ndim == 3
+    if single:
+        od, od_map, od_shift = od[None], od_map[None], od_shift[None]
+    out = torch.einsum("bchw,bcd->bdhw", od, od_map) + od_shift[:, :, None, None]
+    out = out.clamp_min(0.0)
+    return out[0] if single else out
+
+
+_HED = torch.tensor(RUIFROK_HED_VECTORS, dtype=torch.float32)
+_HED = _HED / _HED.norm(dim=1, keepdim=True)
+_HED_INV = torch.linalg.inv(_HED)
+
+
+def _uniform(gen: torch.Generator, n: int, low: float, high: float, *shape: int) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, *shape, generator=gen)
+
+
+def lab_appearance(rgb: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Simulate other labs' staining and scanning on a batch, keeping each image's stain identity.
+
+    Per image, in this order: stain-space jitter (scale and shift of the hematoxylin, eosin and DAB concentrations,
+    as in Tellez et al., and re-staining with slightly perturbed stain vectors, in one OD map); illumination gain and
+    tint (grey or yellowish glass), saturation and a small hue rotation (one colour matrix); gamma and contrast; a 3x3
+    blur on about half the images; sensor noise. Shifts and perturbations stay small, so no eosin is painted onto IHC
+    nor DAB onto H&E: the stain label stays true.
+
+    Args:
+        rgb: ``(B, 3, H, W)`` transmission in ``[0, 1]``.
+        generator: the random generator (for determinism).
+        strength: scales every perturbation range (0 returns ``rgb``).
+
+    Returns:
+        ``(B, 3, H, W)`` in ``[0, 1]``.
+    """
+    if strength <= 0:
+        return rgb
+    b, s, device = rgb.shape[0], float(strength), rgb.device
+    rgb = rgb.float().cpu()
+    eye = torch.eye(3)
+    # od' = od @ inv(S) @ diag(alpha) @ S' + beta @ S': scaled concentrations, re-stained with vectors S'.
+    alpha = _uniform(generator, b, 1 - 0.35 * s, 1 + 0.35 * s, 3)
+    beta = _uniform(generator, b, -0.03 * s, 0.03 * s, 3)
+    restain = (_HED + 0.05 * s * torch.randn(b, 3, 3, generator=generator)).abs()
+    restain = restain / restain.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    od_map = _HED_INV @ torch.diag_embed(alpha) @ restain
+    od_shift = (beta.unsqueeze(1) @ restain).squeeze(1)
+    out = torch.exp(-jitter_optical_density(-torch.log(rgb.clamp(1.0 / 255.0, 1.0)), od_map, od_shift))
+    # Colour changes that are linear in RGB, composed into one matrix per image: gain and tint, saturation around the
+    # luminance, and a small hue rotation about the grey axis.
+    gain = _uniform(generator, b, 1 - 0.35 * s, 1.0, 1) * _uniform(generator, b, 1 - 0.1 * s, 1.0, 3)
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    sat = _uniform(generator, b, 1 - 0.6 * s, 1 + 0.3 * s).view(-1, 1, 1)
+    saturation = sat * eye + (1 - sat) * torch.ones(3, 1) * luma
+    angle = _uniform(generator, b, -0.1 * s, 0.1 * s).view(-1, 1, 1)
+    k = torch.full((3,), 1.0 / math.sqrt(3.0))
+    k_cross = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    rotation = eye * torch.cos(angle) + k_cross * torch.sin(angle) + torch.outer(k, k) * (1 - torch.cos(angle))
+    colour = rotation @ saturation @ torch.diag_embed(gain)
+    out = torch.einsum("bij,bjhw->bihw", colour, out).clamp(1e-4, 1.0)
+    out = out ** torch.exp(_uniform(generator, b, -0.3 * s, 0.3 * s, 1, 1, 1))
+    contrast = _uniform(generator, b, 1 - 0.3 * s, 1 + 0.2 * s, 1, 1, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = mean + contrast * (out - mean)
+    blur = torch.rand(b, generator=generator) < 0.5 * min(1.0, s)
+    if bool(blur.any()):
+        out[blur] = F.avg_pool2d(F.pad(out[blur], (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    noise = torch.randn(out.shape, generator=generator) * _uniform(generator, b, 0.0, 0.02 * s, 1, 1, 1)
+    return (out + noise).clamp(0.0, 1.0).to(device)
+
+
+def eosin_index(rgb: np.ndarray, max_side: int = 256) -> float:
+    """Eosin index of one ``(H, W, 3)`` uint8 image (the column :data:`EOSIN_INDEX` of the stain statistics).
+
+    Args:
+        rgb: ``(H, W, 3)`` uint8 image.
+        max_side: the image is downsampled (antialiased) to about this side first.
+
+    Returns:
+        The OD-weighted mean of ``(OD_green - OD_blue) / OD_total``: H&E is higher than HER2-IHC.
+
+    Raises:
+        ValueError: if ``rgb`` is not an ``(H, W, 3)`` array.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got {rgb.shape}")
+    x = torch.tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1.0
+    scale = max_side / max(x.shape[-2:])
+    if scale < 1:
+        size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    extractor = StainFeatureExtractor(white_pool=max(1, min(4, *x.shape[-2:])))
+    with torch.no_grad():
+        return float(extractor(x)[0, EOSIN_INDEX])
+
+
+def order_he_ihc(first: np.ndarray, second: np.ndarray, margin: float = 0.03) -> tuple[bool, float]:
+    """Decide which of two images of one registered pair is the H&E (the one with the higher eosin index).
+
+    Args:
+        first: ``(H, W, 3)`` uint8 image.
+        second: ``(H, W, 3)`` uint8 image.
+        margin: smallest eosin-index difference accepted as a decision.
+
+    Returns:
+        ``(first_is_he, difference)`` where ``difference = index(first) - index(second)``.
+
+    Raises:
+        ValueError: if the two images are too similar in stain colour to tell apart.
+    """
+    difference = eosin_index(first) - eosin_index(second)
+    if abs(difference) < margin:
+        raise ValueError(
+            f"cannot tell which half is H&E: eosin indices differ by only {difference:+.4f} (need {margin})"
+        )
+    return difference > 0, difference
