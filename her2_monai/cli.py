@@ -126,6 +126,10 @@ def predict(
 
 COMMANDS = {"demo-data": demo_data, "datalist": datalist, "predict": predict}
 
+from her2_monai.stain_cli import stain_reference  # noqa: E402
+
+COMMANDS.update({"stain-reference": stain_reference})
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; user errors become one line on stderr and exit status 2."""
