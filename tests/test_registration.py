@@ -153,6 +153,7 @@ def test_register_command_writes_outputs(data, tmp_path, capsys):
     assert document["quality"]["ncc_after"] > document["quality"]["ncc_before"]
     assert Image.open(out / "ihc_registered.png").size == (320, 320)
     assert not list(out.glob("*.tmp"))
+    assert (out / "ihc_registered.png").stat().st_mode & 0o044
 
 
 def test_bad_inputs_give_clear_errors(data, tmp_path, capsys, registration):

@@ -97,7 +97,7 @@ def test_reinhard_moves_lab_statistics_to_reference(he_images, he_references):
     for image in he_images:
         mean_in, std_in = reinhard_statistics(_hwc(image))
         mean_out, std_out = reinhard_statistics(_hwc(normalize(image)))
-        # Measured on the 10 real H&E patches: mean distance 16-34 -> <= 1.3, std distance 4-15 -> <= 2.8 (gamut clip).
+        # Measured on the 10 real H&E patches: mean distance 12-34 -> <= 1.1, std distance 4-14 -> <= 2.6 (gamut clip).
         assert np.linalg.norm(mean_out - mean_ref) < 0.2 * np.linalg.norm(mean_in - mean_ref)
         assert np.linalg.norm(std_out - std_ref) < 0.5 * np.linalg.norm(std_in - std_ref)
 
@@ -110,7 +110,7 @@ def test_macenko_moves_stain_vectors_to_reference(he_images, he_references):
         for image in he_images:
             before.append(_angle(macenko_stain_matrix(_hwc(image))[0], ref_vectors))
             after.append(_angle(macenko_stain_matrix(_hwc(normalize(image)))[0], ref_vectors))
-        # Measured: mean angle to the reference vectors 8.2 -> 2.4 degrees; the faint grey BCI 00011 barely moves.
+        # Measured: mean angle to the reference vectors 8.3 -> 2.1 degrees; only the faint grey BCI 00011 stays.
         assert np.mean(after) < 0.5 * np.mean(before), (before, after)
         assert sum(a < b for a, b in zip(after, before)) >= len(before) - 1, (before, after)
 
@@ -121,7 +121,7 @@ def test_histogram_matching_reduces_histogram_distance(he_images, he_references)
     for image in he_images:
         before = _histogram_distance(_hwc(image), reference)
         after = _histogram_distance(_hwc(normalize(image)), reference)
-        assert after < 0.25 * before, (before, after)
+        assert after < 0.25 * before, (before, after)  # measured ratio <= 0.20, mean 0.05
 
 
 def test_ihc_macenko_keeps_dab_amount(ihc_images):
@@ -173,6 +173,7 @@ def test_reference_round_trip_gives_identical_outputs(he_images, he_references, 
         np.testing.assert_array_equal(a, b)
         assert NormalizeStain(loaded, method=method, stain="he").method == method
     assert not list(tmp_path.glob("*.tmp")), "no temporary files left behind"
+    assert path.stat().st_mode & 0o044, "a saved reference is readable by others (umask permitting)"
 
 
 def test_fit_on_the_fly_from_image_path(data, he_images, he_references):

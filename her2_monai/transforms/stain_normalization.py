@@ -359,6 +359,9 @@ class StainReference:
             with os.fdopen(fd, "w") as stream:
                 json.dump(self.to_dict(), stream, indent=1)
                 stream.write("\n")
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private; a reference is meant to be shared
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
