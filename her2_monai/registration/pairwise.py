@@ -8,15 +8,17 @@ Steps (:class:`PairRegistration`):
    (:func:`~her2_monai.registration.channels.registration_channel`);
 2. a coarse global search: every rotation in ``[-max_angle, max_angle]`` (2 degree steps) is tried, each with the
    translation that maximises the masked normalised cross-correlation of the rotated moving image with the fixed image
-   (computed for all translations at once with FFTs, at half resolution, up to ``max_shift`` of the side);
+   (computed for all translations at once with FFTs, at half resolution, up to ``max_shift`` of the side), with a
+   small handicap for large rotations and shifts (``prior_weight``);
 3. the best candidate starts ITK's ``ImageRegistrationMethodv4`` with Mattes mutual information (multi-modal, 32
    bins), a regular-step gradient descent with physical-shift parameter scales, at the registration resolution, on an
    ``Euler2DTransform`` (rigid) and then, for ``affine``, an ``AffineTransform`` started from the rigid result;
 4. optionally a cubic ``BSplineTransform`` (``bspline_grid`` control cells a side) refines the linearly aligned image;
 5. the low-resolution transform is expressed in full-resolution pixel coordinates (translations scaled by the
    reduction factor) and each RGB channel of the full-resolution IHC is resampled on the H&E's grid, with white fill;
-6. the alignment quality (NCC and normalised MI on the channel, over the overlap) is measured before and after; when
-   registration did not improve NMI, the identity is kept and a warning says so.
+6. the alignment quality (NCC and normalised MI on the channel, over the overlap) is measured before and after each
+   stage; affine and B-spline stages are kept only if they raise NMI, and when registration did not improve NMI at
+   all, the identity is kept and a warning says so.
 
 Transforms map H&E (fixed) pixel coordinates ``(x = column, y = row)`` to IHC (moving) pixel coordinates, the ITK
 convention; ``output(x) = moving(T(x))``.
@@ -24,7 +26,6 @@ convention; ``output(x) = moving(T(x))``.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -42,8 +43,6 @@ from her2_monai.registration.channels import (
 )
 
 __all__ = ["TRANSFORMS", "RegistrationWarning", "RegistrationResult", "PairRegistration", "warp_rgb", "euler_matrix"]
-
-logger = logging.getLogger(__name__)
 
 TRANSFORMS = ("rigid", "affine")
 _MAX_SIZE_RATIO = 1.5  # larger H&E/IHC size differences suggest another magnification: refuse rather than guess
