@@ -126,6 +126,11 @@ def predict(
 
 COMMANDS = {"demo-data": demo_data, "datalist": datalist, "predict": predict}
 
+from her2_monai.registration.cli import register  # noqa: E402
+from her2_monai.stain_cli import stain_reference  # noqa: E402
+
+COMMANDS.update({"stain-reference": stain_reference, "register": register})
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; user errors become one line on stderr and exit status 2."""
