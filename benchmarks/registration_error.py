@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from her2_monai.data.io import read_rgb
+from her2_monai.data.image_reader import read_rgb
 from her2_monai.registration import PairRegistration, RegistrationWarning, euler_matrix, warp_rgb
 from her2_monai.registration.pairwise import RegistrationResult
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from her2_monai.data.io import read_rgb
+from her2_monai.data.image_reader import read_rgb
 from her2_monai.transforms.stain_normalization import (
     METHODS,
     NormalizeStain,

@@ -115,8 +115,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def save_image_atomic(pixels: Any, path: str | os.PathLike, format: str = "PNG") -> Path:
+def save_image_atomic(pixels: Any, path: str | os.PathLike, format: str | None = None) -> Path:
     """Save an ``(H, W)`` or ``(H, W, 3)`` uint8 array (or a PIL image) as an image file, atomically.
+
+    Args:
+        pixels: the image.
+        path: destination.
+        format: PIL format name (default: from the extension, PNG when unknown; JPEG is written at quality 95).
 
     Returns:
         The destination path.
@@ -124,4 +129,6 @@ def save_image_atomic(pixels: Any, path: str | os.PathLike, format: str = "PNG")
     from PIL import Image
 
     image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
-    return atomic_write(path, lambda tmp: image.save(tmp, format=format))
+    format = format or Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    options = {"quality": 95} if format == "JPEG" else {}
+    return atomic_write(path, lambda tmp: image.save(tmp, format=format, **options))

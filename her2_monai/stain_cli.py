@@ -36,7 +36,7 @@ def stain_reference(
     paths = [str(p) for p in (images, *more_images) if not isinstance(p, bool)]
     if not paths:
         raise ValueError("--images needs at least one image file")
-    from her2_monai.data.io import ImageReadError
+    from her2_monai.data.image_reader import ImageReadError
     from her2_monai.transforms.stain_normalization import StainReference
 
     try:

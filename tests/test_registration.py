@@ -33,7 +33,7 @@ MAX_ANGLE_ERROR_DEG = 1.0
 
 
 def _load(path: Path, size: int = SIZE) -> np.ndarray:
-    from her2_monai.data.io import read_rgb
+    from her2_monai.data.image_reader import read_rgb
 
     return np.asarray(Image.fromarray(read_rgb(path)).resize((size, size), Image.BILINEAR))
 

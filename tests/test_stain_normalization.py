@@ -29,7 +29,7 @@ SIZE = 192
 
 def _load(path: Path, size: int = SIZE) -> np.ndarray:
     """A real patch as a ``(3, size, size)`` float32 array in [0, 255] (the project's loaded-image layout)."""
-    from her2_monai.data.io import read_rgb
+    from her2_monai.data.image_reader import read_rgb
 
     image = Image.fromarray(read_rgb(path)).resize((size, size), Image.BILINEAR)
     return np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy()

@@ -41,7 +41,7 @@ def register(
         transform=str(transform), bspline=as_bool(bspline, "--bspline"), channel=str(channel), max_side=int(max_side)
     )
     fixed, aligned, result = register_files(str(he), str(ihc), registration)
-    from her2_monai.data.io import read_rgb
+    from her2_monai.data.image_reader import read_rgb
 
     paths = write_pair_outputs(Path(output), fixed, read_rgb(ihc), aligned, result)
     q = result.quality

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from her2_monai.data.io import read_rgb
+from her2_monai.data.image_reader import read_rgb
+from her2_monai.fileio import atomic_write, save_image_atomic, write_json_atomic
 from her2_monai.registration.pairwise import PairRegistration, RegistrationResult, RegistrationWarning, warp_rgb
 
 __all__ = ["register_files", "register_folder", "checkerboard", "write_image", "write_json"]
@@ -25,54 +24,14 @@ logger = logging.getLogger(__name__)
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic(path: Path, write) -> Path:
-    """Call ``write(temporary_path)`` for a temporary file beside ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; outputs get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_image(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Write an RGB uint8 image atomically, in the format its extension names (PNG for unknown extensions).
-
-    Args:
-        path: destination file.
-        image: ``(H, W, 3)`` uint8.
-
-    Returns:
-        The path.
-    """
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    options = {"quality": 95} if fmt == "JPEG" else {}
-    return _atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format=fmt, **options))
+    """Write an RGB uint8 image atomically, in the format its extension names (PNG for unknown extensions)."""
+    return save_image_atomic(image, path)
 
 
 def write_json(path: str | os.PathLike, document: Any) -> Path:
-    """Write a JSON document atomically.
-
-    Args:
-        path: destination file.
-        document: JSON-serialisable object.
-
-    Returns:
-        The path.
-    """
-    return _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(document, indent=1) + "\n"))
+    """Write a JSON document atomically."""
+    return write_json_atomic(document, path, indent=1)
 
 
 def checkerboard(first: np.ndarray, second: np.ndarray, tiles: int = 8) -> np.ndarray:
@@ -115,7 +74,8 @@ def register_files(
         ``(he_rgb, aligned_ihc_rgb, result)``, images ``(H, W, 3)`` uint8 on the H&E grid.
 
     Raises:
-        her2_monai.data.io.ImageReadError: if a file is missing or not an image (a ``ValueError`` naming the file).
+        her2_monai.data.image_reader.ImageReadError: if a file is missing or not an image (a ``ValueError`` naming
+            the file).
         ValueError: if the images cannot be registered (naming both files).
     """
     fixed, moving = read_rgb(he), read_rgb(ihc)
@@ -190,7 +150,7 @@ def register_folder(
     for he, ihc, rel in pairs:
         he_out, ihc_out = output_dir / "HE" / rel, output_dir / "IHC" / rel
         if ihc is None:
-            _atomic(he_out, lambda tmp, src=he: shutil.copyfile(src, tmp))
+            atomic_write(he_out, lambda tmp, src=he: shutil.copyfile(src, tmp))
             counts["unpaired"] += 1
             continue
         try:
@@ -202,12 +162,12 @@ def register_folder(
             counts["failed"] += 1
             logger.warning("skipped %s: %s", rel, err)
             continue
-        _atomic(he_out, lambda tmp, src=he: shutil.copyfile(src, tmp))
+        atomic_write(he_out, lambda tmp, src=he: shutil.copyfile(src, tmp))
         write_image(ihc_out, aligned)
         counts[result.status] += 1
         records.append({"file": str(rel), **result.to_dict()})
     for ihc in ihc_only:
-        _atomic(
+        atomic_write(
             output_dir / "IHC" / ihc.relative_to(dataset_dir / "IHC"), lambda tmp, src=ihc: shutil.copyfile(src, tmp)
         )
         counts["unpaired"] += 1

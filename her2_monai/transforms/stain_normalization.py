@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type
 from skimage.color import lab2rgb, rgb2lab, rgb_from_hed
 from skimage.exposure import match_histograms
+
+from her2_monai.fileio import write_json_atomic
 
 __all__ = [
     "METHODS",
@@ -252,7 +253,7 @@ def _check_stain(stain: str, where: str = "stain") -> str:
 def _read_reference_image(image: Any) -> np.ndarray:
     """A path, an ``(H, W, 3)`` uint8 array as read from disk, or a ``(3, H, W)`` transform image -> ``(H, W, 3)``."""
     if isinstance(image, (str, os.PathLike)):
-        from her2_monai.data.io import read_rgb
+        from her2_monai.data.image_reader import read_rgb
 
         return read_rgb(image).astype(np.float64)
     return _to_hwc(image)
@@ -344,7 +345,7 @@ class StainReference:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the reference as JSON, atomically (temporary file in the same folder, then ``os.replace``).
+        """Write the reference as JSON, atomically.
 
         Args:
             path: destination ``.json`` file; its folder is created if needed.
@@ -352,21 +353,7 @@ class StainReference:
         Returns:
             The written path.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as stream:
-                json.dump(self.to_dict(), stream, indent=1)
-                stream.write("\n")
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private; a reference is meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_json_atomic(self.to_dict(), path, indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> StainReference:
