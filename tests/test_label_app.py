@@ -7,6 +7,7 @@ The server runs the tiny trained bundle of the test session as a subprocess in i
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -554,6 +555,18 @@ def test_bad_requests_get_a_4xx_with_a_message(server: LabelServer, tmp_path: Pa
         assert response.status_code == 501 and "not available yet" in response.json()["detail"]
         assert requests.post(f"{server.base}/infer/{route}/nope", timeout=30).status_code == 404
     assert requests.post(f"{server.base}/activelearning/no_such_strategy", timeout=30).status_code == 404
+    # size limits apply before the body is read: a claimed terabyte, and a chunked upload with no length at all
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/infer/her2_score")
+    conn.putheader("Content-Type", "multipart/form-data; boundary=x")
+    conn.putheader("Content-Length", str(10**12))
+    conn.endheaders()
+    answer = conn.getresponse()
+    assert answer.status == 413 and "larger than" in json.loads(answer.read())["detail"]
+    conn.close()
+    chunks = (part for part in (b"--x\r\n", b"garbage"))
+    response = requests.post(f"{server.base}/infer/her2_score", data=chunks, timeout=30)
+    assert response.status_code == 411 and "Content-Length" in response.json()["detail"]
     assert not list(Path(server.workdir).glob("**/her2-label-*")), "an upload folder was left behind"
 
 

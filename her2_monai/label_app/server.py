@@ -204,9 +204,12 @@ class HER2Dispatcher:
         prefix: MONAI Label's API prefix (``MONAI_LABEL_API_STR``).
     """
 
-    def __init__(self, inner: Any, her2_api: Any, paths: list[str], prefix: str = "") -> None:
+    def __init__(
+        self, inner: Any, her2_api: Any, paths: list[str], prefix: str = "", max_body: int = 65 * 1024 * 1024
+    ) -> None:
         self.inner = inner
         self.her2_api = her2_api
+        self.max_body = max_body
         self._route = re.compile(rf"^{re.escape(prefix)}/infer/(wsi/|wsi_v2/)?[^/]+/?$")
         self.set_paths(paths)
 
@@ -232,11 +235,32 @@ class HER2Dispatcher:
             path = path[len(root) :]
         return scope.get("method") == "POST" and bool(self._route.match(path))
 
+    def body_refusal(self, scope: dict) -> RequestError | None:
+        """411/413 before any byte of an upload is read: no length given (chunked), or more than ``max_body``."""
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        length = headers.get(b"content-length")
+        if length is None:
+            if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+                return RequestError(411, "send the upload with a Content-Length (chunked uploads are not accepted)")
+            return None
+        try:
+            size = int(length)
+        except ValueError:
+            return RequestError(400, "invalid Content-Length header")
+        if size > self.max_body:
+            return RequestError(413, f"the request is larger than {self.max_body // (1024 * 1024)} MB; send one patch")
+        return None
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope.get("type") != "http":
             await self.inner(scope, receive, send)
             return
-        target = self.her2_api if self.routes_here(scope) else self.inner
+        target = self.inner
+        if self.routes_here(scope):
+            target = self.her2_api
+            refusal = self.body_refusal(scope)
+            if refusal is not None:
+                target = JSONResponse(status_code=refusal.status_code, content={"detail": refusal.message})
         start: dict | None = None
         chunks: list[bytes] = []
 
@@ -298,5 +322,6 @@ def install(app: Any) -> bool:
         server.middleware_stack = dispatcher
         server.state.her2_dispatcher = dispatcher
     dispatcher.set_paths(app.server_paths())
+    dispatcher.max_body = app.app_config.max_upload_bytes + 1024 * 1024  # the multipart envelope and params
     logger.info("HER2 app: infer and whole-slide routes installed; server paths are removed from responses")
     return True
