@@ -99,7 +99,7 @@ def _label_app() -> Any:
 def run_infer_request(
     model: str, image: str, session_id: str, params: str | None, file: UploadFile | None, output: ResultType | None
 ) -> Response:
-    """The body of ``POST /infer/{model}`` (a plain function so that it can be tested without a server).
+    """The body of ``POST /infer/{model}``: resolve and check the input, run the task, shape the answer.
 
     Returns:
         The response: JSON, a PNG, or MONAI Label's multipart (``params`` + ``image``); 4xx/501 JSON on errors.
