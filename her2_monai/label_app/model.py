@@ -1,0 +1,180 @@
+"""The served model: one predictor per app, loaded once, guarded by a lock, reloaded when training replaces it.
+
+Also holds :func:`synthesize_stain`, the one place that reaches into the network for the CM-GAN (until the predictor
+has a public ``translate``), and :func:`scrub_paths`, which keeps server paths out of every answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import apply_transform
+
+from her2_monai.constants import HE_KEY, IHC_KEY, STAIN_CLASS_NAMES
+
+__all__ = ["ModelHolder", "synthesize_stain", "detect_stain", "scrub_paths", "to_uint8_rgb"]
+
+logger = logging.getLogger(__name__)
+
+#: Weight files whose modification makes :class:`ModelHolder` reload the predictor.
+WEIGHT_FILES = ("model.pt", "selector.pt")
+
+
+class ModelHolder:
+    """Owns the predictor: lazy (or eager) loading, a lock around every use, reload after retraining.
+
+    PyTorch modules are not safe to call from several threads at once (``eval()``/``train()`` flags, BatchNorm
+    buffers, the CPU thread pool), and MONAI Label serves requests from a thread pool, so :meth:`run` holds one lock
+    for the whole call: concurrent requests queue instead of corrupting each other. The weight files' modification
+    times are checked on each call; a training run that rewrites ``models/model.pt`` is picked up by the next request.
+
+    Args:
+        bundle_path: bundle folder with ``configs/inference.json`` and ``models/``.
+        overrides: keyword overrides for :func:`her2_monai.inference.load_predictor`.
+        loader: ``(bundle_path, **overrides) -> predictor`` (default ``load_predictor``; replaceable in tests).
+    """
+
+    def __init__(
+        self,
+        bundle_path: str | os.PathLike,
+        overrides: dict[str, Any] | None = None,
+        loader: Callable[..., Any] | None = None,
+    ) -> None:
+        self.bundle_path = Path(bundle_path)
+        self.overrides = dict(overrides or {})
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._predictor: Any = None
+        self._stamp: tuple[float, ...] | None = None
+
+    def _weights_stamp(self) -> tuple[float, ...]:
+        models = self.bundle_path / "models"
+        return tuple((models / f).stat().st_mtime if (models / f).is_file() else -1.0 for f in WEIGHT_FILES)
+
+    def _load(self) -> Any:
+        if self._loader is None:
+            from her2_monai.inference import load_predictor
+
+            self._loader = load_predictor
+        stamp = self._weights_stamp()
+        predictor = self._loader(self.bundle_path, **self.overrides)
+        self._predictor, self._stamp = predictor, stamp
+        logger.info("HER2 predictor loaded from the bundle's models/ folder")
+        return predictor
+
+    def ensure_loaded(self) -> None:
+        """Load the predictor now (start-up), so the first request does not pay for it.
+
+        Raises:
+            FileNotFoundError: if a weight file or config is missing (naming the command that makes it).
+            ValueError: if the weights do not fit the configured network.
+        """
+        with self._lock:
+            if self._predictor is None or self._stamp != self._weights_stamp():
+                self._load()
+
+    def run(self, fn: Callable[[Any], Any]) -> Any:
+        """Call ``fn(predictor)`` under the lock, loading or reloading the predictor first when needed.
+
+        Args:
+            fn: the work to do with the predictor.
+
+        Returns:
+            What ``fn`` returns.
+        """
+        with self._lock:
+            if self._predictor is None or self._stamp != self._weights_stamp():
+                self._load()
+            with torch.inference_mode():
+                return fn(self._predictor)
+
+
+def to_uint8_rgb(image: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` in ``[-1, 1]`` -> ``(H, W, 3)`` uint8."""
+    pixels = ((image.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 0).cpu().numpy()
+
+
+def detect_stain(predictor: Any, path: str | os.PathLike) -> tuple[str, float]:
+    """The branch selector's call for one image: ``("he" | "ihc", probability)``."""
+    item = apply_transform(predictor.preprocessing, {"image": str(path)})
+    x = item[HE_KEY][None].to(predictor.device)  # an unknown-stain image sits in the H&E slot
+    probs = predictor.network.selector(x).float().softmax(dim=1)[0]
+    call = int(probs.argmax())
+    return STAIN_CLASS_NAMES[call], float(probs[call])
+
+
+# --- Stain synthesis: rewire to a public ``predictor.translate(...)`` once the predictor has one. ---------------------
+def synthesize_stain(predictor: Any, path: str | os.PathLike, target: str) -> np.ndarray:
+    """The CM-GAN's synthetic ``target`` stain for one patch of the other stain, at the model's ``image_size``.
+
+    The patch goes through the predictor's own preprocessing (read, resized to the bundle's ``image_size``, scaled to
+    ``[-1, 1]``), then through ``network.net.cmgan.he_to_ihc`` (``target="ihc"``) or ``ihc_to_he``
+    (``target="he"``) in eval mode.
+
+    Args:
+        predictor: a :class:`~her2_monai.inference.HER2Predictor`.
+        path: the source patch (H&E when ``target="ihc"``, IHC when ``target="he"``).
+        target: ``"ihc"`` or ``"he"``.
+
+    Returns:
+        ``(S, S, 3)`` uint8 RGB, ``S`` = the bundle's ``image_size``.
+
+    Raises:
+        ValueError: for an unknown ``target``.
+        LookupError: if the bundle has no CM-GAN (``missing_strategy`` ``feature_substitution``).
+        her2_monai.data.io.ImageReadError: if the patch cannot be read.
+    """
+    if target not in (HE_KEY, IHC_KEY):
+        raise ValueError(f"target must be 'he' or 'ihc', got {target!r}")
+    cmgan = getattr(predictor.network.net, "cmgan", None)
+    if cmgan is None:
+        raise LookupError("this bundle has no CM-GAN (missing_strategy is feature_substitution)")
+    source = IHC_KEY if target == HE_KEY else HE_KEY
+    item = apply_transform(predictor.preprocessing, {source: str(path)})
+    x = item[source][None].to(predictor.device)
+    generator = cmgan.he_to_ihc if target == IHC_KEY else cmgan.ihc_to_he
+    was_training = generator.training
+    generator.eval()
+    try:
+        fake = generator(x)
+    finally:
+        generator.train(was_training)
+    return to_uint8_rgb(fake[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def scrub_paths(value: Any, paths: Iterable[str | os.PathLike], placeholder: str = "<server>") -> Any:
+    """Replace every occurrence of the given server paths in the strings of a JSON-like value.
+
+    Args:
+        value: dicts, lists and scalars.
+        paths: server folders and files to hide (longest first is not required; it is sorted here).
+        placeholder: what they become.
+
+    Returns:
+        A copy with the paths replaced.
+    """
+    needles = sorted({str(p) for p in paths if str(p) not in ("", "/", ".")}, key=len, reverse=True)
+
+    def scrub(v: Any) -> Any:
+        if isinstance(v, str):
+            for needle in needles:
+                v = v.replace(needle, placeholder)
+            return v
+        if isinstance(v, dict):
+            return {scrub(k): scrub(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [scrub(x) for x in v]
+        return v
+
+    return scrub(value)
