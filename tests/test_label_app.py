@@ -31,9 +31,9 @@ pytest.importorskip(
 )
 
 import requests  # noqa: E402  (after the skip: installed with the label extra)
-from conftest import BUNDLE_CONFIGS  # noqa: E402
+from conftest import BUNDLE_CONFIGS, TINY_TRAINING  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_bundle_eval_infer import TINY_INFERENCE, demo_dataset, deployed_bundle  # noqa: E402,F401
+from test_bundle_eval_infer import demo_dataset, deployed_bundle  # noqa: E402,F401
 
 from her2_monai.constants import CLASS_NAMES  # noqa: E402
 from her2_monai.label_app import APP_DIR  # noqa: E402
@@ -44,7 +44,10 @@ from her2_monai.label_app.tasks import HER2TrainTask, build_train_command  # noq
 
 READY_TIMEOUT_S = 90.0
 PREDICT_KEYS = {"score", "probabilities", "confidence", "refer", "scenario", "detected_stains", "warnings"}
-#: ``--conf overrides`` for the tiny architecture (compact JSON: the ``monailabel`` launcher re-splits on spaces).
+#: ``--conf overrides`` passed through to the inference config. None is needed (the model file records its
+#: architecture); this one agrees with the record, so the pass-through is exercised. Compact JSON: the
+#: ``monailabel`` launcher re-splits on spaces.
+TINY_INFERENCE = {"image_size": TINY_TRAINING["image_size"], "batch_size": 4}
 TINY_CONF = json.dumps(TINY_INFERENCE, separators=(",", ":"))
 
 NETGUARD = '''
@@ -386,7 +389,7 @@ def test_train_task_writes_the_datalist_and_runs_the_bundle(tmp_path: Path, monk
     (cmd,) = calls
     assert cmd[:5] == [sys.executable, "-m", "monai.bundle", "run", "train_classifier"]
     assert cmd[cmd.index("--datalist") + 1] == str(bundle / "eval" / "monailabel_datalist.json")
-    assert cmd[cmd.index("--cls_epochs") + 1] == "2" and cmd[cmd.index("--gan_ngf") + 1] == "8"
+    assert cmd[cmd.index("--cls_epochs") + 1] == "2" and cmd[cmd.index("--batch_size") + 1] == "4"
     written = json.loads((bundle / "eval" / "monailabel_datalist.json").read_text())
     assert len(written["training"]) + len(written["validation"]) == 8 and written["validation"]
     assert result["returncode"] == 0 and result["counts"]["training"]["0"] >= 1

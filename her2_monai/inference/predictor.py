@@ -204,14 +204,15 @@ class HER2Predictor:
             ``(S, S, 3)`` uint8 RGB image.
 
         Raises:
-            ValueError: for an unknown target or a model without a CM-GAN.
+            ValueError: for an unknown target.
+            LookupError: for a model without a CM-GAN (it fills missing stains by feature substitution).
             her2_monai.data.image_reader.ImageReadError: naming the file, if it is missing or unreadable.
         """
         if target not in (HE_KEY, IHC_KEY):
             raise ValueError(f"target must be '{HE_KEY}' or '{IHC_KEY}', got '{target}'")
         cmgan = self.network.net.cmgan
         if cmgan is None:
-            raise ValueError("this model fills missing stains by feature substitution; it has no CM-GAN to translate")
+            raise LookupError("this model fills missing stains by feature substitution; it has no CM-GAN to translate")
         source = IHC_KEY if target == HE_KEY else HE_KEY
         check_record_files({source: str(path)})
         item = apply_transform(self.preprocessing, {source: str(path)})
@@ -220,6 +221,30 @@ class HER2Predictor:
         with autocast(self.device, self.amp):
             fake = generator(x).float()
         return to_uint8_images(fake)[0]
+
+    @torch.no_grad()
+    def detect_stain(self, path: str | os.PathLike) -> tuple[str, float]:
+        """The branch selector's call for one image of unknown stain.
+
+        Args:
+            path: the image.
+
+        Returns:
+            ``("he" | "ihc", probability of that call)``.
+
+        Raises:
+            ValueError: for a model without a branch selector.
+            her2_monai.data.image_reader.ImageReadError: naming the file, if it is missing or unreadable.
+        """
+        if self.network.net.selector is None:
+            raise ValueError("this model has no branch selector to tell the stain")
+        check_record_files({IMAGE_KEY: str(path)})
+        item = apply_transform(self.preprocessing, {IMAGE_KEY: str(path)})
+        x = prepare_stain_batch(list_data_collate([item]), self.device)[HE_KEY]
+        with autocast(self.device, self.amp):
+            probabilities = self.network.net.selector(x).float().softmax(dim=1)[0]
+        call = int(probabilities.argmax())
+        return STAIN_CLASS_NAMES[call], float(probabilities[call])
 
 
 def load_predictor(

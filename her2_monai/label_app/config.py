@@ -5,7 +5,7 @@ key                 meaning (default)
 ==================  =======================================================================================
 ``bundle_path``     the bundle folder: ``configs/`` and ``models/`` (the repository's ``bundle/``)
 ``overrides``       JSON object of bundle-config overrides used for inference and training, e.g.
-                    ``'{"profile": "bci"}'`` or a small architecture (``{}``)
+                    ``'{"batch_size": 4}'``; none is needed for the architecture (``model.pt`` records it)
 ``refer_threshold`` confidence below which ``refer`` is true (the bundle's ``refer_threshold``)
 ``device``          ``cpu``, ``cuda`` or ``cuda:N`` (the bundle's choice: CUDA when available)
 ``max_upload_mb``   largest upload in MB (64)
@@ -113,7 +113,7 @@ class AppConfig:
             except json.JSONDecodeError as err:
                 raise ConfigError(f"--conf overrides must be a JSON object: {err}") from None
             if not isinstance(overrides, dict):
-                raise ConfigError('--conf overrides must be a JSON object, e.g. \'{"profile": "bci"}\'')
+                raise ConfigError('--conf overrides must be a JSON object, e.g. \'{"batch_size": 4}\'')
             _reject_expressions(overrides, "--conf overrides")
             reserved = sorted({"bundle_root", "device", "refer_threshold"} & set(overrides))
             if reserved:

@@ -1,7 +1,6 @@
 """The served model: one predictor per app, loaded once, guarded by a lock, reloaded when training replaces it.
 
-Also holds :func:`synthesize_stain`, the one place that reaches into the network for the CM-GAN (until the predictor
-has a public ``translate``), and :func:`scrub_paths`, which keeps server paths out of every answer.
+Also holds :func:`scrub_paths`, which keeps server paths out of every answer.
 """
 
 from __future__ import annotations
@@ -13,18 +12,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from monai.transforms import apply_transform
 
-from her2_monai.constants import HE_KEY, IHC_KEY, STAIN_CLASS_NAMES
-
-__all__ = ["ModelHolder", "synthesize_stain", "detect_stain", "scrub_paths", "to_uint8_rgb"]
+__all__ = ["ModelHolder", "scrub_paths"]
 
 logger = logging.getLogger(__name__)
 
 #: Weight files whose modification makes :class:`ModelHolder` reload the predictor.
-WEIGHT_FILES = ("model.pt", "selector.pt")
+WEIGHT_FILES = ("model.pt",)
 
 
 class ModelHolder:
@@ -94,63 +89,6 @@ class ModelHolder:
                 self._load()
             with torch.inference_mode():
                 return fn(self._predictor)
-
-
-def to_uint8_rgb(image: torch.Tensor) -> np.ndarray:
-    """``(3, H, W)`` in ``[-1, 1]`` -> ``(H, W, 3)`` uint8."""
-    pixels = ((image.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    return pixels.permute(1, 2, 0).cpu().numpy()
-
-
-def detect_stain(predictor: Any, path: str | os.PathLike) -> tuple[str, float]:
-    """The branch selector's call for one image: ``("he" | "ihc", probability)``."""
-    item = apply_transform(predictor.preprocessing, {"image": str(path)})
-    x = item[HE_KEY][None].to(predictor.device)  # an unknown-stain image sits in the H&E slot
-    probs = predictor.network.selector(x).float().softmax(dim=1)[0]
-    call = int(probs.argmax())
-    return STAIN_CLASS_NAMES[call], float(probs[call])
-
-
-# --- Stain synthesis: rewire to a public ``predictor.translate(...)`` once the predictor has one. ---------------------
-def synthesize_stain(predictor: Any, path: str | os.PathLike, target: str) -> np.ndarray:
-    """The CM-GAN's synthetic ``target`` stain for one patch of the other stain, at the model's ``image_size``.
-
-    The patch goes through the predictor's own preprocessing (read, resized to the bundle's ``image_size``, scaled to
-    ``[-1, 1]``), then through ``network.net.cmgan.he_to_ihc`` (``target="ihc"``) or ``ihc_to_he``
-    (``target="he"``) in eval mode.
-
-    Args:
-        predictor: a :class:`~her2_monai.inference.HER2Predictor`.
-        path: the source patch (H&E when ``target="ihc"``, IHC when ``target="he"``).
-        target: ``"ihc"`` or ``"he"``.
-
-    Returns:
-        ``(S, S, 3)`` uint8 RGB, ``S`` = the bundle's ``image_size``.
-
-    Raises:
-        ValueError: for an unknown ``target``.
-        LookupError: if the bundle has no CM-GAN (``missing_strategy`` ``feature_substitution``).
-        her2_monai.data.io.ImageReadError: if the patch cannot be read.
-    """
-    if target not in (HE_KEY, IHC_KEY):
-        raise ValueError(f"target must be 'he' or 'ihc', got {target!r}")
-    cmgan = getattr(predictor.network.net, "cmgan", None)
-    if cmgan is None:
-        raise LookupError("this bundle has no CM-GAN (missing_strategy is feature_substitution)")
-    source = IHC_KEY if target == HE_KEY else HE_KEY
-    item = apply_transform(predictor.preprocessing, {source: str(path)})
-    x = item[source][None].to(predictor.device)
-    generator = cmgan.he_to_ihc if target == IHC_KEY else cmgan.ihc_to_he
-    was_training = generator.training
-    generator.eval()
-    try:
-        fake = generator(x)
-    finally:
-        generator.train(was_training)
-    return to_uint8_rgb(fake[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def scrub_paths(value: Any, paths: Iterable[str | os.PathLike], placeholder: str = "<server>") -> Any:

@@ -24,10 +24,10 @@ from PIL import Image
 
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY
 from her2_monai.data.datalist import write_datalist
-from her2_monai.data.io import ImageReadError
+from her2_monai.data.image_reader import ImageReadError
 from her2_monai.label_app.config import AppConfig
 from her2_monai.label_app.datalist import build_train_datalist
-from her2_monai.label_app.model import ModelHolder, detect_stain, synthesize_stain
+from her2_monai.label_app.model import ModelHolder
 from her2_monai.label_app.uploads import RequestError
 
 __all__ = [
@@ -188,9 +188,9 @@ class StainTranslationTask(InferTask):
         size = _choice(params, "size", ("model", "input"), "model")
 
         def translate(predictor: Any) -> tuple[np.ndarray, str, float | None]:
-            stain, confidence = (source, None) if source != "auto" else detect_stain(predictor, image.path)
+            stain, confidence = (source, None) if source != "auto" else predictor.detect_stain(image.path)
             target = IHC_KEY if stain == HE_KEY else HE_KEY
-            return synthesize_stain(predictor, image.path, target), stain, confidence
+            return predictor.translate(image.path, target), stain, confidence
 
         try:
             pixels, stain, confidence = self.holder.run(translate)

@@ -18,7 +18,7 @@ from typing import BinaryIO
 from fastapi import HTTPException
 from PIL import Image, UnidentifiedImageError
 
-from her2_monai.data.io import ImageReadError, probe_image
+from her2_monai.data.image_reader import ImageReadError, probe_image
 
 __all__ = [
     "RequestError",
