@@ -113,7 +113,7 @@ class AppConfig:
             except json.JSONDecodeError as err:
                 raise ConfigError(f"--conf overrides must be a JSON object: {err}") from None
             if not isinstance(overrides, dict):
-                raise ConfigError('--conf overrides must be a JSON object, e.g. \'{"batch_size": 4}\'')
+                raise ConfigError("--conf overrides must be a JSON object, e.g. '{\"batch_size\": 4}'")
             _reject_expressions(overrides, "--conf overrides")
             reserved = sorted({"bundle_root", "device", "refer_threshold"} & set(overrides))
             if reserved:
