@@ -27,6 +27,7 @@ from her2_monai.constants import STAIN_KNOWN_KEY
 from her2_monai.networks.factory import build_model
 from her2_monai.networks.her2net import HER2FlexibleNet
 from her2_monai.stain_batch import assign_unknown_stains, autocast, check_mask, route_unknown_stains
+from her2_monai.utils import as_bool
 
 __all__ = [
     "PRED_KEY",
@@ -115,6 +116,7 @@ class HER2Deploy(nn.Module):
         overrides: Mapping[str, Any] | None = None,
         missing_ok: bool = False,
         trace_size: int | None = None,
+        channels_last: bool | str = False,
     ) -> HER2Deploy:
         """Rebuild the deployed model from ``models/model.pt`` (architecture from its record, weights loaded).
 
@@ -123,6 +125,7 @@ class HER2Deploy(nn.Module):
             overrides: configured architecture options, each checked against the record.
             missing_ok: without a file, an untrained model from ``overrides`` (for checks before training).
             trace_size: export trace size (default: the recorded image size, else 64).
+            channels_last: run the convolutions on channels-last tensors (see :mod:`her2_monai.runtime`).
 
         Returns:
             The module in eval mode.
@@ -132,6 +135,9 @@ class HER2Deploy(nn.Module):
             ValueError: for a foreign or damaged file, or overrides that disagree with it.
         """
         net = build_model(model_file, overrides, missing_ok=missing_ok)
+        if as_bool(channels_last, "channels_last"):
+            net.channels_last = True
+            net.to(memory_format=torch.channels_last)
         size = trace_size or int(net.metadata.get("image_size") or 64)
         return cls(net, trace_size=size).eval()
 
@@ -194,7 +200,7 @@ class HER2Deploy(nn.Module):
             ``pred`` ``(B, K)`` float logits; ``scenario`` ``(B,)`` long; ``detected_stains`` ``(B, 2)`` long: the
             selector's call (0 = H&E, 1 = IHC) for the image in each slot (``-1`` = no image; an unknown-stain image
             is reported in slot 0); ``stain_confidence`` ``(B, 2)``: the selector's probability of that call (NaN =
-            no image); ``stain_known`` ``(B,)`` float; ``stain_attention`` ``(B, 2)``.
+            no image); ``stain_known`` ``(B,)`` float; ``stain_attention`` ``(B, 2)`` when the classifier has it.
 
         Raises:
             ValueError: for an invalid mask, or unknown stains with a model that has no selector.
@@ -219,14 +225,16 @@ class HER2Deploy(nn.Module):
                         confidence[rows, slot] = prob.amax(dim=1)
             routed_he, routed_ihc, routed_mask = assign_unknown_stains(he, ihc, mask, ~known, calls[:, 0] == 1)
             outputs = self.net(routed_he, routed_ihc, routed_mask)
-        return {
+        result = {
             PRED_KEY: outputs["logits"].float(),
             SCENARIO_KEY: outputs["scenario"],
             STAINS_KEY: calls,
             STAIN_PROB_KEY: confidence,
             STAIN_KNOWN_KEY: known.float(),
-            "stain_attention": outputs["stain_attention"].float(),
         }
+        if "stain_attention" in outputs:  # HER2FlexibleNet; the comparison's alternatives have no stain attention
+            result["stain_attention"] = outputs["stain_attention"].float()
+        return result
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Return the module that ``torch.jit.script`` (used by ``python -m monai.bundle ckpt_export``) compiles in

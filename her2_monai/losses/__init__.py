@@ -4,7 +4,13 @@ building blocks (ShaSpec's DAO/DCO, SimMLM's MoFe)."""
 from __future__ import annotations
 
 from her2_monai.losses.adversarial import GANLoss
-from her2_monai.losses.classification import AUXILIARY_SAMPLES, ClassificationLoss, HER2Loss, SimMLMLoss
+from her2_monai.losses.classification import (
+    AUXILIARY_SAMPLES,
+    ClassificationLoss,
+    HER2Loss,
+    SimMLMLoss,
+    SpecialistLoss,
+)
 from her2_monai.losses.disentangle import DisentanglementLoss, DomainAlignmentLoss, DomainClassificationLoss
 from her2_monai.losses.mofe import MoFeLoss
 from her2_monai.losses.pyramid import GaussianPyramid, PyramidL1Loss
@@ -14,6 +20,7 @@ __all__ = [
     "ClassificationLoss",
     "HER2Loss",
     "SimMLMLoss",
+    "SpecialistLoss",
     "DisentanglementLoss",
     "DomainAlignmentLoss",
     "DomainClassificationLoss",

@@ -5,7 +5,8 @@ the total under ``"loss"``, so the trainer logs every term and never needs to kn
 
 * :class:`ClassificationLoss`: class-weighted cross-entropy over the labelled samples (MoRA and other plain models);
 * :class:`HER2Loss`: plus ShaSpec's DAO and DCO on the shared and specific features (:class:`HER2FlexibleNet`);
-* :class:`SimMLMLoss`: plus SimMLM's MoFe ranking of dual against single-stain predictions.
+* :class:`SimMLMLoss`: plus SimMLM's MoFe ranking of dual against single-stain predictions;
+* :class:`SpecialistLoss`: each single-stain specialist's cross-entropy on the images of its stain.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from her2_monai.constants import UNLABELLED
 from her2_monai.losses.disentangle import DisentanglementLoss
 from her2_monai.losses.mofe import MoFeLoss
 
-__all__ = ["AUXILIARY_SAMPLES", "ClassificationLoss", "HER2Loss", "SimMLMLoss"]
+__all__ = ["AUXILIARY_SAMPLES", "ClassificationLoss", "HER2Loss", "SimMLMLoss", "SpecialistLoss"]
 
 #: Which samples the ShaSpec terms use, see :class:`HER2Loss`.
 AUXILIARY_SAMPLES: tuple[str, ...] = ("dual", "real", "all")
@@ -189,3 +190,28 @@ class SimMLMLoss(ClassificationLoss):
             return {"mofe": logits.float().sum() * 0.0}
         loss = self.mofe(logits[keep].float(), outputs["expert_logits"][keep].float(), label[keep])
         return {"mofe": self.mofe_weight * loss}
+
+
+class SpecialistLoss(ClassificationLoss):
+    """Cross-entropy of each single-stain specialist on the labelled samples that have its stain, averaged.
+
+    The specialists of :class:`~her2_monai.networks.alternatives.StainSpecialists` learn independently: neither sees
+    the other stain, and the mean of their logits (the dual prediction) is not trained as such.
+
+    Args:
+        class_weights: per-class CE weights.
+    """
+
+    def forward(self, outputs: Mapping[str, Tensor], label: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Compute the specialists' mean cross-entropy.
+
+        Returns:
+            ``{"loss", "ce"}`` (equal), float32 scalars.
+        """
+        _require(outputs, ("expert_logits",), "StainSpecialists")
+        terms = []
+        for column in range(outputs["expert_logits"].shape[1]):
+            has = mask[:, column] > 0.5
+            terms.append(self.cross_entropy(outputs["expert_logits"][has, column], label[has]))
+        ce = torch.stack(terms).mean()
+        return {"loss": ce, "ce": ce}

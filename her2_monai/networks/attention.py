@@ -90,6 +90,8 @@ class ModalitySensitiveAttention(nn.Module):
         reduction: channel-attention MLP reduction (16 in CBAM and MM'25).
         spatial_attention: apply spatial attention after channel attention.
         spatial_kernel_size: kernel of the spatial-attention convolution.
+        channel_attention: apply channel attention (``False``, with ``spatial_attention=False``, is the ablation
+            without modality attention: the stains' compressed features are concatenated with weight 1).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class ModalitySensitiveAttention(nn.Module):
         reduction: int = 16,
         spatial_attention: bool = True,
         spatial_kernel_size: int = 7,
+        channel_attention: bool = True,
     ) -> None:
         super().__init__()
         self.num_stains = num_stains
@@ -110,7 +113,7 @@ class ModalitySensitiveAttention(nn.Module):
             nn.BatchNorm2d(self.out_channels),
             nn.ReLU(inplace=True),
         )
-        self.channel = ChannelAttention(self.out_channels, reduction)
+        self.channel = ChannelAttention(self.out_channels, reduction) if channel_attention else None
         self.spatial = SpatialAttention(spatial_kernel_size) if spatial_attention else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -133,8 +136,11 @@ class ModalitySensitiveAttention(nn.Module):
                 f"(B, C, h, w) map, got {tuple(x.shape)}"
             )
         x = self.compress(x)
-        channel_weights = self.channel(x)
-        x = x * channel_weights[:, :, None, None]
+        if self.channel is None:
+            channel_weights = x.new_ones((x.shape[0], self.out_channels))
+        else:
+            channel_weights = self.channel(x)
+            x = x * channel_weights[:, :, None, None]
         spatial_weights = None
         if self.spatial is not None:
             spatial_weights = self.spatial(x)

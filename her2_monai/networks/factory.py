@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from her2_monai.networks.alternatives import MoRANet, SimMLMNet, StainSpecialists
 from her2_monai.networks.cmgan import CrossModalGAN
 from her2_monai.networks.her2net import HER2FlexibleNet
 from her2_monai.networks.record import ArchitectureMismatchError
@@ -35,6 +36,7 @@ __all__ = [
     "GAN_COMMAND",
     "SELECTOR_COMMAND",
     "ARCHITECTURE_OPTIONS",
+    "CLASSIFIERS",
     "read_weights",
     "network_record",
     "frozen_cmgan",
@@ -155,8 +157,19 @@ def frozen_selector(path: str | os.PathLike) -> BranchSelector:
     return selector.requires_grad_(False).eval()
 
 
-def build_network_from_state(state: Mapping[str, Any], path: str | os.PathLike = "<state dict>") -> HER2FlexibleNet:
-    """Rebuild a :class:`HER2FlexibleNet` (with its CM-GAN and selector) from a ``model.pt`` state dict and load it.
+#: Classifiers a ``model.pt`` may hold besides :class:`HER2FlexibleNet` (the comparisons' alternatives).
+CLASSIFIERS: dict[str, type[nn.Module]] = {
+    "SimMLMNet": SimMLMNet,
+    "MoRANet": MoRANet,
+    "StainSpecialists": StainSpecialists,
+}
+
+
+def build_network_from_state(state: Mapping[str, Any], path: str | os.PathLike = "<state dict>") -> nn.Module:
+    """Rebuild the classifier of a ``model.pt`` state dict from its record and load it.
+
+    A :class:`HER2FlexibleNet` is rebuilt with its CM-GAN and selector; the alternatives of
+    :mod:`her2_monai.networks.alternatives` from their own records.
 
     Args:
         state: the state dict.
@@ -168,6 +181,11 @@ def build_network_from_state(state: Mapping[str, Any], path: str | os.PathLike =
     Raises:
         ValueError: if the state dict is not a HER2 classifier of this bundle or does not fit its record.
     """
+    found = (network_record(state) or {}).get("class")
+    if found in CLASSIFIERS:
+        network = CLASSIFIERS[found](**network_record(state)["arguments"])
+        _load(network, state, path)
+        return network.eval()
     record = _record_or_error(state, path, "HER2FlexibleNet")
     cmgan = selector = None
     if network_record(state, "cmgan.") is not None:
@@ -217,7 +235,7 @@ def build_model(
     model_file: str | os.PathLike,
     overrides: Mapping[str, Any] | None = None,
     missing_ok: bool = False,
-) -> HER2FlexibleNet:
+) -> nn.Module:
     """The trained HER2 classifier of a bundle, rebuilt from ``model.pt`` alone.
 
     Args:

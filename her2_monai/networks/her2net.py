@@ -106,6 +106,8 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
         attention_reduction: channel-attention MLP reduction.
         spatial_attention: use CBAM spatial attention after channel attention.
         spatial_kernel_size: its kernel size.
+        modality_attention: the CBAM modality-sensitive attention (``False``: the ablation without it -- the stains'
+            compressed fused features are concatenated with equal weight; ``spatial_attention`` is then ignored).
         dropout: dropout before the final linear layer.
         hybrid_unfreezing: freeze ``frozen_stages`` of the shared ResNet.
         frozen_stages: stages frozen by hybrid unfreezing.
@@ -140,6 +142,7 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
         attention_reduction: int = 16,
         spatial_attention: bool = True,
         spatial_kernel_size: int = 7,
+        modality_attention: bool = True,
         dropout: float = 0.3,
         hybrid_unfreezing: bool = True,
         frozen_stages: Sequence[str] = DEFAULT_FROZEN_STAGES,
@@ -190,8 +193,9 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
             num_stains=len(STAINS),
             compressed_channels=attention_channels,
             reduction=attention_reduction,
-            spatial_attention=spatial_attention,
+            spatial_attention=spatial_attention and modality_attention,
             spatial_kernel_size=spatial_kernel_size,
+            channel_attention=modality_attention,
         )
         self.head = DualPoolHead(self.attention.out_channels, num_classes, dropout)
 
@@ -214,6 +218,7 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
             attention_reduction=attention_reduction,
             spatial_attention=spatial_attention,
             spatial_kernel_size=spatial_kernel_size,
+            modality_attention=modality_attention,
             dropout=dropout,
             missing_strategy=missing_strategy,
             substitute_specific=substitute_specific,

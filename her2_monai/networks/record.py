@@ -11,6 +11,7 @@ profile, the input image size, the dataset) for the tools that build the network
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,6 +88,13 @@ class RecordedNetwork:
                 f"the weights are those of a {state.get('class')}, not of a {type(self).__name__}"
             )
         saved = plain(state["arguments"])
+        # An argument added after the file was written is read as its default (the behaviour the file was made with).
+        defaults = {
+            name: plain(p.default)
+            for name, p in inspect.signature(type(self).__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        saved = {**{k: v for k, v in defaults.items() if k in self._architecture and k not in saved}, **saved}
         differences = [
             f"{key}={saved.get(key)!r} in the file, {self._architecture.get(key)!r} here"
             for key in sorted(set(saved) | set(self._architecture))
