@@ -43,6 +43,7 @@ TINY_TRAINING = {
     "gan_n_blocks": 1,
     "gan_ndf": 8,
     "cls_epochs": 1,
+    "early_stop_patience": 0,
     "batch_size": 4,
     "shared_backbone": "resnet18",
     "specific_backbone": "resnet18",

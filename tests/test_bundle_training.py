@@ -101,3 +101,36 @@ def test_single_process_configs_carry_no_rank_logic():
     text = "".join((BUNDLE_CONFIGS / f).read_text() for f in ("train.json", "evaluate.json", "inference.json"))
     for word in ("rank", "is_main_process", "distributed", "barrier"):
         assert word not in text, word
+
+
+def test_early_stopping_on_validation_macro_f1_is_wired_to_the_trainer(tmp_path):
+    from monai.bundle import ConfigWorkflow
+    from monai.handlers import EarlyStopHandler
+
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLE_CONFIGS / "train.json"),
+        logging_file=False,
+        workflow_type="train",
+        **tiny_overrides(tmp_path, tmp_path / "cache", early_stop_patience=2),
+    )
+    workflow.initialize()
+    workflow.parser.get_parsed_content("stop_early")
+    handler = workflow.parser.get_parsed_content("validate#early_stop")
+    assert isinstance(handler, EarlyStopHandler) and handler.patience == 2
+    assert handler._handler.trainer is workflow.parser.get_parsed_content("train#trainer")
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    assert evaluator.has_event_handler(handler)
+    engine = type("E", (), {"state": type("S", (), {"metrics": {"val_macro_f1": 0.7}})()})()
+    assert handler.score_function(engine) == 0.7
+    # --early_stop_patience 0 turns it off.
+    off = ConfigWorkflow(
+        config_file=str(BUNDLE_CONFIGS / "train.json"),
+        logging_file=False,
+        workflow_type="train",
+        **tiny_overrides(tmp_path / "off", tmp_path / "cache", early_stop_patience="0"),
+    )
+    off.initialize()
+    assert off.parser.get_parsed_content("stop_early") is None
+    assert not any(
+        isinstance(h, EarlyStopHandler) for h in off.parser.get_parsed_content("validate#evaluator#val_handlers")
+    )
