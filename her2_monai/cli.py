@@ -86,6 +86,7 @@ def predict(
     bundle: str = "bundle",
     config_file: str | None = None,
     refer_threshold: float = 0.5,
+    torchscript: str | None = None,
     **overrides: Any,
 ) -> None:
     """Predict the HER2 score of one patch with the trained bundle and print one JSON object.
@@ -99,13 +100,14 @@ def predict(
         he: H&E patch file.
         ihc: HER2-IHC patch file.
         image: one patch of unknown stain (not together with --he/--ihc).
-        bundle: bundle folder holding models/model.pt and models/selector.pt (and configs/inference.json).
+        bundle: bundle folder holding models/model.pt (and configs/inference.json).
         config_file: inference config (default <bundle>/configs/inference.json).
         refer_threshold: confidence below which "refer" is true.
-        overrides: further inference-config values, e.g. --profile bci for a model trained with --dataset_dir, or
-            --device cpu.
+        torchscript: predict with this exported TorchScript file instead of the bundle (see ckpt_export).
+        overrides: further inference-config values, e.g. --device cpu or --batch_size 16; the architecture comes from
+            models/model.pt (a value that disagrees with it is an error).
     """
-    from her2_monai.inference import check_record_files, load_predictor
+    from her2_monai.inference import TorchScriptPredictor, check_record_files, load_predictor
 
     if image is not None and (he is not None or ihc is not None):
         raise CommandError("give either --image (stain unknown) or --he/--ihc (declared stains), not both")
@@ -118,6 +120,13 @@ def predict(
     he, ihc, image = (None if v is None else str(v) for v in inputs.values())
     inputs = {"he": he, "ihc": ihc, "image": image}
     check_record_files({k: v for k, v in inputs.items() if v is not None})
+    if torchscript is not None:
+        device = str(overrides.pop("device", "cpu"))
+        if overrides:
+            raise CommandError(f"--torchscript takes no config overrides, got {sorted(overrides)}")
+        predictor = TorchScriptPredictor(torchscript, device=device, refer_threshold=float(refer_threshold))
+        print(json.dumps(predictor.predict(he=he, ihc=ihc, image=image)))
+        return
     if "device" in overrides:
         overrides["device"] = f"$torch.device('{overrides['device']}')"
     predictor = load_predictor(bundle, config_file, refer_threshold=float(refer_threshold), **overrides)

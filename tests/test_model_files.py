@@ -16,7 +16,7 @@ from conftest import BUNDLE_CONFIGS, TINY_TRAINING, bundle_component, run_bundle
 from test_bundle_eval_infer import TINY_DATA, demo_dataset, deployed_bundle  # noqa: F401  (session fixture)
 
 from her2_monai.cli import main
-from her2_monai.inference import HER2Deploy, load_predictor
+from her2_monai.inference import HER2Deploy, TorchScriptPredictor, load_predictor
 from her2_monai.networks import BranchSelector, CrossModalGAN, HER2FlexibleNet
 from her2_monai.networks.factory import build_model, check_overrides, read_weights
 from her2_monai.networks.record import ArchitectureMismatchError
@@ -99,6 +99,19 @@ def test_export_needs_no_architecture_override(deployed_bundle: Path, trained_ne
     with torch.no_grad():
         expected = trained_network(x[:, :3], x[:, 3:], torch.ones(2, 2))["logits"]
         torch.testing.assert_close(scripted(x), expected, atol=1e-4, rtol=1e-4)
+
+    # predict --torchscript answers as the bundle does: dual, a declared single stain, and an unknown stain.
+    he, ihc = _test_pair(deployed_bundle)
+    python = load_predictor(deployed_bundle, BUNDLE_CONFIGS / "inference.json")
+    exported = TorchScriptPredictor(target)
+    for inputs in ({"he": he, "ihc": ihc}, {"ihc": ihc}, {"image": he}):
+        ours, theirs = python.predict(**inputs), exported.predict(**inputs)
+        assert theirs["probabilities"] == pytest.approx(ours["probabilities"], abs=1e-4), inputs
+        for key in ("score", "scenario", "detected_stains", "stain_source", "warnings"):
+            assert theirs[key] == ours[key], (key, inputs)
+    assert main(["predict", "--torchscript", str(target), "--image", str(he)]) == 0
+    with pytest.raises(ValueError, match="not a TorchScript"):
+        TorchScriptPredictor(deployed_bundle / "models" / "model.pt")
 
 
 def test_an_override_that_disagrees_with_the_model_file_is_a_clear_error(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from her2_monai.inference.deploy import HER2Deploy
 from her2_monai.inference.engine import HER2InferenceEvaluator
-from her2_monai.inference.predictor import HER2Predictor, load_predictor, prediction_result
+from her2_monai.inference.predictor import HER2Predictor, TorchScriptPredictor, load_predictor, prediction_result
 from her2_monai.inference.records import (
     AssignUnknownStaind,
     check_record_files,
@@ -17,6 +17,7 @@ __all__ = [
     "HER2Deploy",
     "HER2InferenceEvaluator",
     "HER2Predictor",
+    "TorchScriptPredictor",
     "load_predictor",
     "prediction_result",
     "AssignUnknownStaind",

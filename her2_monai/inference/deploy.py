@@ -64,16 +64,20 @@ def _add_prefix(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> No
 
 
 class _TracedDeploy(nn.Module):
-    """What ``torch.jit.script`` compiles for a :class:`HER2Deploy`: one trace per input layout, picked by channels.
+    """What ``torch.jit.script`` compiles for a :class:`HER2Deploy`: traces of each input layout behind one module.
 
-    A trace freezes Python branches, so one trace cannot serve both the H&E+IHC and the single-stain inputs.
+    A trace freezes Python branches, so one trace cannot serve both the H&E+IHC and the single-stain inputs. Besides
+    ``forward``, the exported file keeps :meth:`classify_declared` (one image whose stain the caller declares) and
+    :meth:`stain_probabilities` (the branch selector), so ``predict --torchscript`` gives the same answers as the
+    Python model, and ``image_size`` (the side the model was trained at).
     """
 
-    def __init__(self, dual: nn.Module, single: nn.Module, in_channels: int = 3) -> None:
+    def __init__(self, dual: nn.Module, single: nn.Module, in_channels: int = 3, image_size: int = 64) -> None:
         super().__init__()
         self.dual = dual
         self.single = single
         self.in_channels = in_channels
+        self.image_size = image_size
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` (selector-routed) or ``(B, 2C, H, W)`` (H&E then IHC), in ``[-1, 1]`` -> ``(B, 4)``."""
@@ -84,6 +88,16 @@ class _TracedDeploy(nn.Module):
         if x.shape[1] == self.in_channels:
             return self.single(x)
         raise ValueError("expected 3 channels (one stain, routed by the selector) or 6 channels (H&E then IHC)")
+
+    @torch.jit.export
+    def classify_declared(self, x: Tensor, is_ihc: Tensor) -> Tensor:
+        """Logits of single images whose stain is declared (``is_ihc`` ``(B,)`` bool)."""
+        return self.single.classify_declared(x, is_ihc)
+
+    @torch.jit.export
+    def stain_probabilities(self, x: Tensor) -> Tensor:
+        """The branch selector's ``(B, 2)`` probabilities (H&E, IHC) for single images."""
+        return self.single.stain_probabilities(x)
 
 
 class HER2Deploy(nn.Module):
@@ -178,6 +192,23 @@ class HER2Deploy(nn.Module):
         he, ihc, mask = route_unknown_stains(x, self._selector()(x).argmax(dim=1) == 1)
         return self.net.forward_available(he, ihc, mask > 0.5)["logits"]
 
+    def classify_declared(self, x: Tensor, is_ihc: Tensor) -> Tensor:
+        """Logits of single images whose stain the caller declares (the selector is not consulted).
+
+        Args:
+            x: ``(B, C, H, W)`` in ``[-1, 1]``.
+            is_ihc: ``(B,)`` bool, true where the image is IHC.
+
+        Returns:
+            ``(B, num_classes)`` logits.
+        """
+        he, ihc, mask = route_unknown_stains(x, is_ihc)
+        return self.net.forward_available(he, ihc, mask > 0.5)["logits"]
+
+    def stain_probabilities(self, x: Tensor) -> Tensor:
+        """The branch selector's ``(B, 2)`` probabilities (column 0 H&E, 1 IHC) for single images ``(B, C, H, W)``."""
+        return self._selector()(x).float().softmax(dim=1)
+
     @torch.no_grad()
     def predict_batch(
         self, he: Tensor, ihc: Tensor, mask: Tensor, stain_known: Tensor | None = None, amp: bool = False
@@ -246,11 +277,16 @@ class HER2Deploy(nn.Module):
         gen = torch.Generator().manual_seed(0)
         dual_in = torch.rand(self.trace_batch, 2 * c, size, size, generator=gen).to(device) * 2 - 1
         single_in = torch.rand(self.trace_batch, c, size, size, generator=gen).to(device) * 2 - 1
+        is_ihc = (torch.arange(self.trace_batch, device=device) % 2) == 1
         with torch.no_grad(), warnings.catch_warnings():
-            # Tracer warnings about Python values and shapes are expected: both graphs are checked against eager
+            # Tracer warnings about Python values and shapes are expected: the graphs are checked against eager
             # execution by the bundle tests at other batch sizes and resolutions.
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             dual = torch.jit.trace(self, dual_in, check_trace=False)
-            single = torch.jit.trace(self, single_in, check_trace=False)
+            single = torch.jit.trace_module(
+                self,
+                {"forward": single_in, "classify_declared": (single_in, is_ihc), "stain_probabilities": single_in},
+                check_trace=False,
+            )
         self.train(was_training)
-        return _TracedDeploy(dual, single, c)
+        return _TracedDeploy(dual, single, c, size)

@@ -7,6 +7,7 @@ builds it from ``inference.json`` and the model file alone (the architecture com
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +34,7 @@ from her2_monai.metrics.translation import to_uint8_images
 from her2_monai.networks.factory import require_model_file
 from her2_monai.stain_batch import autocast, prepare_stain_batch
 
-__all__ = ["prediction_result", "HER2Predictor", "load_predictor"]
+__all__ = ["prediction_result", "HER2Predictor", "TorchScriptPredictor", "load_predictor"]
 
 
 def _scalar(value: Any) -> float:
@@ -245,6 +246,88 @@ class HER2Predictor:
             probabilities = self.network.net.selector(x).float().softmax(dim=1)[0]
         call = int(probabilities.argmax())
         return STAIN_CLASS_NAMES[call], float(probabilities[call])
+
+
+class TorchScriptPredictor:
+    """Predict with an exported TorchScript file (``ckpt_export``): the same JSON answers as :class:`HER2Predictor`.
+
+    The file holds the model's graphs for both input layouts, the branch selector and the model's image size
+    (see :class:`~her2_monai.inference.deploy.HER2Deploy`), and the inference config it was exported with, whose
+    preprocessing is used. Declared stains are used as declared; an image of unknown stain is routed by the selector.
+
+    Args:
+        path: the ``.ts`` file.
+        device: where to run.
+        refer_threshold: confidence below which a case is flagged ``refer``.
+
+    Raises:
+        FileNotFoundError: if the file is missing.
+        ValueError: if it is not an export of this bundle (no inference config or image size inside).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, device: torch.device | str = "cpu", refer_threshold: float = 0.5
+    ) -> None:
+        from monai.bundle import ConfigParser
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"TorchScript model '{path}' not found; export one with ckpt_export (README)")
+        extra = {"inference.json": ""}
+        try:
+            self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra).eval()
+        except RuntimeError as err:
+            raise ValueError(f"'{path}' is not a TorchScript file ({str(err).splitlines()[0][:200]})") from None
+        if not extra["inference.json"] or not hasattr(self.module, "image_size"):
+            raise ValueError(f"'{path}' is not a TorchScript export of this bundle (no inference config inside)")
+        self.device = torch.device(device)
+        self.refer_threshold = float(refer_threshold)
+        parser = ConfigParser(json.loads(extra["inference.json"]))
+        parser.update({"model_image_size": int(self.module.image_size)})
+        self.preprocessing = parser.get_parsed_content("preprocessing")
+
+    @torch.no_grad()
+    def _outputs(self, item: Mapping[str, Any]) -> dict[str, Any]:
+        he, ihc = (torch.as_tensor(item[k]).as_subclass(torch.Tensor)[None].to(self.device) for k in (HE_KEY, IHC_KEY))
+        present = torch.as_tensor(item["mask"]).reshape(2) > 0.5
+        known = _scalar(item.get(STAIN_KNOWN_KEY, 1.0)) > 0.5
+        calls, confidence = [NO_IMAGE, NO_IMAGE], [math.nan, math.nan]
+        for slot, image in enumerate((he, ihc)):
+            if present[slot]:
+                probabilities = self.module.stain_probabilities(image)[0]
+                calls[slot], confidence[slot] = int(probabilities.argmax()), float(probabilities.max())
+        if bool(present.all()):
+            logits, scenario = self.module(torch.cat([he, ihc], dim=1)), SCENARIOS.index("dual")
+        else:
+            image = he if present[0] else ihc
+            is_ihc = bool(present[1]) if known else calls[0] == 1
+            logits = self.module.classify_declared(image, torch.tensor([is_ihc], device=self.device))
+            scenario = SCENARIOS.index("ihc_only" if is_ihc else "he_only")
+        return {
+            PRED_KEY: logits[0].float().softmax(dim=0),
+            SCENARIO_KEY: scenario,
+            STAINS_KEY: torch.tensor(calls),
+            STAIN_PROB_KEY: torch.tensor(confidence),
+            STAIN_KNOWN_KEY: float(known),
+        }
+
+    def predict(
+        self,
+        he: str | os.PathLike | None = None,
+        ihc: str | os.PathLike | None = None,
+        image: str | os.PathLike | None = None,
+    ) -> dict[str, Any]:
+        """Predict one patch (same arguments and answer as :meth:`HER2Predictor.predict`)."""
+        if image is not None and (he is not None or ihc is not None):
+            raise ValueError("give either --image (stain unknown) or --he/--ihc (declared stains), not both")
+        if image is None and he is None and ihc is None:
+            raise ValueError("no input image: give --he FILE and/or --ihc FILE, or --image FILE")
+        record = {IMAGE_KEY: image} if image is not None else {HE_KEY: he, IHC_KEY: ihc}
+        record = {k: str(v) for k, v in record.items() if v is not None}
+        check_record_files(record)
+        item = apply_transform(self.preprocessing, record)
+        merged = {**{k: v for k, v in item.items() if k not in (HE_KEY, IHC_KEY)}, **self._outputs(item)}
+        return prediction_result(merged, self.refer_threshold)
 
 
 def load_predictor(
