@@ -238,6 +238,12 @@ def _fmt(value: Any, percent: bool = False, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
+def _threshold(value: Any) -> str:
+    if value is None or value != value:
+        return "&ndash;"
+    return "refer all (target not reachable)" if value > 1.0 else f"{value:.3f}"
+
+
 def _img(path: str | os.PathLike | None, alt: str) -> str:
     if not path or not Path(path).is_file():
         return f"<p class='missing'>({html.escape(alt)}: not available)</p>"
@@ -260,7 +266,7 @@ def _scenario_rows(scenarios: Mapping[str, Mapping[str, Any]]) -> str:
             f"<td>{_fmt(r.get('auc_0_vs_1plus'))}</td>"
             f"<td>{_fmt(r.get('ece_uncalibrated'))} &rarr; {_fmt(r.get('ece'))}</td>"
             f"<td>{_fmt(per_class.get('1+'))}</td>"
-            f"<td>{_fmt(min(referral.get('threshold', float('nan')), 1.0))}</td>"
+            f"<td>{_threshold(referral.get('threshold'))}</td>"
             f"<td>{_fmt(referral.get('coverage'), True)}</td><td>{_fmt(referral.get('accuracy_kept'), True)}</td>"
             f"<td>{_fmt(ood.get('pass_rate'), True)}</td>"
             "</tr>"

@@ -19,6 +19,8 @@ from her2_monai.cli import main
 from her2_monai.constants import CLASS_NAMES, SCENARIOS
 from her2_monai.inference.predictor import REFER_REASONS
 
+pytestmark = pytest.mark.slow  # whole-bundle runs: evaluation, predictions, CAMs (seconds each on 2 CPU cores)
+
 
 def _predict(capsys, bundle: Path, *args: str) -> tuple[int, dict | None, str]:
     code = main(["predict", *args, "--bundle", str(bundle), "--config_file", str(BUNDLE_CONFIGS / "inference.json")])
@@ -135,24 +137,34 @@ def test_evaluation_writes_metrics_report_and_an_mlflow_run(deployed_bundle: Pat
     assert "run_config.json" in {a.path for a in client.list_artifacts(training.info.run_id)}
 
 
+def _check_trust_fields(result: dict) -> None:
+    assert result["score"] in CLASS_NAMES and set(result["refer_reasons"]) <= set(REFER_REASONS)
+    assert isinstance(result["ood_score"], float) and isinstance(result["ood_threshold"], float)
+    assert ("out_of_distribution" in result["refer_reasons"]) == (result["ood_score"] > result["ood_threshold"])
+    assert ("low_confidence" in result["refer_reasons"]) == (result["confidence"] < result["refer_threshold"])
+    assert result["refer"] == bool(result["refer_reasons"]) and result["calibrated"] is True
+
+
 def test_predict_on_real_bci_and_mist_patches_reports_ood(capsys, deployed_bundle: Path, shared_data: Path) -> None:  # noqa: F811
-    pairs = [
-        (he, shared_data / "bci" / "IHC" / "test" / he.name)
-        for he in sorted((shared_data / "bci" / "HE" / "test").glob("*.png"))
-    ]
-    pairs += [
-        (he, shared_data / "mist" / "IHC" / he.name) for he in sorted((shared_data / "mist" / "HE").glob("*.jpg"))
-    ]
+    from her2_monai.inference import load_predictor
+
+    bci = sorted((shared_data / "bci" / "HE" / "test").glob("*.png"))
+    mist = sorted((shared_data / "mist" / "HE").glob("*.jpg"))
+    pairs = [(he, shared_data / "bci" / "IHC" / "test" / he.name) for he in bci]
+    pairs += [(he, shared_data / "mist" / "IHC" / he.name) for he in mist]
     assert len(pairs) >= 10
+    for he, ihc in (pairs[0], pairs[-1]):  # the command line, on one BCI and one MIST pair
+        code, result, _ = _predict(capsys, deployed_bundle, "--he", str(he), "--ihc", str(ihc))
+        assert code == 0 and result["scenario"] == "dual"
+        _check_trust_fields(result)
+    predictor = load_predictor(deployed_bundle, BUNDLE_CONFIGS / "inference.json")  # the same path, loaded once
+    scores = []
     for he, ihc in pairs:
-        for args in (("--he", str(he), "--ihc", str(ihc)), ("--he", str(he)), ("--image", str(ihc))):
-            code, result, _ = _predict(capsys, deployed_bundle, *args)
-            assert code == 0, args
-            assert result["score"] in CLASS_NAMES and set(result["refer_reasons"]) <= set(REFER_REASONS)
-            assert isinstance(result["ood_score"], float) and isinstance(result["ood_threshold"], float)
-            assert ("out_of_distribution" in result["refer_reasons"]) == (result["ood_score"] > result["ood_threshold"])
-            assert ("low_confidence" in result["refer_reasons"]) == (result["confidence"] < result["refer_threshold"])
-            assert result["refer"] == bool(result["refer_reasons"]) and result["calibrated"] is True
+        for inputs in ({"he": he, "ihc": ihc}, {"he": he}, {"image": ihc}):
+            result = predictor.predict(**inputs)
+            _check_trust_fields(result)
+            scores.append(result["ood_score"])
+    assert len(set(scores)) > len(pairs)  # a score per case, not a constant
 
 
 def _no_tissue_images(folder: Path) -> dict[str, Path]:
@@ -174,21 +186,33 @@ def _no_tissue_images(folder: Path) -> dict[str, Path]:
 
 
 def test_images_without_tissue_get_no_her2_score(capsys, deployed_bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+    from her2_monai.inference import load_predictor
+
     files = _no_tissue_images(tmp_path / "inputs")
     with Image.open(files["grey16"]) as image:
         assert image.mode.startswith("I;16")
     expected = {"blank": "blank image", "transparent": "blank image", "tiny": "1x1 px", "grey16": "greyscale"}
+
+    def refused(result: dict, name: str) -> None:
+        assert result["score"] is None and result["probabilities"] is None and result["confidence"] is None
+        assert result["refer"] is True and "no_tissue" in result["refer_reasons"], (name, result)
+        assert any(expected[name] in w for w in result["warnings"]), (name, result["warnings"])
+
     for name, path in files.items():
-        for args in (("--image", str(path)), ("--he", str(path)), ("--ihc", str(path))):
-            code, result, err = _predict(capsys, deployed_bundle, *args)
-            assert code == 0, (name, args)
-            assert result["score"] is None and result["probabilities"] is None and result["confidence"] is None
-            assert result["refer"] is True and "no_tissue" in result["refer_reasons"], (name, result)
-            assert any(expected[name] in w for w in result["warnings"]), (name, result["warnings"])
-            assert "no HER2 score" in err
-        # Asking for an explanation of an image without tissue fails, naming why.
-        code, _, err = _predict(capsys, deployed_bundle, "--image", str(path), "--explain", str(tmp_path / "x.png"))
-        assert code == 2 and "no stained tissue" in err and not (tmp_path / "x.png").exists()
+        code, result, err = _predict(capsys, deployed_bundle, "--image", str(path))
+        assert code == 0 and "no HER2 score" in err, name
+        refused(result, name)
+    predictor = load_predictor(deployed_bundle, BUNDLE_CONFIGS / "inference.json")
+    real = demo_dataset(deployed_bundle) / "IHC" / "test" / "00019_test_2+.png"
+    for name, path in files.items():
+        refused(predictor.predict(he=path), name)
+        refused(predictor.predict(ihc=path), name)
+        refused(predictor.predict(he=path, ihc=real), name)  # one blank stain is enough to refuse the pair
+    # Asking for an explanation of an image without tissue fails, naming why.
+    code, _, err = _predict(
+        capsys, deployed_bundle, "--image", str(files["blank"]), "--explain", str(tmp_path / "x.png")
+    )
+    assert code == 2 and "no stained tissue" in err and not (tmp_path / "x.png").exists()
     # The inference workflow (also what MONAI Label serves) refuses them the same way.
     out = tmp_path / "predictions"
     run_bundle(
@@ -213,7 +237,7 @@ def test_predict_explain_writes_an_overlay(capsys, deployed_bundle: Path, tmp_pa
     with Image.open(out) as image:
         assert image.width > 2 * image.height  # input + three CAM columns + the attention bars
     single = tmp_path / "single.png"
-    code, _, _ = _predict(capsys, deployed_bundle, "--he", str(he), "--explain", str(single), "--cam", "scorecam")
+    code, _, _ = _predict(capsys, deployed_bundle, "--he", str(he), "--explain", str(single), "--cam", "gradcampp")
     assert code == 0
     _png_ok(single)
     code, _, err = _predict(capsys, deployed_bundle, "--he", str(he), "--explain", str(single), "--cam", "lime")

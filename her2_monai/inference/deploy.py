@@ -301,7 +301,10 @@ class HER2Deploy(nn.Module):
             "stain_attention": outputs["stain_attention"].float(),
             OOD_KEY: torch.as_tensor(ood, dtype=torch.float32, device=device),
             "ood_threshold": torch.tensor([self.trust.ood_threshold(s) for s in scenarios], device=device),
-            "refer_threshold": torch.tensor([self.trust.refer_threshold(s) for s in scenarios], device=device),
+            # float64: "refer every case" is stored as the float just above 1, which float32 would round to 1.
+            "refer_threshold": torch.tensor(
+                [self.trust.refer_threshold(s) for s in scenarios], dtype=torch.float64, device=device
+            ),
             "temperature": torch.full((len(scenarios),), self.temperature, device=device),
             "calibrated": torch.full((len(scenarios),), float(self.trust.calibrated), device=device),
         }
