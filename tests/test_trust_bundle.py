@@ -143,6 +143,9 @@ def _check_trust_fields(result: dict) -> None:
     assert ("out_of_distribution" in result["refer_reasons"]) == (result["ood_score"] > result["ood_threshold"])
     assert ("low_confidence" in result["refer_reasons"]) == (result["confidence"] < result["refer_threshold"])
     assert result["refer"] == bool(result["refer_reasons"]) and result["calibrated"] is True
+    assert set(result["stain_attention"]) == {"he", "ihc"} and all(
+        0 < w < 1 for w in result["stain_attention"].values()
+    )
 
 
 def test_predict_on_real_bci_and_mist_patches_reports_ood(capsys, deployed_bundle: Path, shared_data: Path) -> None:  # noqa: F811

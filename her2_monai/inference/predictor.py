@@ -84,8 +84,9 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float | None = N
         an OOD score), ``ood_threshold``, ``calibrated`` (a temperature was applied), ``scenario``,
         ``detected_stains`` (stain names of the given images: H&E slot then IHC slot, or the one unknown-stain
         image), ``stain_source``, ``warnings`` (declared stains the selector disagrees with, tissue refusals),
-        ``tissue_fraction`` (per given image), with MC dropout ``uncertainty`` (``predictive_entropy``,
-        ``mutual_information``), and when known ``id``, ``inputs`` (paths) and ``label`` (true score).
+        ``tissue_fraction`` (per given image), ``stain_attention`` (the CBAM weight of each stain, ``{"he", "ihc"}``;
+        a missing stain's weight is that of its synthetic stand-in), with MC dropout ``uncertainty``
+        (``predictive_entropy``, ``mutual_information``), and when known ``id``, ``inputs`` (paths) and ``label`` (true score).
 
     Raises:
         ValueError: if ``pred`` does not hold one probability per class.
@@ -143,6 +144,9 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float | None = N
             "warnings": warnings,
         }
     )
+    if tissue_ok and item.get("stain_attention") is not None:
+        weights = [float(v) for v in torch.as_tensor(item["stain_attention"]).reshape(-1).tolist()]
+        result["stain_attention"] = {stain: round(w, 6) for stain, w in zip((HE_KEY, IHC_KEY), weights)}
     if "tissue_fraction" in item:
         shares = [float(v) for v in torch.as_tensor(item["tissue_fraction"]).reshape(-1).tolist()]
         result["tissue_fraction"] = [round(v, 4) for v in shares if v >= 0]
