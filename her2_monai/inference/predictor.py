@@ -86,7 +86,8 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float | None = N
         image), ``stain_source``, ``warnings`` (declared stains the selector disagrees with, tissue refusals),
         ``tissue_fraction`` (per given image), ``stain_attention`` (the CBAM weight of each stain, ``{"he", "ihc"}``;
         a missing stain's weight is that of its synthetic stand-in), with MC dropout ``uncertainty``
-        (``predictive_entropy``, ``mutual_information``), and when known ``id``, ``inputs`` (paths) and ``label`` (true score).
+        (``predictive_entropy``, ``mutual_information``), and when known ``id``, ``inputs`` (paths) and ``label``
+        (true score).
 
     Raises:
         ValueError: if ``pred`` does not hold one probability per class.
