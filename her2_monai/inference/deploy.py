@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from her2_monai.calibration.record import CALIBRATION_KEY
 from her2_monai.calibration.scorer import TrustScorer
 from her2_monai.calibration.uncertainty import mc_dropout_head
 from her2_monai.constants import STAIN_KNOWN_KEY
@@ -127,10 +128,24 @@ class HER2Deploy(nn.Module):
         self.trace_size = int(trace_size)
         self.trace_batch = int(trace_batch)
         self.mc_dropout_passes = int(mc_dropout_passes)
-        self.trust = TrustScorer.from_metadata(getattr(net, "metadata", None) if calibrated else None)
-        self.temperature = self.trust.temperature
+        self.calibrated = bool(calibrated)
+        self._trust: tuple[Any, TrustScorer] | None = None
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
+
+    @property
+    def trust(self) -> TrustScorer:
+        """The calibration record of the wrapped model (re-read when weights with another record are loaded)."""
+        metadata = getattr(self.net, "metadata", None) or {}
+        record = metadata.get(CALIBRATION_KEY) if self.calibrated else None
+        if self._trust is None or self._trust[0] is not record:
+            self._trust = (record, TrustScorer(record))
+        return self._trust[1]
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature the logits are divided by (1 without a record or with ``calibrated=False``)."""
+        return self.trust.temperature
 
     @classmethod
     def from_model_file(
