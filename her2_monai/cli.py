@@ -85,16 +85,20 @@ def predict(
     image: str | None = None,
     bundle: str = "bundle",
     config_file: str | None = None,
-    refer_threshold: float = 0.5,
+    refer_threshold: float | None = None,
     torchscript: str | None = None,
+    explain: str | None = None,
+    cam: str = "all",
     **overrides: Any,
 ) -> None:
     """Predict the HER2 score of one patch with the trained bundle and print one JSON object.
 
     Give the H&E and/or the IHC image (declared stains), or one --image of unknown stain (the branch selector decides).
-    The output holds score ("0", "1+", "2+", "3+"), probabilities (4 floats), confidence (the top probability), refer
-    (confidence below --refer_threshold: refer to a pathologist), scenario (dual, he_only, ihc_only), detected_stains
-    (the selector's call for each given image) and warnings (e.g. a declared stain the selector disagrees with).
+    The output holds score ("0", "1+", "2+", "3+"), probabilities (4 floats, calibrated with the model's temperature),
+    confidence (the top probability), refer (true: refer to a pathologist) with refer_reasons (no_tissue,
+    out_of_distribution, stain_mismatch, low_confidence), ood_score, scenario (dual, he_only, ihc_only),
+    detected_stains (the selector's call for each given image) and warnings. An image without stained tissue
+    (blank, background, transparent, greyscale, too small) gets no score: score null, refer_reasons ["no_tissue"].
 
     Args:
         he: H&E patch file.
@@ -102,10 +106,12 @@ def predict(
         image: one patch of unknown stain (not together with --he/--ihc).
         bundle: bundle folder holding models/model.pt (and configs/inference.json).
         config_file: inference config (default <bundle>/configs/inference.json).
-        refer_threshold: confidence below which "refer" is true.
+        refer_threshold: confidence below which "refer" is true (default: the threshold stored with the model).
         torchscript: predict with this exported TorchScript file instead of the bundle (see ckpt_export).
-        overrides: further inference-config values, e.g. --device cpu or --batch_size 16; the architecture comes from
-            models/model.pt (a value that disagrees with it is an error).
+        explain: also write a PNG explanation of the call to this path (class activation maps over each stain as
+            overlays, and the stain-attention weights).
+        cam: maps in the explanation: gradcam, gradcampp, scorecam or all.
+        overrides: further inference-config values, e.g. --mc_dropout_passes 20 (uncertainty), or --device cpu.
     """
     from her2_monai.inference import TorchScriptPredictor, check_record_files, load_predictor
 
@@ -113,24 +119,41 @@ def predict(
         raise CommandError("give either --image (stain unknown) or --he/--ihc (declared stains), not both")
     if image is None and he is None and ihc is None:
         raise CommandError("no input image: give --he FILE and/or --ihc FILE, or --image FILE")
-    inputs = {"he": he, "ihc": ihc, "image": image}
+    inputs = {"he": he, "ihc": ihc, "image": image, "explain": explain}
     for name, value in inputs.items():
         if isinstance(value, bool):  # fire turns a flag given without a value into True
             raise CommandError(f"--{name} needs a file path")
-    he, ihc, image = (None if v is None else str(v) for v in inputs.values())
+    he, ihc, image = (None if v is None else str(v) for v in (he, ihc, image))
     inputs = {"he": he, "ihc": ihc, "image": image}
     check_record_files({k: v for k, v in inputs.items() if v is not None})
     if torchscript is not None:
+        if explain is not None:
+            raise CommandError("--explain needs the bundle's model (it takes gradients); drop --torchscript")
         device = str(overrides.pop("device", "cpu"))
         if overrides:
             raise CommandError(f"--torchscript takes no config overrides, got {sorted(overrides)}")
-        predictor = TorchScriptPredictor(torchscript, device=device, refer_threshold=float(refer_threshold))
+        threshold = None if refer_threshold is None else float(refer_threshold)
+        predictor = TorchScriptPredictor(torchscript, device=device, refer_threshold=threshold)
         print(json.dumps(predictor.predict(he=he, ihc=ihc, image=image)))
         return
+    if explain is not None:
+        from her2_monai.explain import CAM_METHODS
+
+        if cam not in (*CAM_METHODS, "all"):
+            raise CommandError(f"--cam must be one of {', '.join((*CAM_METHODS, 'all'))}, got '{cam}'")
     if "device" in overrides:
         overrides["device"] = f"$torch.device('{overrides['device']}')"
-    predictor = load_predictor(bundle, config_file, refer_threshold=float(refer_threshold), **overrides)
-    print(json.dumps(predictor.predict(he=he, ihc=ihc, image=image)))
+    threshold = None if refer_threshold is None else float(refer_threshold)
+    predictor = load_predictor(bundle, config_file, refer_threshold=threshold, **overrides)
+    result = predictor.predict(he=he, ihc=ihc, image=image)
+    print(json.dumps(result))
+    if result["score"] is None:
+        print(f"warning: no HER2 score: {'; '.join(result['warnings'])}", file=sys.stderr)
+    if explain is not None:
+        if result["score"] is None:
+            raise CommandError(f"no explanation written to {explain}: the input has no stained tissue to explain")
+        path = predictor.explain(he=he, ihc=ihc, image=image, output=explain, methods=cam)
+        print(f"explanation written to {path}", file=sys.stderr)
 
 
 COMMANDS = {"demo-data": demo_data, "datalist": datalist, "predict": predict}

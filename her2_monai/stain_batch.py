@@ -29,6 +29,7 @@ __all__ = [
     "assign_unknown_stains",
     "route_unknown_stains",
     "simulate_scenario",
+    "scenario_inputs",
     "apply_to_present",
     "StainBatch",
     "prepare_stain_batch",
@@ -228,6 +229,36 @@ def simulate_scenario(mask: Tensor, scenario: str) -> tuple[Tensor, Tensor]:
     selected = (has | ~needed).all(dim=1)
     n = int(selected.sum())
     return selected, torch.tensor(keep, device=mask.device).expand(n, 2).contiguous()
+
+
+def scenario_inputs(
+    he: Tensor, ihc: Tensor, mask: Tensor, scenario: str, keep: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The inputs that simulate ``scenario`` for the samples that allow it (evaluation and calibration).
+
+    The hidden stain is zeroed exactly as a missing stain is at inference, so the model fills it (CM-GAN synthesis or
+    feature substitution) as it would in the clinic.
+
+    Args:
+        he: ``(B, C, H, W)``.
+        ihc: ``(B, C, H, W)``.
+        mask: real availability ``(B, 2)``.
+        scenario: one of :data:`~her2_monai.constants.SCENARIOS`.
+        keep: optional ``(B,)`` bool further restricting the samples (e.g. the labelled ones).
+
+    Returns:
+        ``(selected, he, ihc, mask)``: ``(B,)`` bool, then the ``N`` selected samples' images and simulated mask.
+
+    Raises:
+        ValueError: for an unknown scenario.
+    """
+    selected, _ = simulate_scenario(mask, scenario)
+    if keep is not None:
+        selected = selected & keep
+    _, simulated = simulate_scenario(mask[selected], scenario)
+    he_s = he[selected] * simulated[:, 0, None, None, None].to(he.dtype)
+    ihc_s = ihc[selected] * simulated[:, 1, None, None, None].to(ihc.dtype)
+    return selected, he_s, ihc_s, simulated
 
 
 def apply_to_present(

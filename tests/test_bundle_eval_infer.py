@@ -152,7 +152,8 @@ def test_inference_on_a_bci_folder_writes_one_prediction_per_case(deployed_bundl
         assert sum(pred["probabilities"]) == pytest.approx(1.0, abs=1e-4)
         assert pred["confidence"] == pytest.approx(max(pred["probabilities"]), abs=1e-6)
         assert pred["score"] == CLASS_NAMES[int(np.argmax(pred["probabilities"]))]
-        assert pred["refer"] == (pred["confidence"] < 0.3)
+        assert ("low_confidence" in pred["refer_reasons"]) == (pred["confidence"] < 0.3)
+        assert pred["refer"] == bool(pred["refer_reasons"]) and pred["refer_threshold"] == 0.3
         assert pred["scenario"] == "dual" and pred["stain_source"] == "declared"
         assert len(pred["detected_stains"]) == 2 and set(pred["detected_stains"]) <= {"he", "ihc"}
         assert Path(pred["inputs"]["he"]).is_file() and Path(pred["inputs"]["ihc"]).is_file()

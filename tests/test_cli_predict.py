@@ -43,7 +43,9 @@ def test_predict_dual_prints_one_json_object(capsys, deployed_bundle: Path, pair
     assert result["scenario"] == "dual" and result["score"] in CLASS_NAMES
     assert len(result["probabilities"]) == 4 and sum(result["probabilities"]) == pytest.approx(1.0, abs=1e-4)
     assert result["confidence"] == pytest.approx(max(result["probabilities"]), abs=1e-6)
-    assert result["refer"] == (result["confidence"] < 0.5)
+    # Default: the referral threshold stored with the model for the scenario.
+    assert ("low_confidence" in result["refer_reasons"]) == (result["confidence"] < result["refer_threshold"])
+    assert result["refer"] == bool(result["refer_reasons"])
     assert len(result["detected_stains"]) == 2
 
     # The threshold is configurable; the probabilities of a 4-class softmax lie in (0.25, 1).
@@ -51,7 +53,12 @@ def test_predict_dual_prints_one_json_object(capsys, deployed_bundle: Path, pair
         code, out, _ = _predict(
             capsys, deployed_bundle, "--he", str(he), "--ihc", str(ihc), f"--refer_threshold={threshold}"
         )
-        assert code == 0 and json.loads(out)["refer"] is refer
+        result = json.loads(out)
+        assert (
+            code == 0
+            and ("low_confidence" in result["refer_reasons"]) is refer
+            and result["refer_threshold"] == threshold
+        )
 
 
 @pytest.mark.parametrize("stain", [0, 1])

@@ -11,7 +11,7 @@ from monai.engines import Evaluator
 from monai.inferers import Inferer, SimpleInferer
 
 from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, SCENARIOS, UNLABELLED
-from her2_monai.stain_batch import autocast, prepare_stain_batch, simulate_scenario
+from her2_monai.stain_batch import autocast, prepare_stain_batch, scenario_inputs
 from her2_monai.utils import as_bool
 
 __all__ = ["ScenarioEvaluator", "TranslationEvaluator"]
@@ -23,7 +23,8 @@ class ScenarioEvaluator(Evaluator):
     The hidden stain is zeroed exactly as a missing stain is at inference, so the model fills it (CM-GAN synthesis
     or feature substitution) as it would in the clinic. ``engine.state.output`` per iteration is
     ``{"logits": {scenario: (N, 4)}, "label": {scenario: (N,)}}`` for metrics such as
-    :class:`~her2_monai.metrics.classification.ScenarioClassificationMetric`.
+    :class:`~her2_monai.metrics.classification.ScenarioClassificationMetric`, plus one such dict per name in
+    ``output_keys`` (other network outputs, e.g. ``embedding`` and ``stain_attention`` for calibration and reports).
 
     Args:
         device: device to run on.
@@ -33,6 +34,7 @@ class ScenarioEvaluator(Evaluator):
         inferer: calls the network as ``inferer(he, network, ihc, mask)`` (default ``SimpleInferer``).
         amp: mixed precision (float16 on CUDA, bfloat16 on CPU).
         channels_last: channels-last memory format for inputs.
+        output_keys: further network outputs to return per scenario (as float tensors).
         kwargs: passed on to :class:`monai.engines.Evaluator` (``key_val_metric``, ``val_handlers``...).
     """
 
@@ -45,11 +47,13 @@ class ScenarioEvaluator(Evaluator):
         inferer: Inferer | None = None,
         amp: bool = False,
         channels_last: bool = False,
+        output_keys: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
         super().__init__(device=device, val_data_loader=val_data_loader, amp=as_bool(amp, "amp"), **kwargs)
         self.inferer = inferer if inferer is not None else SimpleInferer()
+        self.output_keys = tuple(k for k in output_keys if k not in ("logits", "label"))
         unknown = [s for s in scenarios if s not in SCENARIOS]
         if unknown:
             raise ValueError(f"unknown scenarios {unknown}; expected a subset of {SCENARIOS}")
@@ -61,21 +65,19 @@ class ScenarioEvaluator(Evaluator):
         batch = prepare_stain_batch(batchdata, engine.state.device, self.channels_last, engine.non_blocking)
         labelled = batch.get(LABEL_KEY, torch.full((batch[MASK_KEY].shape[0],), UNLABELLED)) >= 0
         self.network.eval()
-        logits: dict[str, torch.Tensor] = {}
-        labels: dict[str, torch.Tensor] = {}
+        outputs: dict[str, dict[str, torch.Tensor]] = {k: {} for k in ("logits", "label", *self.output_keys)}
         with torch.no_grad(), autocast(engine.state.device, self.amp):
             for scenario in self.scenarios:
-                selected, _ = simulate_scenario(batch[MASK_KEY], scenario)
-                selected &= labelled
+                selected, he, ihc, mask = scenario_inputs(
+                    batch[HE_KEY], batch[IHC_KEY], batch[MASK_KEY], scenario, labelled
+                )
                 if not bool(selected.any()):
                     continue
-                _, mask = simulate_scenario(batch[MASK_KEY][selected], scenario)
-                he, ihc = batch[HE_KEY][selected], batch[IHC_KEY][selected]
-                he = he * mask[:, 0, None, None, None]
-                ihc = ihc * mask[:, 1, None, None, None]
-                logits[scenario] = self.inferer(he, self.network, ihc, mask)["logits"].float()
-                labels[scenario] = batch[LABEL_KEY][selected]
-        return {"logits": logits, "label": labels}
+                out = self.inferer(he, self.network, ihc, mask)
+                outputs["label"][scenario] = batch[LABEL_KEY][selected]
+                for key in ("logits", *self.output_keys):
+                    outputs[key][scenario] = out[key].float()
+        return outputs
 
 
 class TranslationEvaluator(Evaluator):

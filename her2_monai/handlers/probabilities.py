@@ -19,8 +19,9 @@ class ScenarioProbabilityCollector:
     """Ignite handler that keeps the class probabilities and labels of every sample, per scenario.
 
     Attach to a :class:`~her2_monai.engines.evaluators.ScenarioEvaluator` (``decollate=False``): its output per
-    iteration is ``{"logits": {scenario: (N, 4)}, "label": {scenario: (N,)}}``. The arrays stay available after the
-    run (:attr:`probabilities`, :attr:`labels`) for later analyses such as calibration.
+    iteration is ``{"logits": {scenario: (N, 4)}, "label": {scenario: (N,)}, ...}``. The arrays stay available after
+    the run (:attr:`probabilities`, :attr:`logits`, :attr:`labels`, and :meth:`output` for any further per-scenario
+    output such as ``embedding`` or ``stain_attention``) for later analyses such as calibration.
 
     Args:
         scenarios: scenarios to collect, in report order.
@@ -30,12 +31,14 @@ class ScenarioProbabilityCollector:
         self.scenarios = tuple(scenarios)
         self._probs: dict[str, list[np.ndarray]] = {}
         self._labels: dict[str, list[np.ndarray]] = {}
+        self._extra: dict[str, dict[str, list[np.ndarray]]] = {}
         self.reset()
 
     def reset(self) -> None:
         """Forget everything collected."""
         self._probs = {s: [] for s in self.scenarios}
         self._labels = {s: [] for s in self.scenarios}
+        self._extra = {}
 
     def attach(self, engine: Engine) -> None:
         """Reset when a run starts and collect after every iteration."""
@@ -54,11 +57,31 @@ class ScenarioProbabilityCollector:
             logits = torch.as_tensor(output["logits"][scenario]).detach().float()
             self._probs[scenario].append(logits.softmax(dim=1).cpu().numpy())
             self._labels[scenario].append(torch.as_tensor(output["label"][scenario]).detach().cpu().numpy())
+            for key, values in output.items():
+                if key in ("label",) or not isinstance(values, Mapping) or scenario not in values:
+                    continue
+                array = torch.as_tensor(values[scenario]).detach().float().cpu().numpy()
+                self._extra.setdefault(key, {s: [] for s in self.scenarios})[scenario].append(array)
 
     @property
     def probabilities(self) -> dict[str, np.ndarray]:
         """``{scenario: (N, 4)}`` softmax probabilities (``(0, 4)`` when the scenario had no sample)."""
         return {s: np.concatenate(p) if p else np.zeros((0, NUM_CLASSES)) for s, p in self._probs.items()}
+
+    @property
+    def logits(self) -> dict[str, np.ndarray]:
+        """``{scenario: (N, 4)}`` raw logits."""
+        return self.output("logits")
+
+    def output(self, key: str) -> dict[str, np.ndarray]:
+        """``{scenario: (N, ...)}`` of a collected network output (``logits``, ``embedding``, ...).
+
+        Raises:
+            KeyError: if the evaluator did not return ``key``.
+        """
+        if key not in self._extra:
+            raise KeyError(f"'{key}' was not collected; the evaluator returned {sorted(self._extra)}")
+        return {s: np.concatenate(v) if v else np.zeros((0,)) for s, v in self._extra[key].items()}
 
     @property
     def labels(self) -> dict[str, np.ndarray]:

@@ -7,10 +7,13 @@ CM-GAN and branch selector) and offers the two ways a deployed model is called:
   image of either stain, routed per sample by the branch selector. This is MONAI's bundle contract
   (``verify_net_in_out``, ``ckpt_export``) and the exported TorchScript.
 * :meth:`HER2Deploy.predict_batch` -- a batch of records whose stains are declared or unknown, with everything the
-  JSON answer needs (logits, scenario, the selector's call and confidence per image).
+  JSON answer needs (logits, scenario, the selector's call and confidence per image, the out-of-distribution score,
+  the referral thresholds and, with MC-dropout passes, the predictive entropy and mutual information).
 
 The module adds no weights of its own: its state dict *is* the classifier's (the ``net.`` prefix is dropped on save
-and added on load), so ``models/model.pt`` loads into either.
+and added on load), so ``models/model.pt`` loads into either. The calibration record in the model's metadata
+(:mod:`her2_monai.calibration.record`) is applied by both: logits are divided by the fitted temperature, so a
+softmax of any output -- Python or exported TorchScript -- gives calibrated probabilities (the argmax is unchanged).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from her2_monai.constants import STAIN_KNOWN_KEY
+from her2_monai.calibration.record import CALIBRATION_KEY
+from her2_monai.calibration.scorer import TrustScorer
+from her2_monai.calibration.uncertainty import mc_dropout_head
+from her2_monai.constants import SCENARIOS, STAIN_KNOWN_KEY
 from her2_monai.networks.factory import build_model
 from her2_monai.networks.her2net import HER2FlexibleNet
 from her2_monai.stain_batch import assign_unknown_stains, autocast, check_mask, route_unknown_stains
@@ -36,6 +42,8 @@ __all__ = [
     "STAIN_PROB_KEY",
     "STAIN_KNOWN_KEY",
     "NO_IMAGE",
+    "OOD_KEY",
+    "TRUST_KEYS",
     "HER2Deploy",
 ]
 
@@ -46,6 +54,9 @@ STAINS_KEY = "detected_stains"
 STAIN_PROB_KEY = "stain_confidence"
 #: ``detected_stains`` value of an empty slot.
 NO_IMAGE = -1
+#: Output keys of the calibration record's answers (``ood_score`` and its threshold NaN without an OOD score).
+OOD_KEY = "ood_score"
+TRUST_KEYS = (OOD_KEY, "ood_threshold", "refer_threshold", "temperature", "calibrated")
 
 _PREFIX = "net."
 
@@ -69,15 +80,29 @@ class _TracedDeploy(nn.Module):
     A trace freezes Python branches, so one trace cannot serve both the H&E+IHC and the single-stain inputs. Besides
     ``forward``, the exported file keeps :meth:`classify_declared` (one image whose stain the caller declares) and
     :meth:`stain_probabilities` (the branch selector), so ``predict --torchscript`` gives the same answers as the
-    Python model, and ``image_size`` (the side the model was trained at).
+    Python model, ``image_size`` (the side the model was trained at) and the calibration record's scalars: the
+    ``temperature`` already applied to the logits, ``calibrated`` and the ``refer_thresholds`` of each scenario (in
+    :data:`~her2_monai.constants.SCENARIOS` order). The out-of-distribution score is not exported.
     """
 
-    def __init__(self, dual: nn.Module, single: nn.Module, in_channels: int = 3, image_size: int = 64) -> None:
+    def __init__(
+        self,
+        dual: nn.Module,
+        single: nn.Module,
+        in_channels: int = 3,
+        image_size: int = 64,
+        temperature: float = 1.0,
+        calibrated: bool = False,
+        refer_thresholds: list[float] | None = None,
+    ) -> None:
         super().__init__()
         self.dual = dual
         self.single = single
         self.in_channels = in_channels
         self.image_size = image_size
+        self.temperature = float(temperature)
+        self.calibrated = bool(calibrated)
+        self.refer_thresholds: list[float] = [float(t) for t in (refer_thresholds or [])]
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` (selector-routed) or ``(B, 2C, H, W)`` (H&E then IHC), in ``[-1, 1]`` -> ``(B, 4)``."""
@@ -108,20 +133,52 @@ class HER2Deploy(nn.Module):
         trace_size: side in pixels of the example inputs traced for TorchScript export (the graphs are fully
             convolutional, so any size works afterwards).
         trace_batch: batch size of those example inputs.
+        mc_dropout_passes: MC-dropout samples of the head's dropout per case in :meth:`predict_batch` (0 = off).
+        calibrated: apply the temperature of the model's calibration record (``False``: raw logits).
 
     Raises:
-        ValueError: for a trace size below 8 or a batch below 1.
+        ValueError: for a trace size below 8, a batch below 1 or negative passes.
     """
 
-    def __init__(self, net: HER2FlexibleNet, trace_size: int = 64, trace_batch: int = 2) -> None:
+    def __init__(
+        self,
+        net: HER2FlexibleNet,
+        trace_size: int = 64,
+        trace_batch: int = 2,
+        mc_dropout_passes: int = 0,
+        calibrated: bool = True,
+    ) -> None:
         super().__init__()
         if trace_size < 8 or trace_batch < 1:
             raise ValueError(f"trace_size must be >= 8 and trace_batch >= 1, got {trace_size} and {trace_batch}")
+        if int(mc_dropout_passes) < 0:
+            raise ValueError(f"mc_dropout_passes must be >= 0, got {mc_dropout_passes}")
+        if int(mc_dropout_passes) > 0 and not hasattr(getattr(net, "head", None), "fc"):
+            raise ValueError(
+                f"mc_dropout_passes needs the HER2FlexibleNet head (dropout then fc); {type(net).__name__} has none"
+            )
         self.net = net
         self.trace_size = int(trace_size)
         self.trace_batch = int(trace_batch)
+        self.mc_dropout_passes = int(mc_dropout_passes)
+        self.calibrated = bool(calibrated)
+        self._trust: tuple[Any, TrustScorer] | None = None
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
+
+    @property
+    def trust(self) -> TrustScorer:
+        """The calibration record of the wrapped model (re-read when weights with another record are loaded)."""
+        metadata = getattr(self.net, "metadata", None) or {}
+        record = metadata.get(CALIBRATION_KEY) if self.calibrated else None
+        if self._trust is None or self._trust[0] is not record:
+            self._trust = (record, TrustScorer(record))
+        return self._trust[1]
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature the logits are divided by (1 without a record or with ``calibrated=False``)."""
+        return self.trust.temperature
 
     @classmethod
     def from_model_file(
@@ -131,6 +188,8 @@ class HER2Deploy(nn.Module):
         missing_ok: bool = False,
         trace_size: int | None = None,
         channels_last: bool | str = False,
+        mc_dropout_passes: int = 0,
+        calibrated: bool = True,
     ) -> HER2Deploy:
         """Rebuild the deployed model from ``models/model.pt`` (architecture from its record, weights loaded).
 
@@ -140,6 +199,8 @@ class HER2Deploy(nn.Module):
             missing_ok: without a file, an untrained model from ``overrides`` (for checks before training).
             trace_size: export trace size (default: the recorded image size, else 64).
             channels_last: run the convolutions on channels-last tensors (see :mod:`her2_monai.runtime`).
+            mc_dropout_passes: MC-dropout samples per case in :meth:`predict_batch` (0 = off).
+            calibrated: apply the recorded temperature.
 
         Returns:
             The module in eval mode.
@@ -153,7 +214,7 @@ class HER2Deploy(nn.Module):
             net.channels_last = True
             net.to(memory_format=torch.channels_last)
         size = trace_size or int(net.metadata.get("image_size") or 64)
-        return cls(net, trace_size=size).eval()
+        return cls(net, trace_size=size, mc_dropout_passes=int(mc_dropout_passes), calibrated=calibrated).eval()
 
     @property
     def in_channels(self) -> int:
@@ -176,7 +237,7 @@ class HER2Deploy(nn.Module):
                 ``[-1, 1]``.
 
         Returns:
-            ``(B, num_classes)`` logits.
+            ``(B, num_classes)`` logits, divided by the calibration temperature.
 
         Raises:
             ValueError: for any other shape.
@@ -188,9 +249,10 @@ class HER2Deploy(nn.Module):
             )
         if x.shape[1] == 2 * c:
             available = torch.ones((x.shape[0], 2), dtype=torch.bool, device=x.device)
-            return self.net.forward_available(x[:, :c], x[:, c:], available, all_available=True)["logits"]
+            logits = self.net.forward_available(x[:, :c], x[:, c:], available, all_available=True)["logits"]
+            return logits / self.temperature
         he, ihc, mask = route_unknown_stains(x, self._selector()(x).argmax(dim=1) == 1)
-        return self.net.forward_available(he, ihc, mask > 0.5)["logits"]
+        return self.net.forward_available(he, ihc, mask > 0.5)["logits"] / self.temperature
 
     def classify_declared(self, x: Tensor, is_ihc: Tensor) -> Tensor:
         """Logits of single images whose stain the caller declares (the selector is not consulted).
@@ -200,20 +262,20 @@ class HER2Deploy(nn.Module):
             is_ihc: ``(B,)`` bool, true where the image is IHC.
 
         Returns:
-            ``(B, num_classes)`` logits.
+            ``(B, num_classes)`` logits, divided by the calibration temperature.
         """
         he, ihc, mask = route_unknown_stains(x, is_ihc)
-        return self.net.forward_available(he, ihc, mask > 0.5)["logits"]
+        return self.net.forward_available(he, ihc, mask > 0.5)["logits"] / self.temperature
 
     def stain_probabilities(self, x: Tensor) -> Tensor:
         """The branch selector's ``(B, 2)`` probabilities (column 0 H&E, 1 IHC) for single images ``(B, C, H, W)``."""
         return self._selector()(x).float().softmax(dim=1)
 
     @torch.no_grad()
-    def predict_batch(
+    def route(
         self, he: Tensor, ihc: Tensor, mask: Tensor, stain_known: Tensor | None = None, amp: bool = False
     ) -> dict[str, Tensor]:
-        """HER2 logits for a batch of declared-stain and unknown-stain samples.
+        """Label every given image with the selector and put unknown-stain images into the slot it calls.
 
         Declared stains are used as given (the selector may not override a user's statement), but the selector still
         labels every given image, so a mislabelled input shows up in ``detected_stains``. An unknown-stain sample
@@ -225,13 +287,12 @@ class HER2Deploy(nn.Module):
             ihc: ``(B, C, H, W)``.
             mask: ``(B, 2)`` availability as given (an unknown-stain image counts as H&E).
             stain_known: ``(B,)`` 1 = stains declared, 0 = selector decides (``None``: all declared).
-            amp: mixed precision (float16 on CUDA, bfloat16 on the CPU).
+            amp: mixed precision.
 
         Returns:
-            ``pred`` ``(B, K)`` float logits; ``scenario`` ``(B,)`` long; ``detected_stains`` ``(B, 2)`` long: the
-            selector's call (0 = H&E, 1 = IHC) for the image in each slot (``-1`` = no image; an unknown-stain image
-            is reported in slot 0); ``stain_confidence`` ``(B, 2)``: the selector's probability of that call (NaN =
-            no image); ``stain_known`` ``(B,)`` float; ``stain_attention`` ``(B, 2)`` when the classifier has it.
+            ``he``, ``ihc``, ``mask`` (routed), ``detected_stains`` ``(B, 2)`` long (0 = H&E, 1 = IHC, ``-1`` = no
+            image; an unknown-stain image is reported in slot 0), ``stain_confidence`` ``(B, 2)`` (NaN = no image),
+            ``stain_known`` ``(B,)`` bool.
 
         Raises:
             ValueError: for an invalid mask, or unknown stains with a model that has no selector.
@@ -254,17 +315,75 @@ class HER2Deploy(nn.Module):
                         prob = selector(image.index_select(0, rows)).float().softmax(dim=1)
                         calls[rows, slot] = prob.argmax(dim=1)
                         confidence[rows, slot] = prob.amax(dim=1)
-            routed_he, routed_ihc, routed_mask = assign_unknown_stains(he, ihc, mask, ~known, calls[:, 0] == 1)
-            outputs = self.net(routed_he, routed_ihc, routed_mask)
-        result = {
-            PRED_KEY: outputs["logits"].float(),
-            SCENARIO_KEY: outputs["scenario"],
+        routed_he, routed_ihc, routed_mask = assign_unknown_stains(he, ihc, mask, ~known, calls[:, 0] == 1)
+        return {
+            "he": routed_he,
+            "ihc": routed_ihc,
+            "mask": routed_mask,
             STAINS_KEY: calls,
             STAIN_PROB_KEY: confidence,
-            STAIN_KNOWN_KEY: known.float(),
+            STAIN_KNOWN_KEY: known,
+        }
+
+    @torch.no_grad()
+    def predict_batch(
+        self, he: Tensor, ihc: Tensor, mask: Tensor, stain_known: Tensor | None = None, amp: bool = False
+    ) -> dict[str, Tensor]:
+        """HER2 logits for a batch of declared-stain and unknown-stain samples, with what the answer needs.
+
+        Stains are routed by :meth:`route`; then the classifier runs once. The model's calibration record gives the
+        temperature (applied to ``pred``), the referral threshold and the out-of-distribution score and threshold of
+        each sample's scenario; ``mc_dropout_passes > 0`` adds MC-dropout uncertainty (the head's dropout, sampled on
+        the embedding: see :mod:`her2_monai.calibration.uncertainty`).
+
+        Args:
+            he: ``(B, C, H, W)`` in ``[-1, 1]``, zeros where missing.
+            ihc: ``(B, C, H, W)``.
+            mask: ``(B, 2)`` availability as given (an unknown-stain image counts as H&E).
+            stain_known: ``(B,)`` 1 = stains declared, 0 = selector decides (``None``: all declared).
+            amp: mixed precision (float16 on CUDA, bfloat16 on the CPU).
+
+        Returns:
+            ``pred`` ``(B, K)`` float logits divided by the temperature; ``scenario`` ``(B,)`` long;
+            ``detected_stains`` ``(B, 2)`` and ``stain_confidence`` ``(B, 2)`` (see :meth:`route`); ``stain_known``
+            ``(B,)`` float; ``stain_attention`` ``(B, 2)``; ``ood_score``, ``ood_threshold`` (NaN without an OOD
+            score), ``refer_threshold`` and ``temperature`` ``(B,)`` float; with MC dropout also ``entropy`` and
+            ``mutual_information`` ``(B,)`` (nats).
+
+        Raises:
+            ValueError: for an invalid mask, or unknown stains with a model that has no selector.
+        """
+        routed = self.route(he, ihc, mask, stain_known, amp)
+        device = he.device
+        with autocast(device, amp):
+            outputs = self.net(routed["he"], routed["ihc"], routed["mask"])
+        logits = outputs["logits"].float()
+        scenario = outputs["scenario"]
+        embedding = outputs["embedding"].float()
+        scenarios = scenario.tolist()
+        ood = self.trust.ood_scores(logits.cpu().numpy(), embedding.cpu().numpy())
+        result = {
+            PRED_KEY: logits / self.temperature,
+            SCENARIO_KEY: scenario,
+            STAINS_KEY: routed[STAINS_KEY],
+            STAIN_PROB_KEY: routed[STAIN_PROB_KEY],
+            STAIN_KNOWN_KEY: routed[STAIN_KNOWN_KEY].float(),
+            OOD_KEY: torch.as_tensor(ood, dtype=torch.float32, device=device),
+            "ood_threshold": torch.tensor([self.trust.ood_threshold(s) for s in scenarios], device=device),
+            # float64: "refer every case" is stored as the float just above 1, which float32 would round to 1.
+            "refer_threshold": torch.tensor(
+                [self.trust.refer_threshold(s) for s in scenarios], dtype=torch.float64, device=device
+            ),
+            "temperature": torch.full((len(scenarios),), self.temperature, device=device),
+            "calibrated": torch.full((len(scenarios),), float(self.trust.calibrated), device=device),
         }
         if "stain_attention" in outputs:  # HER2FlexibleNet; the comparison's alternatives have no stain attention
             result["stain_attention"] = outputs["stain_attention"].float()
+        if self.mc_dropout_passes > 0:
+            generator = torch.Generator().manual_seed(0)  # the same answer for the same input
+            sampled = mc_dropout_head(self.net.head, embedding, self.mc_dropout_passes, self.temperature, generator)
+            result["entropy"] = sampled["entropy"]
+            result["mutual_information"] = sampled["mutual_information"]
         return result
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -289,4 +408,6 @@ class HER2Deploy(nn.Module):
                 check_trace=False,
             )
         self.train(was_training)
-        return _TracedDeploy(dual, single, c, size)
+        trust = self.trust
+        thresholds = [trust.refer_threshold(s) for s in range(len(SCENARIOS))]
+        return _TracedDeploy(dual, single, c, size, self.temperature, trust.calibrated, thresholds)

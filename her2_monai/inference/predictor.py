@@ -19,6 +19,7 @@ import torch
 from monai.data import decollate_batch, list_data_collate
 from monai.transforms import apply_transform
 
+from her2_monai.calibration.scorer import DEFAULT_REFER_THRESHOLD
 from her2_monai.constants import (
     CLASS_NAMES,
     HE_KEY,
@@ -28,32 +29,66 @@ from her2_monai.constants import (
     STAIN_CLASS_NAMES,
     STAIN_KNOWN_KEY,
 )
-from her2_monai.inference.deploy import NO_IMAGE, PRED_KEY, SCENARIO_KEY, STAIN_PROB_KEY, STAINS_KEY, HER2Deploy
+from her2_monai.inference.deploy import (
+    NO_IMAGE,
+    OOD_KEY,
+    PRED_KEY,
+    SCENARIO_KEY,
+    STAIN_PROB_KEY,
+    STAINS_KEY,
+    HER2Deploy,
+)
 from her2_monai.inference.records import IMAGE_KEY, SOURCE_KEYS, check_record_files
 from her2_monai.metrics.translation import to_uint8_images
 from her2_monai.networks.factory import require_model_file
 from her2_monai.stain_batch import autocast, prepare_stain_batch
 
-__all__ = ["prediction_result", "HER2Predictor", "TorchScriptPredictor", "load_predictor"]
+__all__ = ["REFER_REASONS", "prediction_result", "HER2Predictor", "TorchScriptPredictor", "load_predictor"]
 
 
 def _scalar(value: Any) -> float:
     return float(torch.as_tensor(value).reshape(-1)[0])
 
 
-def prediction_result(item: Mapping[str, Any], refer_threshold: float = 0.5) -> dict[str, Any]:
+#: Why a case is referred to a pathologist (``refer_reasons``), in this order.
+REFER_REASONS = ("no_tissue", "out_of_distribution", "stain_mismatch", "low_confidence")
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = _scalar(value)
+    return number if math.isfinite(number) else None
+
+
+def prediction_result(item: Mapping[str, Any], refer_threshold: float | None = None) -> dict[str, Any]:
     """The JSON answer for one sample after post-processing (``pred`` = class probabilities).
+
+    A case is referred (``refer: true``) for every reason in ``refer_reasons``: ``no_tissue`` (the tissue check
+    refused the input: no HER2 score is given, ``score``, ``probabilities`` and ``confidence`` are null),
+    ``out_of_distribution`` (``ood_score`` above the model's threshold for the scenario), ``stain_mismatch`` (a
+    declared stain that the branch selector calls the other stain) and ``low_confidence`` (calibrated confidence
+    below the referral threshold).
 
     Args:
         item: one decollated sample: ``pred`` ``(4,)`` probabilities, ``scenario``, ``detected_stains`` ``(2,)``,
-            ``stain_confidence`` ``(2,)``, ``stain_known`` and, optionally, ``id``, the source paths and ``label``.
-        refer_threshold: confidence below which the case is flagged for a pathologist.
+            ``stain_confidence`` ``(2,)``, ``stain_known`` and, optionally, the trust outputs of
+            :meth:`~her2_monai.inference.deploy.HER2Deploy.predict_batch` (``ood_score``, ``ood_threshold``,
+            ``refer_threshold``, ``temperature``, ``entropy``, ``mutual_information``), the tissue check's
+            ``tissue_ok``/``tissue_fraction``/``tissue_issue``, ``id``, the source paths and ``label``.
+        refer_threshold: confidence below which the case is referred; ``None`` = the model's recorded threshold
+            for the sample's scenario (``item["refer_threshold"]``), else 0.5.
 
     Returns:
-        ``score`` ("0".."3+"), ``probabilities`` (4 floats), ``confidence`` (max probability), ``refer`` (bool),
-        ``refer_threshold``, ``scenario``, ``detected_stains`` (stain names of the given images: H&E slot then IHC
-        slot, or the one unknown-stain image), ``stain_source``, ``warnings`` (declared stains the selector disagrees
-        with), and when known ``id``, ``inputs`` (paths) and ``label`` (true score).
+        ``score`` ("0".."3+" or null), ``probabilities`` (4 floats or null), ``confidence`` (max calibrated
+        probability or null), ``refer`` (bool), ``refer_reasons``, ``refer_threshold``, ``ood_score`` (null without
+        an OOD score), ``ood_threshold``, ``calibrated`` (a temperature was applied), ``scenario``,
+        ``detected_stains`` (stain names of the given images: H&E slot then IHC slot, or the one unknown-stain
+        image), ``stain_source``, ``warnings`` (declared stains the selector disagrees with, tissue refusals),
+        ``tissue_fraction`` (per given image), ``stain_attention`` (the CBAM weight of each stain, ``{"he", "ihc"}``;
+        a missing stain's weight is that of its synthetic stand-in), with MC dropout ``uncertainty``
+        (``predictive_entropy``, ``mutual_information``), and when known ``id``, ``inputs`` (paths) and ``label``
+        (true score).
 
     Raises:
         ValueError: if ``pred`` does not hold one probability per class.
@@ -76,28 +111,67 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float = 0.5) -> 
                 f"the image given as {declared} looks like {STAIN_CLASS_NAMES[call]} to the branch selector "
                 f"(p={stain_conf[slot]:.2f}); the declared stain was used"
             )
+    if refer_threshold is None:
+        refer_threshold = _finite(item.get("refer_threshold"))
+    threshold = DEFAULT_REFER_THRESHOLD if refer_threshold is None else float(refer_threshold)
+    tissue_ok = _scalar(item.get("tissue_ok", 1.0)) > 0.5
+    ood_score, ood_threshold = _finite(item.get(OOD_KEY)), _finite(item.get("ood_threshold"))
+    reasons = []
+    if not tissue_ok:
+        reasons.append("no_tissue")
+        warnings.append(str(item.get("tissue_issue") or "no stained tissue in the image"))
+    if ood_score is not None and ood_threshold is not None and ood_score > ood_threshold:
+        reasons.append("out_of_distribution")
+    if known and any(STAIN_CLASS_NAMES[c] != s for s, c in zip((HE_KEY, IHC_KEY), calls) if c != NO_IMAGE):
+        reasons.append("stain_mismatch")
+    if tissue_ok and confidence < threshold:
+        reasons.append("low_confidence")
     result: dict[str, Any] = {}
     if item.get("id") is not None:
         result["id"] = str(item["id"])
     result.update(
         {
-            "score": CLASS_NAMES[best],
-            "probabilities": [round(float(p), 6) for p in probabilities],
-            "confidence": round(confidence, 6),
-            "refer": bool(confidence < refer_threshold),
-            "refer_threshold": float(refer_threshold),
+            "score": CLASS_NAMES[best] if tissue_ok else None,
+            "probabilities": [round(float(p), 6) for p in probabilities] if tissue_ok else None,
+            "confidence": round(confidence, 6) if tissue_ok else None,
+            "refer": bool(reasons),
+            "refer_reasons": reasons,
+            "refer_threshold": threshold,
+            "ood_score": None if ood_score is None or not tissue_ok else round(ood_score, 6),
+            "ood_threshold": ood_threshold,
+            "calibrated": _scalar(item.get("calibrated", 0.0)) > 0.5,
             "scenario": SCENARIOS[int(_scalar(item[SCENARIO_KEY]))],
             "detected_stains": detected,
             "stain_source": "declared" if known else "selector",
             "warnings": warnings,
         }
     )
+    if tissue_ok and item.get("stain_attention") is not None:
+        weights = [float(v) for v in torch.as_tensor(item["stain_attention"]).reshape(-1).tolist()]
+        result["stain_attention"] = {stain: round(w, 6) for stain, w in zip((HE_KEY, IHC_KEY), weights)}
+    if "tissue_fraction" in item:
+        shares = [float(v) for v in torch.as_tensor(item["tissue_fraction"]).reshape(-1).tolist()]
+        result["tissue_fraction"] = [round(v, 4) for v in shares if v >= 0]
+    entropy, mutual = _finite(item.get("entropy")), _finite(item.get("mutual_information"))
+    if tissue_ok and entropy is not None and mutual is not None:
+        result["uncertainty"] = {"predictive_entropy": round(entropy, 6), "mutual_information": round(mutual, 6)}
     inputs = {k: str(item[v]) for k, v in SOURCE_KEYS.items() if item.get(v)}
     if inputs:
         result["inputs"] = inputs
     if LABEL_KEY in item and int(_scalar(item[LABEL_KEY])) >= 0:
         result["label"] = CLASS_NAMES[int(_scalar(item[LABEL_KEY]))]
     return result
+
+
+def _one_record(
+    he: str | os.PathLike | None, ihc: str | os.PathLike | None, image: str | os.PathLike | None
+) -> dict[str, str]:
+    if image is not None and (he is not None or ihc is not None):
+        raise ValueError("give either --image (stain unknown) or --he/--ihc (declared stains), not both")
+    if image is None and he is None and ihc is None:
+        raise ValueError("no input image: give --he FILE and/or --ihc FILE, or --image FILE")
+    record = {IMAGE_KEY: image} if image is not None else {HE_KEY: he, IHC_KEY: ihc}
+    return {k: str(v) for k, v in record.items() if v is not None}
 
 
 class HER2Predictor:
@@ -109,12 +183,13 @@ class HER2Predictor:
         postprocessing: per-sample output transform turning ``pred`` logits into probabilities (the bundle's
             ``postprocessing``); ``None`` applies a softmax.
         device: where to run.
-        refer_threshold: confidence below which a case is flagged ``refer``.
+        refer_threshold: confidence below which a case is flagged ``refer`` (``None``: the threshold recorded with
+            the model for each scenario, 0.5 for a model without a calibration record).
         amp: mixed precision.
         batch_size: records per forward pass.
 
     Raises:
-        ValueError: if ``refer_threshold`` is outside ``[0, 1]``.
+        ValueError: if ``refer_threshold`` is given and outside ``[0, 1]``.
     """
 
     def __init__(
@@ -123,19 +198,20 @@ class HER2Predictor:
         preprocessing: Callable,
         postprocessing: Callable | None = None,
         device: torch.device | str = "cpu",
-        refer_threshold: float = 0.5,
+        refer_threshold: float | None = None,
         amp: bool = False,
         batch_size: int = 8,
     ) -> None:
-        if not 0.0 <= refer_threshold <= 1.0:
+        if refer_threshold is not None and not 0.0 <= float(refer_threshold) <= 1.0:
             raise ValueError(f"refer_threshold must be in [0, 1], got {refer_threshold}")
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.preprocessing = preprocessing
         self.postprocessing = postprocessing
-        self.refer_threshold = float(refer_threshold)
+        self.refer_threshold = None if refer_threshold is None else float(refer_threshold)
         self.amp = bool(amp)
         self.batch_size = int(batch_size)
+        self._cam: Any = None
 
     def _postprocess(self, item: dict[str, Any]) -> dict[str, Any]:
         if self.postprocessing is None:
@@ -185,13 +261,56 @@ class HER2Predictor:
             ValueError: if no input or both ``image`` and ``he``/``ihc`` are given.
             her2_monai.data.image_reader.ImageReadError: naming the file, if it is missing or unreadable.
         """
-        if image is not None and (he is not None or ihc is not None):
-            raise ValueError("give either --image (stain unknown) or --he/--ihc (declared stains), not both")
-        if image is None and he is None and ihc is None:
-            raise ValueError("no input image: give --he FILE and/or --ihc FILE, or --image FILE")
-        record = {IMAGE_KEY: image} if image is not None else {HE_KEY: he, IHC_KEY: ihc}
-        record = {k: str(v) for k, v in record.items() if v is not None}
-        return self.predict_records([record])[0]
+        return self.predict_records([_one_record(he, ihc, image)])[0]
+
+    def explain(
+        self,
+        he: str | os.PathLike | None = None,
+        ihc: str | os.PathLike | None = None,
+        image: str | os.PathLike | None = None,
+        output: str | os.PathLike = "explanation.png",
+        methods: str | Sequence[str] = "all",
+        title: str | None = None,
+    ) -> Path:
+        """Write a PNG explaining the call for one patch: class activation maps over each stain and the stain
+        attention (see :mod:`her2_monai.explain`).
+
+        The maps are computed on the images the classifier encoded: a missing stain is shown as the CM-GAN made it.
+
+        Args:
+            he: H&E file.
+            ihc: IHC file.
+            image: one file of unknown stain (routed by the branch selector).
+            output: PNG path.
+            methods: ``"all"`` or CAM method names (``gradcam``, ``gradcampp``, ``scorecam``).
+            title: figure title (default: the call and its calibrated confidence).
+
+        Returns:
+            The PNG path.
+
+        Raises:
+            ValueError: for no input, both ``image`` and ``he``/``ihc``, or an unknown method.
+            her2_monai.data.image_reader.ImageReadError: naming the file, if it is missing or unreadable.
+        """
+        from her2_monai.explain import CAM_METHODS, StainCAM, save_explanation
+
+        names = tuple(CAM_METHODS) if methods == "all" else tuple([methods] if isinstance(methods, str) else methods)
+        record = _one_record(he, ihc, image)
+        check_record_files(record)
+        batch = list_data_collate([apply_transform(self.preprocessing, dict(record))])
+        stains = prepare_stain_batch(batch, self.device)
+        routed = self.network.route(
+            stains[HE_KEY], stains[IHC_KEY], stains["mask"], batch.get(STAIN_KNOWN_KEY), self.amp
+        )
+        if self._cam is None or self._cam.methods != names:
+            self._cam = StainCAM(self.network.net, names)
+        explanation = self._cam.maps(routed["he"], routed["ihc"], routed["mask"])
+        if title is None:
+            probabilities = (explanation["probabilities"].log() / self.network.temperature).softmax(dim=0)
+            cls = explanation["class_idx"]
+            title = f"HER2 {CLASS_NAMES[cls]} (confidence {float(probabilities[cls]):.2f})"
+        synthetic = {stain: bool(routed["mask"][0, i] < 0.5) for i, stain in enumerate((HE_KEY, IHC_KEY))}
+        return save_explanation(output, explanation, synthetic, title)
 
     @torch.no_grad()
     def translate(self, path: str | os.PathLike, target: str = IHC_KEY) -> np.ndarray:
@@ -248,6 +367,11 @@ class HER2Predictor:
         return STAIN_CLASS_NAMES[call], float(probabilities[call])
 
 
+def _exported_threshold(module: Any, scenario: int) -> float:
+    thresholds = list(getattr(module, "refer_thresholds", []))
+    return float(thresholds[scenario]) if scenario < len(thresholds) else DEFAULT_REFER_THRESHOLD
+
+
 class TorchScriptPredictor:
     """Predict with an exported TorchScript file (``ckpt_export``): the same JSON answers as :class:`HER2Predictor`.
 
@@ -258,7 +382,8 @@ class TorchScriptPredictor:
     Args:
         path: the ``.ts`` file.
         device: where to run.
-        refer_threshold: confidence below which a case is flagged ``refer``.
+        refer_threshold: confidence below which a case is flagged ``refer`` (``None``: the thresholds exported with
+            the model's calibration record). The export has no out-of-distribution score, so ``ood_score`` is null.
 
     Raises:
         FileNotFoundError: if the file is missing.
@@ -266,7 +391,7 @@ class TorchScriptPredictor:
     """
 
     def __init__(
-        self, path: str | os.PathLike, device: torch.device | str = "cpu", refer_threshold: float = 0.5
+        self, path: str | os.PathLike, device: torch.device | str = "cpu", refer_threshold: float | None = None
     ) -> None:
         from monai.bundle import ConfigParser
 
@@ -281,7 +406,7 @@ class TorchScriptPredictor:
         if not extra["inference.json"] or not hasattr(self.module, "image_size"):
             raise ValueError(f"'{path}' is not a TorchScript export of this bundle (no inference config inside)")
         self.device = torch.device(device)
-        self.refer_threshold = float(refer_threshold)
+        self.refer_threshold = None if refer_threshold is None else float(refer_threshold)
         parser = ConfigParser(json.loads(extra["inference.json"]))
         parser.update({"model_image_size": int(self.module.image_size)})
         self.preprocessing = parser.get_parsed_content("preprocessing")
@@ -309,6 +434,9 @@ class TorchScriptPredictor:
             STAINS_KEY: torch.tensor(calls),
             STAIN_PROB_KEY: torch.tensor(confidence),
             STAIN_KNOWN_KEY: float(known),
+            "temperature": float(getattr(self.module, "temperature", 1.0)),
+            "calibrated": float(getattr(self.module, "calibrated", False)),
+            "refer_threshold": _exported_threshold(self.module, scenario),
         }
 
     def predict(
@@ -372,7 +500,7 @@ def load_predictor(
         preprocessing=parts["preprocessing"],
         postprocessing=parts["postprocessing"],
         device=parts["device"],
-        refer_threshold=float(parts["refer_threshold"]),
+        refer_threshold=None if parts["refer_threshold"] is None else float(parts["refer_threshold"]),
         amp=bool(parts["amp"]),
         batch_size=int(parts["batch_size"]),
     )

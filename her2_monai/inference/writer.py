@@ -20,17 +20,18 @@ class PredictionWriter:
     """Ignite handler: after each iteration, write one ``<id>.json`` per case of the decollated engine output.
 
     Each file holds :func:`~her2_monai.inference.predictor.prediction_result` (score, probabilities, confidence,
-    refer, scenario, detected stains, inputs...). Expects ``decollate=True`` and post-processing that turns ``pred``
-    into probabilities (the bundle's ``postprocessing``).
+    refer and its reasons, OOD score, scenario, detected stains, inputs...). Expects ``decollate=True`` and
+    post-processing that turns ``pred`` into probabilities (the bundle's ``postprocessing``).
 
     Args:
         output_dir: folder of the prediction files (created).
-        refer_threshold: confidence below which a case is flagged ``refer``.
+        refer_threshold: confidence below which a case is flagged ``refer`` (``None``: the threshold recorded with
+            the model for each scenario, see :func:`~her2_monai.inference.predictor.prediction_result`).
     """
 
-    def __init__(self, output_dir: str | os.PathLike, refer_threshold: float = 0.5) -> None:
+    def __init__(self, output_dir: str | os.PathLike, refer_threshold: float | None = None) -> None:
         self.output_dir = Path(output_dir)
-        self.refer_threshold = float(refer_threshold)
+        self.refer_threshold = None if refer_threshold is None else float(refer_threshold)
         self.written: list[Path] = []
 
     def attach(self, engine: Engine) -> None:

@@ -144,5 +144,6 @@ def classification_report(
         "macro_f1": macro_f1(cm),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
+        "auc_0_vs_1plus": her2_low_auc,
         "her2_low_auc_0_vs_1plus": her2_low_auc,
     }

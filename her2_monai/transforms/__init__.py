@@ -5,6 +5,7 @@ from __future__ import annotations
 from her2_monai.transforms.augment import LabAppearanceBatch, RandLabAppearanced, RandStainJitterd
 from her2_monai.transforms.load import LoadStainsd
 from her2_monai.transforms.missing import FillMissingStainsd, RandModalityDropoutd
+from her2_monai.transforms.tissue import TissueCheckd, tissue_fraction, tissue_mask
 
 __all__ = [
     "LoadStainsd",
@@ -13,4 +14,7 @@ __all__ = [
     "RandStainJitterd",
     "RandLabAppearanced",
     "LabAppearanceBatch",
+    "TissueCheckd",
+    "tissue_fraction",
+    "tissue_mask",
 ]

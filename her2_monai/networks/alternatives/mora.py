@@ -210,7 +210,7 @@ class MoRANet(RecordedNetwork, nn.Module):
 
         Returns:
             ``logits`` ``(B, K)``, ``scenario`` ``(B,)`` and ``features`` ``(B, 2, C)`` (the missing stain's row is
-            the missing-feature token).
+            the missing-feature token), ``embedding`` ``(B, 2C)`` (the head's input).
 
         Raises:
             ValueError: on bad shapes or a bad mask (see :func:`check_stain_inputs`).
@@ -222,4 +222,5 @@ class MoRANet(RecordedNetwork, nn.Module):
             token = self.missing_token[column].to(image.dtype).expand(image.shape[0], -1)
             features += apply_to_present(self.encode, available[:, column], [token], image, scenario)
         features_t = torch.stack(features, dim=1)
-        return {"logits": self.head(features_t.flatten(1)), "scenario": scenario, "features": features_t}
+        embedding = features_t.flatten(1)
+        return {"logits": self.head(embedding), "scenario": scenario, "features": features_t, "embedding": embedding}

@@ -171,7 +171,8 @@ class SimMLMNet(RecordedNetwork, nn.Module):
         Returns:
             ``logits`` ``(B, K)`` (the mixture), ``scenario`` ``(B,)``, ``gate_weights`` ``(B, 2)`` (zero for a
             missing stain, rows sum to 1), ``gate_logits`` ``(B, 2)``, ``expert_logits`` ``(B, 2, K)`` (zeros for a
-            missing stain) and ``features`` ``(B, 2, C)``.
+            missing stain), ``features`` ``(B, 2, C)`` and
+            ``embedding`` ``(B, 2C)`` (flattened features, for the out-of-distribution score).
 
         Raises:
             ValueError: on bad shapes or a bad mask (see :func:`check_stain_inputs`).
@@ -197,4 +198,5 @@ class SimMLMNet(RecordedNetwork, nn.Module):
             "gate_logits": gate_logits,
             "expert_logits": expert_logits,
             "features": features_t,
+            "embedding": features_t.flatten(1),
         }

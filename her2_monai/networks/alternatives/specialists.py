@@ -63,19 +63,27 @@ class StainSpecialists(RecordedNetwork, nn.Module):
 
         Returns:
             ``logits`` ``(B, K)`` (mean over the available specialists), ``scenario`` ``(B,)`` and ``expert_logits``
-            ``(B, 2, K)`` (zeros for a missing stain).
+            ``(B, 2, K)`` (zeros for a missing stain) and ``embedding`` ``(B, 2D)`` (both specialists' pooled features).
 
         Raises:
             ValueError: on bad shapes or a bad mask (see :func:`~her2_monai.stain_batch.check_stain_inputs`).
         """
         he, ihc, available = check_stain_inputs(he, ihc, mask)
         batch = he.shape[0]
-        logits = []
+        features, logits = [], []
         for column, (expert, image) in enumerate(zip(self.experts, (he, ihc))):
-            fill = image.new_zeros(batch, self.num_classes)
-            (logit,) = apply_to_present(lambda x, e=expert: e(x)[1], available[:, column], [fill], image)
+            fills = [image.new_zeros(batch, expert.out_channels), image.new_zeros(batch, self.num_classes)]
+            feat, logit = apply_to_present(expert, available[:, column], fills, image)
+            features.append(feat)
             logits.append(logit)
         expert_logits = torch.stack(logits, dim=1)
         weights = available.to(expert_logits.dtype)
         mean = (expert_logits * weights[:, :, None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
-        return {"logits": mean, "scenario": scenario_ids(available), "expert_logits": expert_logits}
+        # The pooled features of both specialists (zeros for a missing stain) serve the out-of-distribution score.
+        embedding = torch.cat(features, dim=1)
+        return {
+            "logits": mean,
+            "scenario": scenario_ids(available),
+            "expert_logits": expert_logits,
+            "embedding": embedding,
+        }

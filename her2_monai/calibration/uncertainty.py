@@ -1,0 +1,67 @@
+"""MC-dropout uncertainty (Gal & Ghahramani, ICML 2016): predictive entropy and mutual information.
+
+The classifier's only dropout layer is ``HER2FlexibleNet.head.dropout``
+(:class:`~her2_monai.networks.her2net.DualPoolHead`, p = 0.3), between the pooled embedding and the final linear
+layer; the encoders (ResNet; EfficientNet, whose drop-connect is off in eval mode), the fusion and the attention have
+none, and the frozen CM-GAN generators' dropout is not sampled (they stay in eval mode: the synthetic stain is
+deterministic). So an MC-dropout pass only re-runs the head on the ``embedding`` output: ``T`` passes cost ``T``
+small matrix products, not ``T`` network forwards.
+
+For ``T`` sampled probability vectors ``p_t``: predictive entropy ``H[mean_t p_t]`` (total uncertainty); mutual
+information ``H[mean_t p_t] - mean_t H[p_t]`` (the part due to the weights, "epistemic").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["entropy", "mc_dropout_head"]
+
+
+def entropy(probabilities: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats along ``dim`` (``0 log 0 = 0``)."""
+    return -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=dim)
+
+
+@torch.no_grad()
+def mc_dropout_head(
+    head: nn.Module,
+    embedding: Tensor,
+    passes: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Sample the head's dropout ``passes`` times on fixed embeddings.
+
+    Args:
+        head: a :class:`~her2_monai.networks.her2net.DualPoolHead` (``dropout`` then ``fc``).
+        embedding: ``(B, D)`` pooled features (the network's ``embedding`` output).
+        passes: number of samples ``T >= 1``.
+        temperature: the calibration temperature applied to every sampled logit.
+        generator: random generator of the dropout masks (reproducible runs).
+
+    Returns:
+        ``probabilities`` ``(B, C)`` (mean over passes), ``entropy`` ``(B,)`` and ``mutual_information`` ``(B,)``.
+
+    Raises:
+        ValueError: for ``passes < 1``.
+    """
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    p = float(head.dropout.p)
+    embedding = embedding.float()
+    samples = []
+    for _ in range(passes):
+        keep = torch.rand(embedding.shape, generator=generator, device="cpu").to(embedding.device) >= p
+        dropped = embedding * keep / (1.0 - p) if p > 0 else embedding
+        samples.append(F.softmax(head.fc(dropped).float() / temperature, dim=-1))
+    stacked = torch.stack(samples)  # (T, B, C)
+    mean = stacked.mean(dim=0)
+    total = entropy(mean)
+    return {
+        "probabilities": mean,
+        "entropy": total,
+        "mutual_information": (total - entropy(stacked).mean(dim=0)).clamp_min(0.0),
+    }

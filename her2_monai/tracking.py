@@ -1,0 +1,177 @@
+"""MLflow beyond MONAI's ``MLFlowHandler``: the resolved config of every run, and the evaluation run.
+
+* :func:`save_run_config` writes the configuration a bundle workflow runs with -- the merged config files with every
+  command-line override applied, as MONAI's own ``--tracking`` option saves it -- so each stage's ``MLFlowHandler``
+  logs it as an artifact.
+* :func:`log_evaluation_run` records an evaluation as its own MLflow run (metrics from ``metrics.json``, the report
+  and its figures as artifacts), linked to the training run it evaluates: the stage-2 run found by name becomes its
+  parent (``mlflow.parentRunId``, so the MLflow UI nests it) and is named in the ``training_run_id`` tag.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import numbers
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from her2_monai.fileio import write_json_atomic
+
+__all__ = ["current_bundle_config", "save_run_config", "flatten_metrics", "find_run", "log_evaluation_run"]
+
+logger = logging.getLogger(__name__)
+
+
+def current_bundle_config() -> dict[str, Any] | None:
+    """The raw config (files merged, overrides applied) of the MONAI bundle workflow being parsed, or ``None``.
+
+    Config expressions are evaluated inside :meth:`monai.bundle.ConfigParser.get_parsed_content`; the parser is found
+    on the call stack, as the expressions themselves have no handle on it.
+    """
+    from monai.bundle import ConfigParser
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, ConfigParser):
+                return candidate.get()
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def save_run_config(path: str | os.PathLike) -> str:
+    """Write the running workflow's resolved config to ``path`` (JSON, atomically) for the MLflow handlers.
+
+    Args:
+        path: destination file.
+
+    Returns:
+        ``path`` as a string (also when no workflow is running: then nothing is written and the handler skips it).
+    """
+    config = current_bundle_config()
+    if config is None:
+        logger.warning("no bundle config is being parsed: %s not written", path)
+        return str(path)
+    write_json_atomic(config, path)
+    return str(path)
+
+
+def _metric_name(parts: Iterable[str]) -> str:
+    name = ".".join(str(p) for p in parts).replace("+", "plus")
+    return re.sub(r"[^\w.\-/ ]", "_", name)
+
+
+def flatten_metrics(report: Mapping[str, Any], skip: Iterable[str] = ("confusion_matrix", "curve", "bins")) -> dict:
+    """Numeric leaves of a nested report as MLflow metric names (``scenarios.dual.accuracy``; ``1+`` -> ``1plus``).
+
+    Args:
+        report: nested dicts.
+        skip: keys whose subtree is left out (arrays shown as figures instead).
+
+    Returns:
+        ``{name: float}`` (booleans and non-finite values left out).
+    """
+    skip = set(skip)
+    out: dict[str, float] = {}
+
+    def walk(value: Any, parts: tuple[str, ...]) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if key not in skip:
+                    walk(item, (*parts, str(key)))
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            number = float(value)
+            if number == number and abs(number) != float("inf"):
+                out[_metric_name(parts)] = number
+
+    walk(report, ())
+    return out
+
+
+def find_run(client: Any, experiment_id: str, run_name: str) -> Any | None:
+    """The latest run of an experiment with that name (``None`` if there is none)."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"attributes.run_name = '{run_name}'", order_by=["attributes.start_time DESC"]
+    )
+    return runs[0] if runs else None
+
+
+def log_evaluation_run(
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str,
+    report: Mapping[str, Any],
+    artifacts: Iterable[str | os.PathLike],
+    training_run_name: str | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> str:
+    """Record an evaluation as an MLflow run linked to its training run.
+
+    Args:
+        tracking_uri: MLflow tracking URI (e.g. ``sqlite:///.../mlruns.db``).
+        experiment_name: experiment (created when missing, artifacts next to a SQLite store as MONAI does).
+        run_name: name of the evaluation run.
+        report: the evaluation report (``metrics.json`` content); its numeric leaves become metrics.
+        artifacts: files and folders to log (missing ones are skipped).
+        training_run_name: name of the training run evaluated (its latest run becomes the parent).
+        params: parameters to log.
+
+    Returns:
+        The evaluation run's id.
+    """
+    import mlflow
+    from mlflow.entities import Metric, Param
+    from monai.utils import path_to_uri
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = path_to_uri(Path(tracking_uri[len("sqlite:///") :]).parent / "mlruns")
+        experiment_id = client.create_experiment(experiment_name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    tags = {"her2_monai.kind": "evaluation"}
+    parent = find_run(client, experiment_id, training_run_name) if training_run_name else None
+    if parent is not None:
+        tags.update({"mlflow.parentRunId": parent.info.run_id, "training_run_id": parent.info.run_id})
+        tags["training_run_name"] = str(training_run_name)
+    elif training_run_name:
+        logger.warning(
+            "no MLflow run named '%s': the evaluation run is not linked to a training run", training_run_name
+        )
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in flatten_metrics(report).items()]
+        for start in range(0, len(metrics), 500):
+            client.log_batch(run_id, metrics=metrics[start : start + 500])
+        if params:
+            client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+        for path in artifacts:
+            path = Path(path)
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path=path.name)
+            elif path.is_file():
+                client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id, "FINISHED")
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    logger.info(
+        "evaluation logged to MLflow run %s (%s)%s",
+        run_name,
+        run_id,
+        f", child of {parent.info.run_id}" if parent else "",
+    )
+    return run_id
