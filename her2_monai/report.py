@@ -24,12 +24,14 @@ from torch import nn
 
 from her2_monai.calibration.analysis import calibration_section, scenario_trust
 from her2_monai.calibration.scorer import TrustScorer
+from her2_monai.calibration.uncertainty import dropout_head
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY, SCENARIOS
 from her2_monai.explain.attention import attention_summary
 from her2_monai.explain.cam import StainCAM
 from her2_monai.explain.figures import save_cam_gallery
 from her2_monai.fileio import atomic_write
 from her2_monai.metrics.figures import save_coverage_curves, save_reliability_diagrams
+from her2_monai.networks.her2net import HER2FlexibleNet
 
 __all__ = ["EvaluationReport", "write_html_report"]
 
@@ -99,7 +101,7 @@ class EvaluationReport:
         reports = self.collector.reports()
         logits, labels = self.collector.logits, self.collector.labels
         embedding = self._collected("embedding")
-        head = getattr(self.network, "head", None)
+        head = dropout_head(self.network)
         for scenario, report in reports.items():
             if not report.get("n"):
                 continue
@@ -132,6 +134,9 @@ class EvaluationReport:
     def _gallery_cases(self) -> list[dict[str, Any]]:
         scenario = self.gallery_scenario
         if self.dataset is None or not self.records:
+            return []
+        if not isinstance(self.network, HER2FlexibleNet):  # the maps are taken on HER2FlexibleNet's encoders
+            logger.info("CAM gallery skipped: %s has no stain encoders to explain", type(self.network).__name__)
             return []
         probabilities = self.collector.probabilities.get(scenario)
         labels = self.collector.labels.get(scenario)

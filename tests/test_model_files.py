@@ -41,12 +41,18 @@ def _test_pair(bundle: Path) -> tuple[Path, Path]:
     return data / "HE" / "test" / "00019_test_2+.png", data / "IHC" / "test" / "00019_test_2+.png"
 
 
-def _expected_probabilities(net: HER2FlexibleNet, he: Path | None, ihc: Path | None) -> list[float]:
+def _expected_probabilities(
+    net: HER2FlexibleNet, he: Path | None, ihc: Path | None, calibrated: bool = True
+) -> list[float]:
+    """The hand-built network's probabilities, with the temperature that training fitted and recorded (answers) or
+    without it (``calibrated=False``: what evaluation collects, to report calibration before and after scaling)."""
     chain = bundle_component("train.json", "stain_preprocessing", image_size=TINY_TRAINING["image_size"])
     item = chain({"he": str(he) if he else None, "ihc": str(ihc) if ihc else None})
+    temperature = float(net.metadata["calibration"]["temperature"]) if calibrated else 1.0
+    assert temperature > 0
     with torch.no_grad():
         out = net(item["he"].as_tensor()[None], item["ihc"].as_tensor()[None], item["mask"][None])
-    return out["logits"].softmax(dim=1)[0].tolist()
+    return (out["logits"] / temperature).softmax(dim=1)[0].tolist()
 
 
 def test_predict_needs_no_architecture_override(capsys, deployed_bundle: Path, trained_network) -> None:  # noqa: F811
@@ -76,7 +82,7 @@ def test_inference_and_evaluation_need_no_architecture_override(deployed_bundle:
     workflow = run_bundle(["train.json", "evaluate.json"], "evaluating", **data)
     collected = workflow.parser.get_parsed_content("evaluate#collector").probabilities["dual"]
     records = json.loads((deployed_bundle / "eval" / "datalist.json").read_text())["test"]
-    expected = [_expected_probabilities(trained_network, Path(r["he"]), Path(r["ihc"])) for r in records]
+    expected = [_expected_probabilities(trained_network, Path(r["he"]), Path(r["ihc"]), False) for r in records]
     torch.testing.assert_close(torch.as_tensor(collected).float(), torch.tensor(expected), atol=1e-5, rtol=0)
     report = json.loads((deployed_bundle / "eval" / "metrics.json").read_text())
     assert report["image_size"] == TINY_TRAINING["image_size"] and report["profile"] == "demo"
@@ -96,8 +102,10 @@ def test_export_needs_no_architecture_override(deployed_bundle: Path, trained_ne
     )
     scripted = torch.jit.load(str(target))
     x = torch.rand(2, 6, 32, 32) * 2 - 1
+    temperature = float(trained_network.metadata["calibration"]["temperature"])
+    assert scripted.temperature == pytest.approx(temperature) and scripted.calibrated
     with torch.no_grad():
-        expected = trained_network(x[:, :3], x[:, 3:], torch.ones(2, 2))["logits"]
+        expected = trained_network(x[:, :3], x[:, 3:], torch.ones(2, 2))["logits"] / temperature
         torch.testing.assert_close(scripted(x), expected, atol=1e-4, rtol=1e-4)
 
     # predict --torchscript answers as the bundle does: dual, a declared single stain, and an unknown stain.
@@ -107,7 +115,7 @@ def test_export_needs_no_architecture_override(deployed_bundle: Path, trained_ne
     for inputs in ({"he": he, "ihc": ihc}, {"ihc": ihc}, {"image": he}):
         ours, theirs = python.predict(**inputs), exported.predict(**inputs)
         assert theirs["probabilities"] == pytest.approx(ours["probabilities"], abs=1e-4), inputs
-        for key in ("score", "scenario", "detected_stains", "stain_source", "warnings"):
+        for key in ("score", "scenario", "detected_stains", "stain_source", "refer_threshold", "calibrated"):
             assert theirs[key] == ours[key], (key, inputs)
     assert main(["predict", "--torchscript", str(target), "--image", str(he)]) == 0
     with pytest.raises(ValueError, match="not a TorchScript"):

@@ -39,7 +39,7 @@ from her2_monai.calibration.referral import (
 )
 from her2_monai.calibration.scorer import DEFAULT_REFER_THRESHOLD, TrustScorer
 from her2_monai.calibration.temperature import apply_temperature, fit_temperature, scaled_nll
-from her2_monai.calibration.uncertainty import entropy, mc_dropout_head
+from her2_monai.calibration.uncertainty import dropout_head, entropy, mc_dropout_head
 
 __all__ = [
     "CalibrationFitter",
@@ -70,5 +70,6 @@ __all__ = [
     "fit_temperature",
     "scaled_nll",
     "entropy",
+    "dropout_head",
     "mc_dropout_head",
 ]

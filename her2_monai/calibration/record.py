@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from her2_monai.fileio import atomic_torch_save
-from her2_monai.networks.factory import TRAIN_COMMAND, network_record, read_weights
+from her2_monai.networks.factory import CLASSIFIERS, TRAIN_COMMAND, network_record, read_weights
 from her2_monai.networks.record import plain
 
 __all__ = ["CALIBRATION_KEY", "CALIBRATION_VERSION", "read_calibration", "write_calibration"]
@@ -57,7 +57,7 @@ def write_calibration(model_file: str | os.PathLike, calibration: Mapping[str, A
     """
     state = read_weights(model_file, "trained HER2 classifier", TRAIN_COMMAND)
     record = network_record(state)
-    if record is None or record.get("class") != "HER2FlexibleNet":
+    if record is None or record.get("class") not in ("HER2FlexibleNet", *CLASSIFIERS):
         raise ValueError(f"'{model_file}' does not hold a HER2 classifier written by this bundle; not calibrating it")
     metadata = dict(record.get("metadata") or {})
     metadata[CALIBRATION_KEY] = plain(dict(calibration))

@@ -17,7 +17,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["entropy", "mc_dropout_head"]
+__all__ = ["entropy", "dropout_head", "mc_dropout_head"]
+
+
+def dropout_head(network: nn.Module) -> nn.Module | None:
+    """The network's head when MC dropout can sample it on the ``embedding`` output, else ``None``.
+
+    That is a head with ``dropout`` and ``fc`` (:class:`~her2_monai.networks.her2net.DualPoolHead`) or a
+    ``Sequential(Dropout, Linear)`` (MoRA); a network without one head over its embedding (the stain specialists,
+    SimMLM's gated experts) has no head to sample.
+    """
+    head = getattr(network, "head", None)
+    if head is None:
+        return None
+    if isinstance(getattr(head, "dropout", None), nn.Dropout) and isinstance(getattr(head, "fc", None), nn.Linear):
+        return head
+    if isinstance(head, nn.Sequential) and len(head) == 2 and isinstance(head[0], nn.Dropout):
+        if isinstance(head[1], nn.Linear):
+            return head
+    return None
+
+
+def _parts(head: nn.Module) -> tuple[float, nn.Module]:
+    if isinstance(head, nn.Sequential):
+        return float(head[0].p), head[1]
+    return float(head.dropout.p), head.fc
 
 
 def entropy(probabilities: Tensor, dim: int = -1) -> Tensor:
@@ -36,7 +60,7 @@ def mc_dropout_head(
     """Sample the head's dropout ``passes`` times on fixed embeddings.
 
     Args:
-        head: a :class:`~her2_monai.networks.her2net.DualPoolHead` (``dropout`` then ``fc``).
+        head: a head accepted by :func:`dropout_head` (dropout, then a linear layer).
         embedding: ``(B, D)`` pooled features (the network's ``embedding`` output).
         passes: number of samples ``T >= 1``.
         temperature: the calibration temperature applied to every sampled logit.
@@ -50,13 +74,13 @@ def mc_dropout_head(
     """
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    p = float(head.dropout.p)
+    p, fc = _parts(head)
     embedding = embedding.float()
     samples = []
     for _ in range(passes):
         keep = torch.rand(embedding.shape, generator=generator, device="cpu").to(embedding.device) >= p
         dropped = embedding * keep / (1.0 - p) if p > 0 else embedding
-        samples.append(F.softmax(head.fc(dropped).float() / temperature, dim=-1))
+        samples.append(F.softmax(fc(dropped).float() / temperature, dim=-1))
     stacked = torch.stack(samples)  # (T, B, C)
     mean = stacked.mean(dim=0)
     total = entropy(mean)

@@ -76,7 +76,8 @@ class ScenarioEvaluator(Evaluator):
                 out = self.inferer(he, self.network, ihc, mask)
                 outputs["label"][scenario] = batch[LABEL_KEY][selected]
                 for key in ("logits", *self.output_keys):
-                    outputs[key][scenario] = out[key].float()
+                    if key in out:  # e.g. stain_attention: only networks with stain attention have it
+                        outputs[key][scenario] = out[key].float()
         return outputs
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from her2_monai.calibration.record import CALIBRATION_KEY
 from her2_monai.calibration.scorer import TrustScorer
-from her2_monai.calibration.uncertainty import mc_dropout_head
+from her2_monai.calibration.uncertainty import dropout_head, mc_dropout_head
 from her2_monai.constants import SCENARIOS, STAIN_KNOWN_KEY
 from her2_monai.networks.factory import build_model
 from her2_monai.networks.her2net import HER2FlexibleNet
@@ -153,9 +153,9 @@ class HER2Deploy(nn.Module):
             raise ValueError(f"trace_size must be >= 8 and trace_batch >= 1, got {trace_size} and {trace_batch}")
         if int(mc_dropout_passes) < 0:
             raise ValueError(f"mc_dropout_passes must be >= 0, got {mc_dropout_passes}")
-        if int(mc_dropout_passes) > 0 and not hasattr(getattr(net, "head", None), "fc"):
+        if int(mc_dropout_passes) > 0 and dropout_head(net) is None:
             raise ValueError(
-                f"mc_dropout_passes needs the HER2FlexibleNet head (dropout then fc); {type(net).__name__} has none"
+                f"mc_dropout_passes needs a head of dropout then a linear layer; {type(net).__name__} has none"
             )
         self.net = net
         self.trace_size = int(trace_size)
