@@ -33,26 +33,37 @@ from her2_monai.metrics.translation import to_uint8_images
 from her2_monai.networks.factory import require_model_file
 from her2_monai.stain_batch import autocast, prepare_stain_batch
 
-__all__ = ["prediction_result", "HER2Predictor", "load_predictor"]
+__all__ = ["prediction_result", "HER2Predictor", "load_predictor", "STAIN_UNCERTAIN_BELOW"]
+
+#: An image of unknown stain whose branch-selector probability is below this is referred (``stain_uncertain``): the
+#: selector's wrong calls on real images of other labs and magnifications come with lower probabilities than its
+#: right ones (``docs/design.md``, branch selector).
+STAIN_UNCERTAIN_BELOW = 0.8
 
 
 def _scalar(value: Any) -> float:
     return float(torch.as_tensor(value).reshape(-1)[0])
 
 
-def prediction_result(item: Mapping[str, Any], refer_threshold: float = 0.5) -> dict[str, Any]:
+def prediction_result(
+    item: Mapping[str, Any], refer_threshold: float = 0.5, stain_threshold: float = STAIN_UNCERTAIN_BELOW
+) -> dict[str, Any]:
     """The JSON answer for one sample after post-processing (``pred`` = class probabilities).
 
     Args:
         item: one decollated sample: ``pred`` ``(4,)`` probabilities, ``scenario``, ``detected_stains`` ``(2,)``,
             ``stain_confidence`` ``(2,)``, ``stain_known`` and, optionally, ``id``, the source paths and ``label``.
         refer_threshold: confidence below which the case is flagged for a pathologist.
+        stain_threshold: selector probability below which an image of unknown stain is flagged ``stain_uncertain``.
 
     Returns:
-        ``score`` ("0".."3+"), ``probabilities`` (4 floats), ``confidence`` (max probability), ``refer`` (bool),
-        ``refer_threshold``, ``scenario``, ``detected_stains`` (stain names of the given images: H&E slot then IHC
-        slot, or the one unknown-stain image), ``stain_source``, ``warnings`` (declared stains the selector disagrees
-        with), and when known ``id``, ``inputs`` (paths) and ``label`` (true score).
+        ``score`` ("0".."3+"), ``probabilities`` (4 floats), ``confidence`` (max probability), ``refer`` (bool: any
+        reason in ``refer_reasons``), ``refer_threshold``, ``scenario``, ``detected_stains`` (stain names of the
+        given images: H&E slot then IHC slot, or the one unknown-stain image), ``stain_source``, ``warnings``
+        (declared stains the selector disagrees with), ``refer_reasons`` (``low_confidence``: confidence below the
+        threshold; ``stain_uncertain``: the selector routed an image of unknown stain with a probability below
+        ``stain_threshold``), ``stain_confidence`` (the selector's probability of each detected stain), and when
+        known ``id``, ``inputs`` (paths) and ``label`` (true score).
 
     Raises:
         ValueError: if ``pred`` does not hold one probability per class.
@@ -65,16 +76,21 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float = 0.5) -> 
     known = _scalar(item.get(STAIN_KNOWN_KEY, 1.0)) > 0.5
     calls = [int(v) for v in torch.as_tensor(item[STAINS_KEY]).reshape(-1).tolist()]
     stain_conf = [float(v) for v in torch.as_tensor(item.get(STAIN_PROB_KEY, [math.nan] * 2)).reshape(-1).tolist()]
-    detected, warnings = [], []
+    detected, warnings, detected_confidence = [], [], []
     for slot, (declared, call) in enumerate(zip((HE_KEY, IHC_KEY), calls)):
         if call == NO_IMAGE:
             continue
         detected.append(STAIN_CLASS_NAMES[call])
+        detected_confidence.append(None if math.isnan(stain_conf[slot]) else round(stain_conf[slot], 6))
         if known and STAIN_CLASS_NAMES[call] != declared:
             warnings.append(
                 f"the image given as {declared} looks like {STAIN_CLASS_NAMES[call]} to the branch selector "
                 f"(p={stain_conf[slot]:.2f}); the declared stain was used"
             )
+    reasons = ["low_confidence"] if confidence < refer_threshold else []
+    unsure = [c for c in detected_confidence[:1] if c is not None and c < stain_threshold]
+    if not known and unsure:
+        reasons.append("stain_uncertain")
     result: dict[str, Any] = {}
     if item.get("id") is not None:
         result["id"] = str(item["id"])
@@ -83,12 +99,14 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float = 0.5) -> 
             "score": CLASS_NAMES[best],
             "probabilities": [round(float(p), 6) for p in probabilities],
             "confidence": round(confidence, 6),
-            "refer": bool(confidence < refer_threshold),
+            "refer": bool(reasons),
             "refer_threshold": float(refer_threshold),
             "scenario": SCENARIOS[int(_scalar(item[SCENARIO_KEY]))],
             "detected_stains": detected,
             "stain_source": "declared" if known else "selector",
             "warnings": warnings,
+            "refer_reasons": reasons,
+            "stain_confidence": detected_confidence,
         }
     )
     inputs = {k: str(item[v]) for k, v in SOURCE_KEYS.items() if item.get(v)}
