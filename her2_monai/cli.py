@@ -59,8 +59,14 @@ def datalist(
     strict: bool = False,
     require_labels: bool = False,
     pairs_dir: str | None = None,
+    register: bool = False,
+    register_dir: str | None = None,
+    register_transform: str = "rigid",
 ) -> None:
     """Scan a BCI-layout folder (or side-by-side AB images) into a MONAI datalist JSON.
+
+    With --register, the pairs are first registered (each IHC aligned to its H&E with ITK, as the register command
+    does) into a copy of the folder, and the datalist points at the registered copy.
 
     Args:
         dataset_dir: dataset root holding HE/ and IHC/ (optionally with train/ and test/), and/or AB/.
@@ -70,9 +76,28 @@ def datalist(
         strict: fail on any problem, unpaired files included (default: skip and list them).
         require_labels: files without a HER2 score in their name are problems (default: kept with label null).
         pairs_dir: where halves of AB images are written (default: beside dataset_dir).
+        register: register every IHC to its H&E first (BCI layout: HE/ and IHC/ with the same file names).
+        register_dir: where the registered copy goes (default: <dataset_dir>-registered beside it; must be empty).
+        register_transform: rigid or affine.
     """
     from her2_monai.data.datalist import build_datalist, write_datalist
+    from her2_monai.utils import as_bool
 
+    if as_bool(register, "--register"):
+        from her2_monai.registration import register_folder
+
+        source = Path(dataset_dir).expanduser()
+        target = Path(register_dir) if register_dir else source.parent / f"{source.name}-registered"
+        summary = register_folder(source, target, transform=str(register_transform))
+        q, counts = summary["quality"], summary["counts"]
+        quality = ""
+        if q["ncc_before"] is not None:
+            quality = f"; mean NCC {q['ncc_before']:.3f} -> {q['ncc_after']:.3f}, NMI {q['nmi_before']:.4f} -> "
+            quality += f"{q['nmi_after']:.4f}"
+        print(f"registered copy written to {target}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + quality)
+        for problem in summary["problems"]:
+            print(f"  skipped {problem['file']}: {problem['reason']}")
+        dataset_dir = str(target)
     records, report = build_datalist(dataset_dir, val_fraction, seed, strict, require_labels, pairs_dir)
     path = write_datalist(records, output)
     print(report.summary(records))
@@ -89,6 +114,9 @@ def predict(
     torchscript: str | None = None,
     explain: str | None = None,
     cam: str = "all",
+    stain_normalization: str | None = None,
+    stain_reference: str | None = None,
+    stain_reference_ihc: str | None = None,
     **overrides: Any,
 ) -> None:
     """Predict the HER2 score of one patch with the trained bundle and print one JSON object.
@@ -111,7 +139,12 @@ def predict(
         explain: also write a PNG explanation of the call to this path (class activation maps over each stain as
             overlays, and the stain-attention weights).
         cam: maps in the explanation: gradcam, gradcampp, scorecam or all.
-        overrides: further inference-config values, e.g. --mc_dropout_passes 20 (uncertainty), or --device cpu.
+        stain_normalization: default: as recorded in the model file; "none" turns it off; macenko, reinhard,
+            histogram or multitarget with --stain_reference (H&E) and/or --stain_reference_ihc uses that target.
+        stain_reference: H&E target: a .json from `stain-reference`, or an image.
+        stain_reference_ihc: IHC target, as --stain_reference (without it IHC images are not normalised).
+        overrides: further inference-config values, e.g. --mc_dropout_passes 20 (uncertainty), --profile bci for a
+            model trained with --dataset_dir, or --device cpu.
     """
     from her2_monai.inference import TorchScriptPredictor, check_record_files, load_predictor
 
@@ -143,6 +176,9 @@ def predict(
             raise CommandError(f"--cam must be one of {', '.join((*CAM_METHODS, 'all'))}, got '{cam}'")
     if "device" in overrides:
         overrides["device"] = f"$torch.device('{overrides['device']}')"
+    stain = {"stain_normalization": stain_normalization, "stain_reference": stain_reference}
+    stain["stain_reference_ihc"] = stain_reference_ihc
+    overrides.update({k: str(v) for k, v in stain.items() if v is not None})
     threshold = None if refer_threshold is None else float(refer_threshold)
     predictor = load_predictor(bundle, config_file, refer_threshold=threshold, **overrides)
     result = predictor.predict(he=he, ihc=ihc, image=image)
@@ -160,8 +196,9 @@ COMMANDS = {"demo-data": demo_data, "datalist": datalist, "predict": predict}
 
 from her2_monai.registration.cli import register  # noqa: E402
 from her2_monai.stain_cli import stain_reference  # noqa: E402
+from her2_monai.wsi.cli import wsi  # noqa: E402
 
-COMMANDS.update({"stain-reference": stain_reference, "register": register})
+COMMANDS.update({"stain-reference": stain_reference, "register": register, "wsi": wsi})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ The server runs the tiny trained bundle of the test session as a subprocess in i
 
 from __future__ import annotations
 
+import csv
 import http.client
 import io
 import json
@@ -198,14 +199,21 @@ class LabelServer:
         return True
 
 
+SLIDE_ID = "cmu_small_region"
+
+
 def _studies(root: Path, demo: Path) -> Path:
-    """A datastore with two demo pairs, stains tagged in the ids (``..._he`` / ``..._ihc``)."""
+    """A datastore with two demo pairs, stains tagged in the ids (``..._he`` / ``..._ihc``), and the real SVS slide of
+    ``../shared/data/wsi`` when it is there (for the whole-slide task)."""
     studies = root / "studies"
     studies.mkdir()
     for name in sorted(p.name for p in (demo / "HE" / "test").iterdir())[:2]:
         stem = Path(name).stem
         shutil.copy2(demo / "HE" / "test" / name, studies / f"{stem}_he.png")
         shutil.copy2(demo / "IHC" / "test" / name, studies / f"{stem}_ihc.png")
+    slide = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsi" / f"{SLIDE_ID}.svs"
+    if slide.is_file():
+        shutil.copy2(slide, studies / slide.name)
     return studies
 
 
@@ -518,6 +526,75 @@ def test_synthetic_ihc_is_an_rgb_png(server: LabelServer, shared_data: Path) -> 
 
 
 @pytest.mark.slow
+def test_region_of_a_real_slide_in_the_datastore(server: LabelServer, tmp_path: Path) -> None:
+    """A region of the real SVS: tiles, per-tile scores and the region call, the same through the three routes and
+    the MONAI Label client, and equal to scoring the same region in-process with the bundle."""
+    if not (server.studies / f"{SLIDE_ID}.svs").is_file():
+        pytest.skip("the real slide ../shared/data/wsi/cmu_small_region.svs is not available")
+    from monailabel.client import MONAILabelClient
+
+    from her2_monai.inference import load_predictor
+    from her2_monai.wsi import TilingSettings, run_wsi
+
+    region = {"location": [700, 1000], "size": [900, 800], "tile_size": [256, 256]}
+    response = requests.post(
+        f"{server.base}/infer/wsi_v2/her2_wsi",
+        params={"image": SLIDE_ID},
+        data={"wsi": json.dumps(region)},
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    _assert_clean(server, response.text)
+    assert answer["image"] == SLIDE_ID and answer["region"] == {"location": [700, 1000], "size": [900, 800], "level": 0}
+    assert answer["score"] in (*CLASS_NAMES, None) and isinstance(answer["refer"], bool)
+    assert answer["tissue_tiles"] == len(answer["tiles"]) > 0
+    assert sum(answer["tile_counts"].values()) + answer["referred_tiles"] == answer["tissue_tiles"]
+    for tile in answer["tiles"]:
+        assert 700 <= tile["x"] and tile["x"] + tile["size"] <= 1600 and 1000 <= tile["y"] <= 1800 - tile["size"]
+        assert tile["score"] in CLASS_NAMES and 0.0 <= tile["confidence"] <= 1.0 and isinstance(tile["refer"], bool)
+        assert list(tile["probabilities"]) == list(CLASS_NAMES)
+    # The same region through the plain infer route (params) and MONAI Label's client (older wsi route).
+    flat = {**region, "tile_size": 256}
+    again = requests.post(
+        f"{server.base}/infer/her2_wsi", params={"image": SLIDE_ID}, data={"params": json.dumps(flat)}, timeout=300
+    ).json()
+    client = MONAILabelClient(server.base, tmpdir=str(tmp_path))
+    _, body = client.wsi_infer("her2_wsi", SLIDE_ID, body=region, output="json")
+    via_client = json.loads(body) if isinstance(body, (bytes, str)) else body
+    for other in (again, via_client):
+        assert [(t["x"], t["y"], t["score"]) for t in other["tiles"]] == [
+            (t["x"], t["y"], t["score"]) for t in answer["tiles"]
+        ]
+        assert other["score"] == answer["score"]
+    # QuPath's MONAI Label extension asks for ASAP XML: one polygon per tile, grouped by score.
+    xml = requests.post(
+        f"{server.base}/infer/wsi_v2/her2_wsi", params={"image": SLIDE_ID, "output": "asap"},
+        data={"wsi": json.dumps(region)}, timeout=300,
+    )  # fmt: skip
+    assert xml.status_code == 200 and xml.headers["content-type"].startswith("application/xml")
+    from xml.etree import ElementTree
+
+    polygons = ElementTree.fromstring(xml.text).findall("./Annotations/Annotation")
+    assert len(polygons) == answer["tissue_tiles"]
+    expected_groups = ["Referred" if t["refer"] else f"HER2 {t['score']}" for t in answer["tiles"]]
+    assert [p.get("PartOfGroup") for p in polygons] == expected_groups
+    assert len(polygons[0].findall("./Coordinates/Coordinate")) == 4
+    # In-process with the same bundle and the same overrides: the same tiles and probabilities.
+    predictor = load_predictor(server.bundle, **TINY_INFERENCE)
+    local = run_wsi(
+        server.studies / f"{SLIDE_ID}.svs", tmp_path / "local", predictor=predictor, progress=False,
+        settings=TilingSettings(tile_size=256), region=(700, 1000, 900, 800),
+    )  # fmt: skip
+    assert local["score"] == answer["score"] and local["tile_counts"] == answer["tile_counts"]
+    with open(tmp_path / "local" / "tiles.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    for row, tile in zip(rows, answer["tiles"], strict=True):
+        assert (int(row["x"]), int(row["y"])) == (tile["x"], tile["y"])
+        assert float(row["p_3+"]) == pytest.approx(tile["probabilities"]["3+"], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_bad_requests_get_a_4xx_with_a_message(server: LabelServer, tmp_path: Path) -> None:
     text = tmp_path / "notes.png"
     text.write_text("not an image at all")
@@ -538,7 +615,8 @@ def test_bad_requests_get_a_4xx_with_a_message(server: LabelServer, tmp_path: Pa
         (("her2_score", None), {}, 400, "no input image"),
         (("her2_score", None), {"image": str(good)}, 404, "not in the datastore"),  # a server path is not an id
         (("her2_score", None), {"image": "../../etc/passwd"}, 404, "not in the datastore"),
-        (("her2_wsi", good), {}, 501, "whole-slide inference is not available"),
+        (("her2_wsi", good), {}, 400, "scores a slide of the datastore, not an upload"),
+        (("her2_wsi", None), {"image": "no_such_slide"}, 404, "not in the datastore"),
         (("her2_score", good), {"output": "image"}, 400, "JSON only"),
     ]
     for (model, path), query, status, message in cases:
@@ -553,10 +631,32 @@ def test_bad_requests_get_a_4xx_with_a_message(server: LabelServer, tmp_path: Pa
         timeout=30,
     )
     assert response.status_code == 400 and "params must be a JSON object" in response.json()["detail"]
+    image_id = good.stem
     for route in ("wsi_v2", "wsi"):
-        response = requests.post(f"{server.base}/infer/{route}/her2_score", timeout=30)
-        assert response.status_code == 501 and "not available yet" in response.json()["detail"]
+        response = requests.post(f"{server.base}/infer/{route}/her2_score", params={"image": image_id}, timeout=30)
+        assert response.status_code == 400 and "scores patches" in response.json()["detail"]
         assert requests.post(f"{server.base}/infer/{route}/nope", timeout=30).status_code == 404
+    region_cases = [
+        ({"location": [0, 0]}, 400, "size must be a list of 2 integers"),
+        ({"location": [0, 0], "size": [10**6, 10**6]}, 413, "pixels, more than"),
+        ({"location": [500, 0], "size": [64, 64]}, 400, "not inside the slide"),
+        ({"tile_size": [64, 32]}, 400, "tile_size must be square"),
+        ({"params": {"stain": "xyz"}}, 400, "stain must be one of"),
+        ({"params": [1]}, 400, "wsi.params must be a JSON object"),
+    ]
+    for wsi, status, message in region_cases:
+        response = requests.post(
+            f"{server.base}/infer/wsi_v2/her2_wsi",
+            params={"image": image_id},
+            data={"wsi": json.dumps(wsi)},
+            timeout=60,
+        )
+        assert response.status_code == status and message in response.json()["detail"], (wsi, response.text)
+        _assert_clean(server, response.text)
+    response = requests.post(
+        f"{server.base}/infer/wsi_v2/her2_wsi", params={"image": image_id}, data={"wsi": "[1"}, timeout=30
+    )
+    assert response.status_code == 400 and "wsi must be a JSON object" in response.json()["detail"]
     assert requests.post(f"{server.base}/activelearning/no_such_strategy", timeout=30).status_code == 404
     # size limits apply before the body is read: a claimed terabyte, and a chunked upload with no length at all
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
@@ -621,7 +721,7 @@ def test_fuzz_the_app_endpoints_finds_no_server_error(server: LabelServer) -> No
     Operations: ``POST /infer/{model}``, ``POST /infer/wsi_v2/{model}`` (the app's routes) and
     ``POST /activelearning/{strategy}`` (MONAI Label's route, the app's strategy lookup); ``model`` free and fixed to
     each of the three tasks; schemathesis's positive and negative generation; 20 cases each, fixed seed: at most
-    2 * 4 * 2 * 20 + 2 * 20 = 360 requests. 501 is the whole-slide stub's documented answer, anything else >= 500 fails.
+    2 * 4 * 2 * 20 + 2 * 20 = 360 requests. Any answer >= 500 fails.
     """
     schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is installed with the label extra")
     from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -650,7 +750,7 @@ def test_fuzz_the_app_endpoints_finds_no_server_error(server: LabelServer) -> No
         def run(case) -> None:
             response = case.call(base_url=server.base, timeout=60)
             counts[response.status_code] = counts.get(response.status_code, 0) + 1
-            if response.status_code >= 500 and response.status_code != 501:
+            if response.status_code >= 500:
                 failures.append((f"{op.method} {op.path}", path_parameters, response.status_code, response.text[:200]))
             assert "Traceback" not in response.text
 

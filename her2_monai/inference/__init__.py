@@ -11,6 +11,7 @@ from her2_monai.inference.records import (
     collect_records,
     require_records,
 )
+from her2_monai.inference.stain import model_stain_references
 from her2_monai.inference.writer import PredictionWriter
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "collect_records",
     "require_records",
     "PredictionWriter",
+    "model_stain_references",
 ]

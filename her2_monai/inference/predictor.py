@@ -43,7 +43,19 @@ from her2_monai.metrics.translation import to_uint8_images
 from her2_monai.networks.factory import require_model_file
 from her2_monai.stain_batch import autocast, prepare_stain_batch
 
-__all__ = ["REFER_REASONS", "prediction_result", "HER2Predictor", "TorchScriptPredictor", "load_predictor"]
+__all__ = [
+    "REFER_REASONS",
+    "STAIN_UNCERTAIN_BELOW",
+    "prediction_result",
+    "HER2Predictor",
+    "TorchScriptPredictor",
+    "load_predictor",
+]
+
+#: An image of unknown stain whose branch-selector probability is below this is referred (``stain_uncertain``): the
+#: selector's wrong calls on real images of other labs and magnifications come with lower probabilities than its
+#: right ones (``docs/design.md``, branch selector).
+STAIN_UNCERTAIN_BELOW = 0.8
 
 
 def _scalar(value: Any) -> float:
@@ -51,7 +63,7 @@ def _scalar(value: Any) -> float:
 
 
 #: Why a case is referred to a pathologist (``refer_reasons``), in this order.
-REFER_REASONS = ("no_tissue", "out_of_distribution", "stain_mismatch", "low_confidence")
+REFER_REASONS = ("no_tissue", "out_of_distribution", "stain_mismatch", "stain_uncertain", "low_confidence")
 
 
 def _finite(value: Any) -> float | None:
@@ -61,7 +73,9 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def prediction_result(item: Mapping[str, Any], refer_threshold: float | None = None) -> dict[str, Any]:
+def prediction_result(
+    item: Mapping[str, Any], refer_threshold: float | None = None, stain_threshold: float = STAIN_UNCERTAIN_BELOW
+) -> dict[str, Any]:
     """The JSON answer for one sample after post-processing (``pred`` = class probabilities).
 
     A case is referred (``refer: true``) for every reason in ``refer_reasons``: ``no_tissue`` (the tissue check
@@ -78,6 +92,7 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float | None = N
             ``tissue_ok``/``tissue_fraction``/``tissue_issue``, ``id``, the source paths and ``label``.
         refer_threshold: confidence below which the case is referred; ``None`` = the model's recorded threshold
             for the sample's scenario (``item["refer_threshold"]``), else 0.5.
+        stain_threshold: selector probability below which an image of unknown stain is referred (``stain_uncertain``).
 
     Returns:
         ``score`` ("0".."3+" or null), ``probabilities`` (4 floats or null), ``confidence`` (max calibrated
@@ -85,6 +100,7 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float | None = N
         an OOD score), ``ood_threshold``, ``calibrated`` (a temperature was applied), ``scenario``,
         ``detected_stains`` (stain names of the given images: H&E slot then IHC slot, or the one unknown-stain
         image), ``stain_source``, ``warnings`` (declared stains the selector disagrees with, tissue refusals),
+        ``stain_confidence`` (the selector's probability of each detected stain),
         ``tissue_fraction`` (per given image), ``stain_attention`` (the CBAM weight of each stain, ``{"he", "ihc"}``;
         a missing stain's weight is that of its synthetic stand-in), with MC dropout ``uncertainty``
         (``predictive_entropy``, ``mutual_information``), and when known ``id``, ``inputs`` (paths) and ``label``
@@ -101,11 +117,12 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float | None = N
     known = _scalar(item.get(STAIN_KNOWN_KEY, 1.0)) > 0.5
     calls = [int(v) for v in torch.as_tensor(item[STAINS_KEY]).reshape(-1).tolist()]
     stain_conf = [float(v) for v in torch.as_tensor(item.get(STAIN_PROB_KEY, [math.nan] * 2)).reshape(-1).tolist()]
-    detected, warnings = [], []
+    detected, warnings, detected_confidence = [], [], []
     for slot, (declared, call) in enumerate(zip((HE_KEY, IHC_KEY), calls)):
         if call == NO_IMAGE:
             continue
         detected.append(STAIN_CLASS_NAMES[call])
+        detected_confidence.append(None if math.isnan(stain_conf[slot]) else round(stain_conf[slot], 6))
         if known and STAIN_CLASS_NAMES[call] != declared:
             warnings.append(
                 f"the image given as {declared} looks like {STAIN_CLASS_NAMES[call]} to the branch selector "
@@ -124,6 +141,9 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float | None = N
         reasons.append("out_of_distribution")
     if known and any(STAIN_CLASS_NAMES[c] != s for s, c in zip((HE_KEY, IHC_KEY), calls) if c != NO_IMAGE):
         reasons.append("stain_mismatch")
+    unsure = [c for c in detected_confidence[:1] if c is not None and c < stain_threshold]
+    if not known and unsure:
+        reasons.append("stain_uncertain")
     if tissue_ok and confidence < threshold:
         reasons.append("low_confidence")
     result: dict[str, Any] = {}
@@ -144,6 +164,7 @@ def prediction_result(item: Mapping[str, Any], refer_threshold: float | None = N
             "detected_stains": detected,
             "stain_source": "declared" if known else "selector",
             "warnings": warnings,
+            "stain_confidence": detected_confidence,
         }
     )
     if tissue_ok and item.get("stain_attention") is not None:

@@ -6,7 +6,10 @@ Tasks (names as clients see them):
   or of a pair (``params.he`` / ``params.ihc`` = the datastore id of the other stain); the JSON of
   ``python -m her2_monai predict``.
 * ``her2_translate`` (infer): the CM-GAN's synthetic IHC (or H&E) for a patch, as an RGB PNG.
-* ``her2_wsi`` (infer, whole-slide / region): a stub that answers 501 until whole-slide inference lands.
+* ``her2_wsi`` (infer, whole-slide / region): per-tile HER2 scores and the ASCO/CAP-style call of a region of a slide in
+  the datastore (:mod:`her2_monai.wsi`); ``POST /infer/wsi_v2/her2_wsi`` with ``image=<id>`` and MONAI Label's ``wsi``
+  form (``location``, ``size``, ``level``, ``tile_size``), or ``POST /infer/her2_wsi?image=<id>`` with the same keys
+  in ``params``.
 * ``her2_score`` (train): ``python -m monai.bundle run training`` on a datalist built from the datastore.
 
 ``--conf`` keys: see :mod:`her2_monai.label_app.config`. The server must be given ``--host`` explicitly (MONAI
@@ -29,12 +32,12 @@ import her2_monai
 from her2_monai.label_app.config import AppConfig
 from her2_monai.label_app.model import ModelHolder, scrub_paths
 from her2_monai.label_app.tasks import (
-    WSI_NOT_AVAILABLE,
     HER2ScoreTask,
     HER2TrainTask,
     InputImage,
     StainTranslationTask,
-    WholeSlideStubTask,
+    WholeSlideTask,
+    parse_region_request,
 )
 from her2_monai.label_app.uploads import RequestError, check_image
 
@@ -118,7 +121,7 @@ class HER2LabelApp(MONAILabelApp):
         return {
             SCORE_MODEL: HER2ScoreTask(self.holder),
             TRANSLATE_MODEL: StainTranslationTask(self.holder),
-            WSI_MODEL: WholeSlideStubTask(),
+            WSI_MODEL: WholeSlideTask(self.holder),
         }
 
     def init_trainers(self) -> dict[str, TrainTask]:
@@ -181,8 +184,37 @@ class HER2LabelApp(MONAILabelApp):
         elif isinstance(task, StainTranslationTask):
             png, result = task.run(image, params)
         else:
-            raise RequestError(501, WSI_NOT_AVAILABLE)
+            raise RequestError(
+                400, f"'{model}' scores a slide of the datastore, not an upload: give image=<datastore id> (and the "
+                "region as location/size)"
+            )  # fmt: skip
         return png, scrub_paths(result, self.server_paths())
+
+    def datastore_slide(self, image_id: str) -> Path:
+        """A datastore slide by id (never a path); its readability is checked when it is opened.
+
+        Raises:
+            RequestError: 400 without an id, 404 if the id is not in the datastore.
+        """
+        if not image_id:
+            raise RequestError(400, "no slide: give image=<datastore id> of a slide in the server's datastore")
+        uri = self.datastore().get_image_uri(str(image_id))
+        if not uri or not Path(uri).is_file():
+            raise RequestError(404, f"image '{str(image_id)[:80]}' is not in the datastore")
+        return Path(uri)
+
+    def run_region(self, model: str, image_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Score a region of a datastore slide with the whole-slide task; JSON with server paths scrubbed.
+
+        Raises:
+            RequestError: 4xx for a patch model, an unknown id, an unreadable slide or a bad region.
+        """
+        task = self.task(model)
+        if not isinstance(task, WholeSlideTask):
+            raise RequestError(400, f"'{model}' scores patches; whole-slide requests go to '{WSI_MODEL}'")
+        request = parse_region_request(spec)
+        result = task.run(self.datastore_slide(str(image_id)), str(image_id), request)
+        return scrub_paths(result, self.server_paths())
 
     def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
         """MONAI Label's infer entry (batch inference, sessions): ``request["image"]`` is a datastore id only.
@@ -190,7 +222,10 @@ class HER2LabelApp(MONAILabelApp):
         Uploads over HTTP take :mod:`her2_monai.label_app.server`'s route instead, which validates and stores them
         in a private folder first. A server path given as ``image`` is refused like any unknown id.
         """
-        self.task(request.get("model", ""))
+        task = self.task(request.get("model", ""))
+        if isinstance(task, WholeSlideTask):
+            result = self.run_region(request["model"], str(request.get("image") or ""), request)
+            return {"label": None, "tag": "original", "file": None, "params": result}
         image = self.datastore_image(str(request.get("image") or ""))
         png, result = self.run_infer(request["model"], image, request)
         file = None
@@ -201,9 +236,11 @@ class HER2LabelApp(MONAILabelApp):
         return {"label": file, "tag": "original", "file": file, "params": result}
 
     def infer_wsi(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
-        """Whole-slide / region inference is not available yet: 404 for unknown models, 501 otherwise."""
-        self.task(request.get("model", ""))
-        raise RequestError(501, WSI_NOT_AVAILABLE)
+        """MONAI Label's whole-slide entry: ``request`` holds ``image`` (datastore id), ``location``, ``size``,
+        ``level``, ``tile_size`` and ``params``; 404 for unknown models, 400 for patch models."""
+        spec = {**request, **(request.get("params") or {})}
+        result = self.run_region(request.get("model", ""), str(request.get("image") or ""), spec)
+        return {"label": None, "tag": "original", "file": None, "params": result}
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         """Active learning's next image; 404 (not MONAI Label's 500) for an unknown strategy."""

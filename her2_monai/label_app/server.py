@@ -9,8 +9,10 @@ server folders out of every response body:
 * ``POST /infer/{model}``: the upload (``file``) is copied into a fresh 0700 folder with a size limit, checked from
   its header (format, pixel count: no decompression bombs) and decoded before the model sees it, then removed;
   ``image`` may only be a datastore id. Every client mistake is a 4xx with ``{"detail": "<one line>"}``.
-* ``POST /infer/wsi/{model}``, ``POST /infer/wsi_v2/{model}``: 404 for an unknown model, otherwise 501 (whole-slide
-  inference has not landed yet).
+* ``POST /infer/wsi_v2/{model}`` (``image`` = datastore id, ``wsi`` = MONAI Label's JSON form: ``location``,
+  ``size``, ``level``, ``tile_size``, ``params``) and the older ``POST /infer/wsi/{model}`` (the same JSON as the
+  body): a region of a datastore slide scored tile by tile by ``her2_wsi``; 404 for an unknown model, 400 for a
+  patch model, a bad region or an upload (slides are read from the datastore, never uploaded per request).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 from enum import Enum
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, UploadFile
+from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from monailabel.config import RBAC_USER, settings
@@ -30,7 +32,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 from requests_toolbelt import MultipartEncoder
 
-from her2_monai.label_app.tasks import WSI_NOT_AVAILABLE, InputImage, WholeSlideStubTask
+from her2_monai.label_app.tasks import InputImage, WholeSlideTask
 from her2_monai.label_app.uploads import RequestError, check_image, client_name, private_workdir, save_upload
 
 __all__ = ["install", "build_api", "build_router", "HER2Dispatcher", "run_infer_request", "run_wsi_request"]
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 UserDep = Annotated[User, Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]
 OptionalUpload = Annotated[UploadFile | None, File()]
 FormText = Annotated[str, Form()]
+OptionalBody = Annotated[dict[str, Any] | None, Body()]
 
 
 class ResultType(str, Enum):
@@ -52,22 +55,34 @@ class ResultType(str, Enum):
     dicom_seg = "dicom_seg"
 
 
+class RegionResultType(str, Enum):
+    """MONAI Label's ``output`` choices for the whole-slide routes (``dsa`` is not supported)."""
+
+    asap = "asap"
+    dsa = "dsa"
+    json = "json"
+
+
 def _error(err: RequestError) -> JSONResponse:
     return JSONResponse(status_code=err.status_code, content={"detail": err.message})
 
 
-def _parse_params(params: str | None) -> dict[str, Any]:
+def _parse_params(params: str | None, name: str = "params", example: str = '{"stain": "he"}') -> dict[str, Any]:
     if not params:
         return {}
     try:
         value = json.loads(params)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise RequestError(400, 'params must be a JSON object, e.g. {"stain": "he"}') from None
+        raise RequestError(400, f"{name} must be a JSON object, e.g. {example}") from None
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise RequestError(400, 'params must be a JSON object, e.g. {"stain": "he"}')
+        raise RequestError(400, f"{name} must be a JSON object, e.g. {example}")
     return value
+
+
+def _uploaded(file: UploadFile | None) -> bool:
+    return file is not None and bool(file.filename or file.size)
 
 
 def _respond(model: str, png: bytes | None, result: dict[str, Any], output: ResultType | None) -> Response:
@@ -106,10 +121,12 @@ def run_infer_request(
     """
     try:
         app = _label_app()
-        if isinstance(app.task(model), WholeSlideStubTask):
-            raise RequestError(501, WSI_NOT_AVAILABLE)
         request_params = _parse_params(params)
-        if file is not None and (file.filename or file.size):
+        if isinstance(app.task(model), WholeSlideTask) and not _uploaded(file):
+            if output == ResultType.image:
+                raise RequestError(400, f"model '{model}' returns JSON only; use output=json")
+            return JSONResponse(app.run_region(model, image, request_params))
+        if _uploaded(file):
             name = client_name(file.filename)
             with private_workdir() as folder:
                 path = save_upload(file.file, folder, name, app.app_config.max_upload_bytes)
@@ -139,13 +156,52 @@ def run_infer_request(
         )
 
 
-def run_wsi_request(model: str) -> Response:
-    """The body of the whole-slide routes: 404 for an unknown model, otherwise 501."""
+_WSI_EXAMPLE = '{"location": [0, 0], "size": [2048, 2048], "tile_size": [256, 256]}'
+
+
+def run_wsi_request(
+    model: str,
+    image: str,
+    wsi: dict[str, Any] | str | None,
+    file: UploadFile | None,
+    output: RegionResultType | None = None,
+) -> Response:
+    """The body of the whole-slide routes: a region of a datastore slide scored by the whole-slide task.
+
+    Returns:
+        The region's JSON, or with ``output=asap`` its tiles as ASAP annotation XML (what MONAI Label's QuPath
+        extension displays); 4xx JSON for client errors (404 unknown model or image, 400 patch model, upload, bad
+        region or ``output=dsa``, 413 too many tiles, 415 not a slide), 503 without weights.
+    """
     try:
-        _label_app().task(model)
-        raise RequestError(501, WSI_NOT_AVAILABLE)
+        if output == RegionResultType.dsa:
+            raise RequestError(400, "output=dsa is not supported by this app; use json or asap")
+        app = _label_app()
+        app.task(model)
+        spec = wsi if isinstance(wsi, dict) else _parse_params(wsi, "wsi", _WSI_EXAMPLE)
+        extra = spec.get("params")
+        if extra is not None and not isinstance(extra, dict):
+            raise RequestError(400, 'wsi.params must be a JSON object, e.g. {"stain": "he"}')
+        if _uploaded(file):
+            raise RequestError(
+                400, "whole-slide requests read the slide from the datastore: give image=<id>, no upload"
+            )
+        result = app.run_region(model, image, {**spec, **(extra or {})})
+        if output == RegionResultType.asap:
+            from her2_monai.wsi.outputs import tiles_asap_xml
+
+            return Response(content=tiles_asap_xml(result["tiles"]), media_type="application/xml")
+        return JSONResponse(result)
     except RequestError as err:
         return _error(err)
+    except FileNotFoundError as err:
+        logger.error("model files missing: %s", err)
+        return _error(RequestError(503, "the HER2 model is not available on this server (weights missing; see log)"))
+    except Exception:  # noqa: BLE001 - a bug: log the trace here, send none to the client
+        logger.exception("whole-slide infer %s failed", model)
+        return JSONResponse(
+            status_code=500, content={"detail": f"internal error while running '{model}'; the server log has details"}
+        )
 
 
 def build_router(prefix: str = "") -> APIRouter:
@@ -166,14 +222,18 @@ def build_router(prefix: str = "") -> APIRouter:
         """Run an infer task on an uploaded patch (``file``), a datastore image (``image``) or a session.
 
         ``params`` (JSON): ``her2_score``: ``stain`` (auto|he|ihc), ``he``/``ihc`` (datastore id of the other stain);
-        ``her2_translate``: ``source`` (auto|he|ihc), ``size`` (model|input). ``label`` is accepted and ignored.
+        ``her2_translate``: ``source`` (auto|he|ihc), ``size`` (model|input); ``her2_wsi`` (``image`` = a datastore
+        slide): ``location`` [x, y], ``size`` [w, h] (level-0 pixels), ``level``, ``tile_size``, ``overlap``,
+        ``min_tissue``, ``stain`` (he|ihc|auto). ``label`` is accepted and ignored.
         """
         return run_infer_request(model, image, session_id, params, file, output)
 
     @router.post("/infer/wsi/{model}", tags=["Infer"], summary=f"{RBAC_USER}Run WSI Inference", include_in_schema=False)
-    def api_run_wsi_inference(model: str, user: UserDep) -> Response:
-        """Whole-slide inference: not available yet (501)."""
-        return run_wsi_request(model)
+    def api_run_wsi_inference(
+        model: str, user: UserDep, image: str = "", wsi: OptionalBody = None, output: RegionResultType | None = None
+    ) -> Response:
+        """Whole-slide / region inference (MONAI Label's older route: the ``wsi`` JSON is the request body)."""
+        return run_wsi_request(model, image, wsi or {}, None, output)
 
     @router.post("/infer/wsi_v2/{model}", tags=["Infer"], summary=f"{RBAC_USER}Run WSI Inference for supported model")
     def api_run_wsi_v2_inference(
@@ -182,9 +242,13 @@ def build_router(prefix: str = "") -> APIRouter:
         image: str = "",
         file: OptionalUpload = None,
         wsi: FormText = "{}",
+        output: RegionResultType | None = None,
     ) -> Response:
-        """Whole-slide / region inference: not available yet (501)."""
-        return run_wsi_request(model)
+        """Whole-slide / region inference: ``image`` = datastore id of a slide; ``wsi`` = JSON with ``location`` [x, y]
+        and ``size`` [w, h] in level-0 pixels (absent: the whole slide), ``level``, ``tile_size`` [n, n] and
+        ``params`` (``overlap``, ``min_tissue``, ``stain``); ``output`` = json (default) or asap (tile polygons as
+        ASAP XML, for QuPath)."""
+        return run_wsi_request(model, image, wsi, file, output)
 
     return router
 

@@ -1,4 +1,4 @@
-"""MONAI Label tasks of the HER2 app: HER2 score, synthetic stain, whole-slide stub and bundle training.
+"""MONAI Label tasks of the HER2 app: HER2 score, synthetic stain, whole-slide region scoring and bundle training.
 
 Infer tasks take already-validated local files (the app resolves uploads and datastore ids, see ``main.py``); they
 never treat request strings as paths. Each returns ``(png bytes or None, JSON)``; MONAI Label's own ``__call__``
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,14 @@ __all__ = [
     "InputImage",
     "HER2ScoreTask",
     "StainTranslationTask",
-    "WholeSlideStubTask",
+    "WholeSlideTask",
+    "RegionRequest",
+    "parse_region_request",
     "HER2TrainTask",
     "build_train_command",
     "TRAIN_RUN_IDS",
-    "WSI_NOT_AVAILABLE",
+    "MAX_REGION_PIXELS",
+    "MAX_TILES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,11 +50,6 @@ logger = logging.getLogger(__name__)
 _STAINS = (HE_KEY, IHC_KEY)
 #: The bundle workflows the train task may start.
 TRAIN_RUN_IDS = ("training", "train_classifier", "train_gan")
-#: The whole-slide stub's answer.
-WSI_NOT_AVAILABLE = (
-    "whole-slide inference is not available yet in her2-monai (planned); send one patch (at most a few thousand "
-    "pixels a side) to /infer/her2_score instead"
-)
 
 
 class InputImage:
@@ -229,23 +228,173 @@ class StainTranslationTask(InferTask):
         return out, result
 
 
-class WholeSlideStubTask(InferTask):
-    """Placeholder for whole-slide (region) inference: always answers 501, never a made-up result."""
+#: Largest region (level-0 pixels) and number of grid tiles one request may ask for.
+MAX_REGION_PIXELS = 32768 * 32768
+MAX_TILES = 2048
+_TILE_RANGE = (32, 4096)
 
-    def __init__(self) -> None:
+
+@dataclass(frozen=True)
+class RegionRequest:
+    """A validated whole-slide request: where, how to tile, which stain.
+
+    Attributes:
+        region: ``(x, y, width, height)`` in level-0 pixels, or ``None`` for the whole slide.
+        level: pyramid level the tiles are read from.
+        tile_size: tile side in pixels of that level.
+        overlap: pixels shared by neighbouring tiles.
+        min_tissue: smallest tissue share of a scored tile.
+        stain: ``he``, ``ihc`` or ``auto``.
+    """
+
+    region: tuple[int, int, int, int] | None
+    level: int
+    tile_size: int
+    overlap: int
+    min_tissue: float
+    stain: str
+
+
+def _integers(value: Any, key: str, count: int) -> tuple[int, ...]:
+    """``count`` integers from a JSON value (a number, or a list of ``count`` numbers)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    numbers = []
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (int, float, str)):
+            break
+        try:
+            number = float(item)
+        except ValueError:
+            break
+        if not number.is_integer() or abs(number) > 2**31:
+            break
+        numbers.append(int(number))
+    if len(values) != count or len(numbers) != count:
+        what = "an integer" if count == 1 else f"a list of {count} integers"
+        raise RequestError(400, f"{key} must be {what}, got {str(value)[:60]!r}")
+    return tuple(numbers)
+
+
+def parse_region_request(spec: Mapping[str, Any]) -> RegionRequest:
+    """Read a region request: MONAI Label's ``wsi`` fields (``location`` [x, y] and ``size`` [width, height] in
+    level-0 pixels, ``level``, ``tile_size`` [n, n]) plus ``overlap``, ``min_tissue`` and ``stain``; without
+    ``location`` and ``size`` the whole slide is scored.
+
+    Raises:
+        RequestError: 400 naming the field, 413 for a region larger than :data:`MAX_REGION_PIXELS`.
+    """
+    region = None
+    if spec.get("location") is not None or spec.get("size") is not None:
+        x, y = _integers(spec.get("location", [0, 0]), "location", 2)
+        width, height = _integers(spec.get("size"), "size", 2)
+        if min(x, y) < 0 or min(width, height) < 1:
+            raise RequestError(400, f"location must be >= 0 and size >= 1, got {[x, y]} and {[width, height]}")
+        if width * height > MAX_REGION_PIXELS:
+            raise RequestError(413, f"the region has {width * height:,} pixels, more than {MAX_REGION_PIXELS:,}")
+        region = (x, y, width, height)
+    level = _integers(spec.get("level", 0) or 0, "level", 1)[0]
+    tile = spec.get("tile_size", 256)
+    tile = tile if isinstance(tile, (list, tuple)) else [tile, tile]
+    width, height = _integers(tile, "tile_size", 2)
+    if width != height or not _TILE_RANGE[0] <= width <= _TILE_RANGE[1]:
+        raise RequestError(400, f"tile_size must be square, {_TILE_RANGE[0]} to {_TILE_RANGE[1]} pixels, got {tile}")
+    overlap = _integers(spec.get("overlap", 0) or 0, "overlap", 1)[0]
+    if not 0 <= overlap < width:
+        raise RequestError(400, f"overlap must be in [0, tile_size), got {overlap}")
+    try:
+        min_tissue = float(spec.get("min_tissue", 0.5))
+    except (TypeError, ValueError):
+        raise RequestError(
+            400, f"min_tissue must be a number in [0, 1], got {str(spec.get('min_tissue'))[:40]!r}"
+        ) from None
+    if not 0.0 <= min_tissue <= 1.0:
+        raise RequestError(400, f"min_tissue must be a number in [0, 1], got {min_tissue}")
+    stain = _choice(spec, "stain", ("he", "ihc", "auto"), "he")
+    return RegionRequest(region, level, width, overlap, min_tissue, stain)
+
+
+class WholeSlideTask(InferTask):
+    """HER2 scores of the tissue tiles of a slide region, and the region-level call (:mod:`her2_monai.wsi`).
+
+    The slide must be in the app's datastore (slides are too large to upload per request). The answer: ``score``
+    (ASCO/CAP-style region call, ``None`` without usable tiles), ``refer``, ``equivocal``, ``tile_counts``,
+    ``referred_tiles``, ``tissue_tiles``, ``call`` (shares and rule), ``region``, ``tiling`` and ``tiles`` (each:
+    ``x``, ``y``, ``size`` in level-0 pixels, ``score``, ``confidence``, ``refer``, ``probabilities``, ``tissue``).
+
+    Args:
+        holder: the served model.
+    """
+
+    def __init__(self, holder: ModelHolder) -> None:
         super().__init__(
             type=InferType.CLASSIFICATION,
             labels=list(CLASS_NAMES),
             dimension=2,
-            description="Whole-slide HER2 scoring: NOT AVAILABLE YET (answers 501)",
-            config={"available": False},
+            description="HER2 region call and per-tile scores for a region of a datastore slide (tiles of tissue)",
+            config={"stain": ["he", "ihc", "auto"], "tile_size": 256, "level": 0, "overlap": 0, "min_tissue": 0.5},
         )
+        self.holder = holder
 
     def is_valid(self) -> bool:
         return True
 
+    def run(self, slide_path: Path, name: str, request: RegionRequest) -> dict[str, Any]:
+        """Score a region.
+
+        Raises:
+            RequestError: 415 if the file is not a slide the server reads, 400 for a region outside the slide or a
+                level it does not have, 413 for too many tiles.
+        """
+        from her2_monai.wsi import SlideOpenError, TilingSettings, WholeSlideScorer, open_slide, plan_tiles
+
+        settings = TilingSettings(
+            tile_size=request.tile_size, level=request.level, overlap=request.overlap, min_tissue=request.min_tissue
+        )
+        try:
+            slide = open_slide(slide_path)
+        except SlideOpenError as err:
+            reason = str(err).replace(f"slide '{slide_path}'", name).replace(str(slide_path), name)
+            raise RequestError(415, f"not a slide this server can read: {reason}") from None
+        with slide:
+            try:
+                plan = plan_tiles(slide, settings, request.region)
+            except ValueError as err:
+                raise RequestError(400, f"{name}: {str(err).replace(str(slide_path), name)}") from None
+            if plan.grid_tiles > MAX_TILES:
+                raise RequestError(
+                    413, f"the region holds {plan.grid_tiles} tiles, more than {MAX_TILES}: send a smaller region or "
+                    "a larger tile_size"
+                )  # fmt: skip
+
+            def score(predictor: Any) -> dict[str, Any]:
+                scorer = WholeSlideScorer(predictor, settings, stain=request.stain, progress=False)
+                return scorer.score(slide, None, request.region)
+
+            result = self.holder.run(score)
+        call, rows, plan = result["call"], result["rows"], result["plan"]
+        keep = ("tile", "x", "y", "size", "tissue", "score", "confidence", "refer", "refer_reasons", "probabilities")
+        tiles = [{k: row[k] for k in keep} | {"detected_stains": row["detected_stains"]} for row in rows]
+        return {
+            "image": name,
+            "score": call["score"],
+            "refer": call["refer"],
+            "equivocal": call["equivocal"],
+            "tile_counts": call["counts"],
+            "referred_tiles": call["referred"],
+            "tissue_tiles": len(rows),
+            "call": call,
+            "region": {"location": list(plan.area[:2]), "size": list(plan.area[2:]), "level": plan.level},
+            "tiling": {"tile_size": plan.read_size, "tile_size_level0": plan.tile_size_level0,
+                       "overlap": request.overlap, "min_tissue": request.min_tissue, "grid_tiles": plan.grid_tiles},
+            "stain": request.stain,
+            "seconds": round(float(result["seconds"]), 3),
+            "tiles": tiles,
+        }  # fmt: skip
+
     def __call__(self, request: dict) -> tuple[str | None, dict]:
-        raise RequestError(501, WSI_NOT_AVAILABLE)
+        """MONAI Label's contract (batch inference): ``request["image"]`` is a resolved local slide file."""
+        path = Path(request["image"])
+        return None, self.run(path, str(request.get("image_id", path.stem)), parse_region_request(request))
 
 
 def _override_arg(value: Any) -> str:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from her2_monai.transforms.augment import LabAppearanceBatch, RandLabAppearanced, RandStainJitterd
 from her2_monai.transforms.load import LoadStainsd
 from her2_monai.transforms.missing import FillMissingStainsd, RandModalityDropoutd
+from her2_monai.transforms.stain_normalization import NormalizeStain, NormalizeStaind, StainReference
+from her2_monai.transforms.stain_settings import normalization_record, stain_references
 from her2_monai.transforms.tissue import TissueCheckd, tissue_fraction, tissue_mask
+from her2_monai.transforms.tissue_layout import RandGlassAndFatd
 
 __all__ = [
     "LoadStainsd",
@@ -17,4 +20,10 @@ __all__ = [
     "TissueCheckd",
     "tissue_fraction",
     "tissue_mask",
+    "NormalizeStain",
+    "NormalizeStaind",
+    "StainReference",
+    "stain_references",
+    "normalization_record",
+    "RandGlassAndFatd",
 ]

@@ -376,37 +376,53 @@ class StainReference:
             document = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"stain reference {path}: not a JSON file ({err})") from None
+        return cls.from_dict(document, f"stain reference {path}")
+
+    @classmethod
+    def from_dict(cls, document: Any, where: str = "stain reference") -> StainReference:
+        """Rebuild a reference from :meth:`to_dict`'s document (a saved file's content or a model file's record).
+
+        Args:
+            document: the JSON document.
+            where: how to name its origin in messages.
+
+        Returns:
+            The reference.
+
+        Raises:
+            ValueError: if the document is of another format or version, or lacks a key (naming ``where`` and the key).
+        """
         if not isinstance(document, dict) or document.get("format") != REFERENCE_FORMAT:
-            raise ValueError(f"stain reference {path}: 'format' must be '{REFERENCE_FORMAT}'")
+            raise ValueError(f"{where}: 'format' must be '{REFERENCE_FORMAT}'")
         if document.get("version") != REFERENCE_VERSION:
-            raise ValueError(
-                f"stain reference {path}: 'version' is {document.get('version')!r}, this code reads {REFERENCE_VERSION}"
-            )
+            raise ValueError(f"{where}: 'version' is {document.get('version')!r}, this code reads {REFERENCE_VERSION}")
         for key in ("method", "stain", "statistics"):
             if key not in document:
-                raise ValueError(f"stain reference {path}: missing key '{key}'")
-        method = _check_method(document["method"], f"stain reference {path}: 'method'")
-        stain = _check_stain(document["stain"], f"stain reference {path}: 'stain'")
+                raise ValueError(f"{where}: missing key '{key}'")
+        method = _check_method(document["method"], f"{where}: 'method'")
+        stain = _check_stain(document["stain"], f"{where}: 'stain'")
         statistics = document["statistics"]
         for key, shape in _STATISTIC_SHAPES[method].items():
             value = statistics.get(key) if isinstance(statistics, dict) else None
             if value is None:
-                raise ValueError(f"stain reference {path}: missing key 'statistics.{key}' for method '{method}'")
+                raise ValueError(f"{where}: missing key 'statistics.{key}' for method '{method}'")
             array = np.asarray(value, dtype=np.float64)
             if array.shape != shape or not np.isfinite(array).all():
                 raise ValueError(
-                    f"stain reference {path}: 'statistics.{key}' must be finite numbers of shape {shape}, "
-                    f"got shape {array.shape}"
+                    f"{where}: 'statistics.{key}' must be finite numbers of shape {shape}, got shape {array.shape}"
                 )
-        return cls(method=method, stain=stain, statistics=statistics, images=list(document.get("images", [])))
+        return cls(
+            method=method, stain=stain, statistics=copy.deepcopy(statistics), images=list(document.get("images", []))
+        )
 
     @classmethod
     def resolve(cls, reference: Any, method: str | None = None, stain: str | None = None) -> StainReference:
         """Turn what a user gave as ``reference`` into a :class:`StainReference`.
 
         Args:
-            reference: a :class:`StainReference`; a ``.json`` file written by :meth:`save`; or one image (path or
-                array) or a list of them to fit on the fly with ``method`` and ``stain``.
+            reference: a :class:`StainReference`; a ``.json`` file written by :meth:`save`; its document (a dict, as
+                a model file records it); or one image (path or array) or a list of them to fit on the fly with
+                ``method`` and ``stain``.
             method: required when fitting; must match a given or loaded reference's method when both are set.
             stain: as ``method`` (default ``"he"`` when fitting).
 
@@ -420,6 +436,8 @@ class StainReference:
             resolved, origin = reference, "the given reference"
         elif isinstance(reference, (str, os.PathLike)) and Path(reference).suffix.lower() == ".json":
             resolved, origin = cls.load(reference), f"stain reference {reference}"
+        elif isinstance(reference, Mapping):
+            resolved, origin = cls.from_dict(dict(reference), "the recorded stain reference"), "the recorded reference"
         else:
             if method is None:
                 raise ValueError(f"method is needed to fit a stain reference on images; expected one of {METHODS}")
@@ -660,6 +678,9 @@ class NormalizeStaind(MapTransform):
         method: see :class:`NormalizeStain`.
         stain: see :class:`NormalizeStain`.
         allow_missing_keys: skip keys that are absent (default ``True``: a stain may be missing in a record).
+        known_key: when set, a record whose value under this key is 0 is passed through untouched. The inference
+            chain sets it to ``stain_known``: an image of unknown stain sits in the H&E slot until the branch selector
+            routes it, and must not be normalised as H&E before anyone knows it is one.
         kwargs: further :class:`NormalizeStain` arguments.
     """
 
@@ -672,13 +693,17 @@ class NormalizeStaind(MapTransform):
         method: str | None = None,
         stain: str | None = None,
         allow_missing_keys: bool = True,
+        known_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.normalizer = NormalizeStain(reference, method=method, stain=stain, **kwargs)
+        self.known_key = known_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        if self.known_key is not None and float(d.get(self.known_key, 1.0)) < 0.5:
+            return d
         for key in self.key_iterator(d):
             if d[key] is not None:
                 d[key] = self.normalizer(d[key])

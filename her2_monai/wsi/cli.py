@@ -1,0 +1,127 @@
+"""``python -m her2_monai wsi``: HER2 call for a whole slide (or a region) with the trained bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["wsi", "parse_region"]
+
+
+def parse_region(region: Any) -> tuple[int, int, int, int] | None:
+    """``"x,y,width,height"`` (or a 4-sequence) in level-0 pixels -> a tuple; ``None`` stays ``None``.
+
+    Raises:
+        ValueError: for anything else.
+    """
+    if region is None:
+        return None
+    values = region.split(",") if isinstance(region, str) else list(region) if isinstance(region, (list, tuple)) else []
+    try:
+        numbers = tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 4:
+        raise ValueError(f"--region must be x,y,width,height in level-0 pixels, got {region!r}")
+    return numbers  # type: ignore[return-value]
+
+
+def wsi(
+    slide: str | None = None,
+    output: str | None = None,
+    bundle: str = "bundle",
+    config_file: str | None = None,
+    ihc_slide: str | None = None,
+    stain: str = "he",
+    tile_size: int = 1024,
+    level: int = 0,
+    overlap: int = 0,
+    min_tissue: float = 0.5,
+    mpp: float | None = None,
+    batch_size: int = 16,
+    region: str | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+    refer_threshold: float | None = None,
+    stain_normalization: str | None = None,
+    stain_reference: str | None = None,
+    stain_reference_ihc: str | None = None,
+    device: str | None = None,
+) -> None:
+    """Score the tissue of a whole slide tile by tile and make a slide-level HER2 call.
+
+    Writes into OUTPUT: slide.json (slide-level score, tile counts per class, tissue tile count, the call's shares,
+    tiling and timing), tiles.csv (one row per tile), tiles.geojson (tile squares with scores; QuPath: File > Import
+    objects) and heatmap.png (scores over the thumbnail). The slide-level rule is ASCO/CAP-style: referred tiles are
+    excluded and counted, the call is the highest score reached or exceeded by more than 10% of the other tiles.
+
+    Args:
+        slide: slide file: SVS or tiled/pyramidal TIFF (tifffile; JPEG tiles need imagecodecs), any format OpenSlide
+            reads when it is installed, or a plain PNG/JPEG (decoded whole).
+        output: output folder (created).
+        bundle: bundle folder holding models/model.pt (and configs/inference.json).
+        config_file: inference config (default <bundle>/configs/inference.json).
+        ihc_slide: registered IHC slide of a pair (SLIDE is then the H&E); same size and pixel frame.
+        stain: stain of SLIDE: he (default), ihc, or auto (the branch selector decides per tile).
+        tile_size: tile side in pixels of the read level (1024 at level 0 of a 20x slide = the BCI patch field).
+        level: pyramid level the tiles are read from.
+        overlap: pixels shared by neighbouring tiles.
+        min_tissue: smallest tissue share of a scored tile (0-1).
+        mpp: tiles cover TILE_SIZE pixels at this resolution (microns/pixel); level and read size follow from the
+            slide's own resolution.
+        batch_size: tiles per forward pass.
+        region: only this region, "x,y,width,height" in level-0 pixels.
+        backend: slide reader: auto, tifffile, openslide or pil.
+        progress: show a progress bar.
+        refer_threshold: tile confidence below which a tile is referred (default: the bundle's).
+        stain_normalization: as for predict (default: as recorded in the model file).
+        stain_reference: H&E target for --stain_normalization.
+        stain_reference_ihc: IHC target for --stain_normalization.
+        device: cpu, cuda, cuda:N (default: the bundle's choice).
+    """
+    for flag, value in (("slide", slide), ("output", output)):
+        if value is None or isinstance(value, bool):
+            raise ValueError(f"--{flag} is required and needs a path")
+    if isinstance(ihc_slide, bool):
+        raise ValueError("--ihc_slide needs a path")
+    from her2_monai.utils import as_bool
+    from her2_monai.wsi.inference import TilingSettings
+    from her2_monai.wsi.run import run_wsi
+
+    settings = TilingSettings(
+        tile_size=int(tile_size),
+        level=int(level),
+        overlap=int(overlap),
+        min_tissue=float(min_tissue),
+        mpp=None if mpp is None else float(mpp),
+        batch_size=int(batch_size),
+    )
+    overrides: dict[str, Any] = {}
+    if refer_threshold is not None:
+        overrides["refer_threshold"] = float(refer_threshold)
+    if device is not None:
+        overrides["device"] = f"$torch.device('{device}')"
+    stain_options = {"stain_normalization": stain_normalization, "stain_reference": stain_reference}
+    stain_options["stain_reference_ihc"] = stain_reference_ihc
+    overrides.update({k: str(v) for k, v in stain_options.items() if v is not None})
+    summary = run_wsi(
+        str(slide),
+        str(output),
+        bundle=bundle,
+        config_file=config_file,
+        ihc_slide=None if ihc_slide is None else str(ihc_slide),
+        stain=str(stain),
+        settings=settings,
+        region=parse_region(region),
+        backend=str(backend),
+        progress=as_bool(progress, "--progress"),
+        **overrides,
+    )
+    counts = " ".join(f"{k}:{v}" for k, v in summary["tile_counts"].items())
+    verdict = "no call" if summary["score"] is None else f"HER2 {summary['score']}"
+    flags = (" (equivocal)" if summary["equivocal"] else "") + (" - refer" if summary["refer"] else "")
+    print(
+        f"{summary['slide']}: {verdict}{flags}; {summary['tissue_tiles']} tissue tiles ({counts}, referred "
+        f"{summary['referred_tiles']}); {summary['timing']['tiles_per_second']:.2f} tiles/s; "
+        f"written to {Path(output).resolve()}"
+    )

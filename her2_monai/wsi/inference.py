@@ -1,0 +1,254 @@
+"""Whole-slide (or region) HER2 scoring: tissue tiles streamed in batches through the bundle's predictor.
+
+:class:`WholeSlideScorer` plans the tiles (thumbnail -> tissue mask -> grid at the model's magnification), reads
+them batch by batch -- the next batch is read in a background thread while the model runs on the current one --
+and sends each batch through :meth:`~her2_monai.inference.predictor.HER2Predictor.predict_records`, i.e. the
+bundle's inference preprocessing and :meth:`~her2_monai.inference.deploy.HER2Deploy.predict_batch`. Only the
+thumbnail, one or two batches of tiles and one small result row per tile are held, whatever the slide's size.
+
+Stains: ``he`` (the common case: an H&E slide), ``ihc`` (an IHC slide), ``auto`` (each tile is routed by the branch
+selector, as ``predict --image`` does), or a registered pair (an H&E slide plus an IHC slide in the same pixel frame,
+read at the same coordinates).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY
+from her2_monai.inference.records import IMAGE_KEY
+from her2_monai.wsi.call import slide_call
+from her2_monai.wsi.reader import Slide
+from her2_monai.wsi.tissue import Tile, tile_grid, tissue_mask
+
+__all__ = ["STAIN_MODES", "TilingSettings", "TilePlan", "WholeSlideScorer"]
+
+#: How the slide's stain is given: declared H&E or IHC, or decided per tile by the branch selector.
+STAIN_MODES = ("he", "ihc", "auto")
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    """How a slide is cut into tiles.
+
+    Attributes:
+        tile_size: tile side in pixels of the read level. The ``bci`` model was trained on BCI's 1024 px patches at
+            about 0.46 um/px (20x), resized to 512: 1024 px at level 0 of a 20x slide is the same field of view.
+        level: pyramid level the tiles are read from (ignored when ``mpp`` is set).
+        overlap: pixels (of the read level) shared by neighbouring tiles.
+        min_tissue: smallest share of a tile covered by tissue for it to be scored.
+        mpp: when set, tiles cover ``tile_size`` pixels *at this resolution* (microns per pixel): the level and the
+            read size are chosen from the slide's own resolution (the slide must record it).
+        thumbnail_size: longer side of the thumbnail the tissue mask is computed on.
+        batch_size: tiles per forward pass.
+    """
+
+    tile_size: int = 1024
+    level: int = 0
+    overlap: int = 0
+    min_tissue: float = 0.5
+    mpp: float | None = None
+    thumbnail_size: int = 2048
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 16:
+            raise ValueError(f"tile_size must be at least 16 pixels, got {self.tile_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.thumbnail_size < 64:
+            raise ValueError(f"thumbnail_size must be at least 64 pixels, got {self.thumbnail_size}")
+        if self.mpp is not None and not self.mpp > 0:
+            raise ValueError(f"mpp must be positive, got {self.mpp}")
+
+
+@dataclass
+class TilePlan:
+    """The tiles of a slide (or region) and what they were chosen from.
+
+    Attributes:
+        tiles: the tissue tiles to score.
+        thumbnail: ``(h, w, 3)`` uint8 overview of the whole slide.
+        downsample: level-0 pixels per thumbnail pixel.
+        mask: ``(h, w)`` tissue mask of the thumbnail.
+        area: ``(x, y, width, height)`` that was tiled, in level-0 pixels.
+        level: the read level.
+        read_size: tile side in pixels of the read level.
+        tile_size_level0: tile side in level-0 pixels.
+        grid_tiles: tiles in the grid before the tissue filter.
+    """
+
+    tiles: list[Tile]
+    thumbnail: np.ndarray
+    downsample: float
+    mask: np.ndarray
+    area: tuple[int, int, int, int]
+    level: int
+    read_size: int
+    tile_size_level0: int
+    grid_tiles: int
+
+
+def _read_geometry(slide: Slide, settings: TilingSettings) -> tuple[int, int]:
+    """``(level, read size)`` for the settings: as given, or chosen for the target ``mpp``."""
+    if settings.mpp is None:
+        return slide.check_level(settings.level), settings.tile_size
+    if slide.mpp is None:
+        raise ValueError(
+            f"slide '{slide.path.name}' does not record its resolution (microns per pixel), so --mpp cannot be used; "
+            "give --tile_size and --level instead"
+        )
+    factor = settings.mpp / slide.mpp  # level-0 pixels per target pixel
+    level = max((i for i, d in enumerate(slide.level_downsamples) if d <= factor * 1.01), default=0)
+    return level, max(16, int(round(settings.tile_size * factor / slide.level_downsamples[level])))
+
+
+def _check_area(slide: Slide, region: Sequence[int] | None) -> tuple[int, int, int, int]:
+    width, height = slide.dimensions
+    if region is None:
+        return 0, 0, width, height
+    if len(region) != 4:
+        raise ValueError(f"region must be (x, y, width, height) in level-0 pixels, got {list(region)}")
+    x, y, w, h = (int(v) for v in region)
+    if w < 1 or h < 1 or x < 0 or y < 0 or x + w > width or y + h > height:
+        raise ValueError(
+            f"region (x={x}, y={y}, width={w}, height={h}) is not inside the slide ({width} x {height} at level 0)"
+        )
+    return x, y, w, h
+
+
+def plan_tiles(slide: Slide, settings: TilingSettings, region: Sequence[int] | None = None) -> TilePlan:
+    """Thumbnail, tissue mask and tissue tiles of a slide or of a region of it.
+
+    Args:
+        slide: the opened slide.
+        settings: tiling settings.
+        region: ``(x, y, width, height)`` in level-0 pixels (``None``: the whole slide).
+
+    Returns:
+        The plan.
+
+    Raises:
+        ValueError: for a region outside the slide, a missing level or an ``mpp`` the slide cannot serve.
+    """
+    area = _check_area(slide, region)
+    level, read_size = _read_geometry(slide, settings)
+    thumbnail, downsample = slide.thumbnail(settings.thumbnail_size)
+    mask = tissue_mask(thumbnail)
+    scale = slide.level_downsamples[level]
+    tiles = tile_grid(area, mask, downsample, read_size, scale, level, settings.overlap, settings.min_tissue)
+    grid = tile_grid(area, np.ones_like(mask), downsample, read_size, scale, level, settings.overlap, 0.0)
+    return TilePlan(
+        tiles, thumbnail, downsample, mask, area, level, read_size, int(round(read_size * scale)), len(grid)
+    )
+
+
+def _batches(items: Sequence[Tile], size: int) -> Iterator[Sequence[Tile]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class WholeSlideScorer:
+    """Score the tissue tiles of a slide with a :class:`~her2_monai.inference.predictor.HER2Predictor`.
+
+    Args:
+        predictor: the bundle's predictor (:func:`~her2_monai.inference.predictor.load_predictor`).
+        settings: tiling settings.
+        stain: one of :data:`STAIN_MODES` (ignored for a pair).
+        progress: show a progress bar (tqdm, on stderr).
+
+    Raises:
+        ValueError: for an unknown stain mode.
+    """
+
+    def __init__(
+        self, predictor: Any, settings: TilingSettings | None = None, stain: str = "he", progress: bool = True
+    ):
+        if stain not in STAIN_MODES:
+            raise ValueError(f"stain must be one of {list(STAIN_MODES)}, got '{stain}'")
+        self.predictor = predictor
+        self.settings = settings or TilingSettings()
+        self.stain = stain
+        self.progress = progress
+
+    def _records(self, slide: Slide, ihc_slide: Slide | None, tiles: Sequence[Tile]) -> list[dict]:
+        records = []
+        for tile in tiles:
+            pixels = slide.read_region(tile.x, tile.y, tile.read_size, tile.read_size, tile.level)
+            if ihc_slide is not None:
+                partner = ihc_slide.read_region(tile.x, tile.y, tile.read_size, tile.read_size, tile.level)
+                record = {HE_KEY: pixels, IHC_KEY: partner}
+            else:
+                record = {IMAGE_KEY if self.stain == "auto" else self.stain: pixels}
+            records.append({**record, "id": f"tile_{tile.index:06d}"})
+        return records
+
+    def score(
+        self, slide: Slide, ihc_slide: Slide | None = None, region: Sequence[int] | None = None
+    ) -> dict[str, Any]:
+        """Plan, read and score the tissue tiles.
+
+        Args:
+            slide: the H&E slide (or the one slide, of the declared or unknown stain).
+            ihc_slide: the registered IHC slide of a pair (same level-0 size and pixel frame).
+            region: ``(x, y, width, height)`` in level-0 pixels (``None``: the whole slide).
+
+        Returns:
+            ``plan`` (:class:`TilePlan`), ``rows`` (one dict per tile: position, tissue share and the prediction),
+            ``call`` (:func:`~her2_monai.wsi.call.slide_call`), ``stain`` and ``seconds``.
+
+        Raises:
+            ValueError: for a pair whose slides differ in size, or a bad region or level.
+        """
+        if ihc_slide is not None:
+            if ihc_slide.dimensions != slide.dimensions or ihc_slide.level_count < slide.level_count:
+                raise ValueError(
+                    f"the IHC slide ({ihc_slide.dimensions[0]} x {ihc_slide.dimensions[1]}, {ihc_slide.level_count} "
+                    f"levels) does not match the H&E slide ({slide.dimensions[0]} x {slide.dimensions[1]}, "
+                    f"{slide.level_count} levels): register the pair first (python -m her2_monai register)"
+                )
+        start = time.perf_counter()
+        plan = plan_tiles(slide, self.settings, region)
+        rows: list[dict[str, Any]] = []
+        batches = list(_batches(plan.tiles, self.settings.batch_size))
+        bar = tqdm(total=len(plan.tiles), desc="HER2 tiles", unit="tile", disable=not self.progress)
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(self._records, slide, ihc_slide, batches[0]) if batches else None
+            for index, batch in enumerate(batches):
+                records = pending.result()
+                if index + 1 < len(batches):
+                    pending = reader.submit(self._records, slide, ihc_slide, batches[index + 1])
+                for tile, result in zip(batch, self.predictor.predict_records(records)):
+                    rows.append(_row(tile, result))
+                bar.update(len(batch))
+        bar.close()
+        call = slide_call([r["score"] for r in rows], [r["refer"] for r in rows])
+        stain = "pair" if ihc_slide is not None else self.stain
+        return {"plan": plan, "rows": rows, "call": call, "stain": stain, "seconds": time.perf_counter() - start}
+
+
+def _row(tile: Tile, result: dict[str, Any]) -> dict[str, Any]:
+    """One tile's result row: geometry, tissue share and the prediction fields."""
+    row = {k: v for k, v in asdict(tile).items() if k != "index"}
+    row = {"tile": tile.index, **row}
+    probabilities = result["probabilities"]
+    row.update(
+        {
+            "score": result["score"],
+            "confidence": result["confidence"],
+            "refer": bool(result["refer"]),
+            "refer_reasons": list(result.get("refer_reasons", [])),
+            "probabilities": {name: float(p) for name, p in zip(CLASS_NAMES, probabilities)},
+            "scenario": result["scenario"],
+            "detected_stains": list(result.get("detected_stains", [])),
+            "stain_confidence": result.get("stain_confidence"),
+        }
+    )
+    return row

@@ -1,0 +1,216 @@
+"""Files of a whole-slide run: ``slide.json``, ``tiles.csv``, ``tiles.geojson`` (QuPath) and ``heatmap.png``.
+
+All are written atomically (:mod:`her2_monai.fileio`). Tile coordinates are level-0 pixels, ``(x, y)`` = (column,
+row) of the top-left corner, as QuPath and OpenSlide use them, so the GeoJSON overlays the slide when imported into
+QuPath (File > Import objects from file, or drag and drop).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from her2_monai.constants import CLASS_NAMES
+from her2_monai.fileio import atomic_write, write_json_atomic
+
+__all__ = [
+    "SCORE_COLOURS",
+    "REFERRED_COLOUR",
+    "OUTPUT_FILES",
+    "tiles_csv",
+    "tiles_geojson",
+    "tiles_asap_xml",
+    "heatmap_overlay",
+    "save_heatmap",
+    "write_outputs",
+]
+
+#: RGB colour of each HER2 score in the heatmap and the GeoJSON classifications.
+SCORE_COLOURS: dict[str, tuple[int, int, int]] = {
+    "0": (66, 133, 244),
+    "1+": (251, 192, 45),
+    "2+": (245, 124, 0),
+    "3+": (211, 47, 47),
+}
+#: Colour of referred tiles.
+REFERRED_COLOUR = (140, 140, 140)
+#: File names written in the output folder.
+OUTPUT_FILES = {"slide": "slide.json", "tiles_csv": "tiles.csv", "geojson": "tiles.geojson", "heatmap": "heatmap.png"}
+
+_CSV_FIELDS = ["tile", "x", "y", "size", "level", "read_size", "tissue", "score", "confidence", "refer"]
+
+
+def tiles_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The per-tile table as CSV text: geometry, tissue share, score, confidence, refer (+ reasons), probabilities,
+    scenario and the selector's stain call."""
+    buffer = io.StringIO()
+    fields = _CSV_FIELDS + ["refer_reasons"] + [f"p_{name}" for name in CLASS_NAMES]
+    fields += ["scenario", "detected_stains", "stain_confidence"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        out = {k: row[k] for k in _CSV_FIELDS}
+        out["refer_reasons"] = ";".join(row.get("refer_reasons", []))
+        out.update({f"p_{name}": round(p, 6) for name, p in row["probabilities"].items()})
+        out["scenario"] = row["scenario"]
+        out["detected_stains"] = ";".join(row.get("detected_stains", []))
+        confidence = row.get("stain_confidence")
+        out["stain_confidence"] = "" if confidence is None else ";".join(f"{c:.4f}" for c in np.ravel(confidence))
+        writer.writerow(out)
+    return buffer.getvalue()
+
+
+def tiles_geojson(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A GeoJSON ``FeatureCollection`` of tile squares, one QuPath tile object per scored tile.
+
+    Each feature's ``properties`` has ``objectType: "tile"``, a ``classification`` (``HER2 <score>`` or
+    ``Referred``, with its colour) and ``measurements`` (confidence, tissue share and the class probabilities).
+    """
+    features = []
+    for row in rows:
+        x, y, size = row["x"], row["y"], row["size"]
+        name, colour = ("Referred", REFERRED_COLOUR) if row["refer"] else (f"HER2 {row['score']}", None)
+        colour = colour or SCORE_COLOURS[row["score"]]
+        measurements = {"confidence": row["confidence"], "tissue": row["tissue"]}
+        measurements.update({f"p({k})": round(v, 6) for k, v in row["probabilities"].items()})
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"tile-{row['tile']}",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]],
+                },
+                "properties": {
+                    "objectType": "tile",
+                    "name": f"HER2 {row['score']}",
+                    "classification": {"name": name, "color": list(colour)},
+                    "isLocked": True,
+                    "measurements": measurements,
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _hex(colour: tuple[int, int, int]) -> str:
+    return "#" + "".join(f"{c:02X}" for c in colour)
+
+
+def tiles_asap_xml(rows: Sequence[dict[str, Any]]) -> str:
+    """The tiles as ASAP annotation XML (what MONAI Label's QuPath extension reads from the whole-slide routes): one
+    square polygon per tile in the group ``HER2 <score>`` or ``Referred``, coordinates in level-0 pixels."""
+    from xml.etree import ElementTree
+
+    root = ElementTree.Element("ASAP_Annotations")
+    annotations = ElementTree.SubElement(root, "Annotations")
+    groups = {f"HER2 {name}": SCORE_COLOURS[name] for name in CLASS_NAMES} | {"Referred": REFERRED_COLOUR}
+    for row in rows:
+        group = "Referred" if row["refer"] else f"HER2 {row['score']}"
+        attributes = {"Name": f"tile {row['tile']}: HER2 {row['score']} ({row['confidence']:.2f})", "Type": "Polygon"}
+        annotation = ElementTree.SubElement(
+            annotations, "Annotation", {**attributes, "PartOfGroup": group, "Color": _hex(groups[group])}
+        )
+        coordinates = ElementTree.SubElement(annotation, "Coordinates")
+        x, y, size = row["x"], row["y"], row["size"]
+        for order, (px, py) in enumerate(((x, y), (x + size, y), (x + size, y + size), (x, y + size))):
+            ElementTree.SubElement(coordinates, "Coordinate", {"Order": str(order), "X": str(px), "Y": str(py)})
+    listing = ElementTree.SubElement(root, "AnnotationGroups")
+    for name, colour in groups.items():
+        group = ElementTree.SubElement(listing, "Group", {"Name": name, "PartOfGroup": "None", "Color": _hex(colour)})
+        ElementTree.SubElement(group, "Attributes")
+    return ElementTree.tostring(root, encoding="unicode")
+
+
+def heatmap_overlay(
+    shape: tuple[int, int], downsample: float, rows: Sequence[dict[str, Any]], alpha: float = 0.5
+) -> np.ndarray:
+    """RGBA overlay ``(h, w, 4)`` float in ``[0, 1]``: each tile filled with its score's colour (grey if referred),
+    opacity ``alpha`` scaled by the tile's confidence (at least half of ``alpha``), and outlined opaquely so that
+    neighbouring tiles and the covered area stay visible."""
+    overlay = np.zeros((*shape, 4), np.float32)
+    outline = np.zeros(shape, bool)
+    height, width = shape
+    for row in rows:
+        x0, y0 = int(row["x"] / downsample), int(row["y"] / downsample)
+        x1 = min(width, max(x0 + 1, int(round((row["x"] + row["size"]) / downsample))))
+        y1 = min(height, max(y0 + 1, int(round((row["y"] + row["size"]) / downsample))))
+        colour = REFERRED_COLOUR if row["refer"] else SCORE_COLOURS[row["score"]]
+        opacity = alpha * (0.5 + 0.5 * float(row["confidence"]))
+        overlay[y0:y1, x0:x1] = [*(c / 255.0 for c in colour), opacity]
+        outline[y0:y1, x0:x1] = False
+        outline[y0:y1, [x0, x1 - 1]] = True
+        outline[[y0, y1 - 1], x0:x1] = True
+    overlay[outline, 3] = np.maximum(overlay[outline, 3], 0.9)
+    return overlay
+
+
+def save_heatmap(
+    path: str | os.PathLike,
+    thumbnail: np.ndarray,
+    downsample: float,
+    rows: Sequence[dict[str, Any]],
+    call: dict[str, Any],
+    title: str = "",
+) -> Path:
+    """Draw the tiles' scores over the thumbnail with a legend and the slide-level call, as a PNG.
+
+    Returns:
+        The written path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    height, width = thumbnail.shape[:2]
+    scale = 10.0 / max(width, height)
+    figure, axis = plt.subplots(figsize=(max(4.0, width * scale), max(4.0, height * scale) + 0.9))
+    axis.imshow(thumbnail)
+    axis.imshow(heatmap_overlay((height, width), downsample, rows), interpolation="nearest")
+    axis.set_axis_off()
+    counts = call["counts"]
+    handles = [Patch(color=np.array(SCORE_COLOURS[n]) / 255, label=f"{n}: {counts[n]}", alpha=0.8) for n in CLASS_NAMES]
+    handles.append(Patch(color=np.array(REFERRED_COLOUR) / 255, label=f"referred: {call['referred']}", alpha=0.8))
+    axis.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=5, fontsize=8, frameon=False)
+    verdict = "no call" if call["score"] is None else f"HER2 {call['score']}"
+    if call["equivocal"]:
+        verdict += " (equivocal)"
+    if call["refer"]:
+        verdict += " - refer"
+    axis.set_title(f"{title}\n{verdict}; {call['tiles']} tissue tiles".strip(), fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def write_outputs(output_dir: str | os.PathLike, summary: dict[str, Any], result: dict[str, Any]) -> dict[str, Path]:
+    """Write the four files of a run.
+
+    Args:
+        output_dir: destination folder (created).
+        summary: the ``slide.json`` content.
+        result: :meth:`~her2_monai.wsi.inference.WholeSlideScorer.score`'s result.
+
+    Returns:
+        ``{name: path}`` of the written files (keys of :data:`OUTPUT_FILES`).
+    """
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    plan, rows, call = result["plan"], result["rows"], result["call"]
+    paths = {key: folder / name for key, name in OUTPUT_FILES.items()}
+    text = tiles_csv(rows)
+    atomic_write(paths["tiles_csv"], lambda tmp: tmp.write_text(text))
+    write_json_atomic(tiles_geojson(rows), paths["geojson"], indent=None)
+    save_heatmap(paths["heatmap"], plan.thumbnail, plan.downsample, rows, call, title=str(summary.get("slide", "")))
+    write_json_atomic(summary, paths["slide"])
+    return paths

@@ -1,0 +1,138 @@
+"""Tissue mask of a slide at low resolution, and the tiles that cover the tissue.
+
+The mask is MONAI's :class:`monai.transforms.ForegroundMask` run twice on the slide's thumbnail and OR-ed: stained
+tissue is *saturated* (HSV saturation above a bounded Otsu threshold) or *dark* (green channel below a bounded Otsu
+threshold; eosin, hematoxylin and DAB all absorb green). The bounds keep Otsu sensible on slides that are almost all
+tissue (Otsu would split nuclei from stroma) or almost all glass. Holes inside the tissue are filled and specks
+smaller than ``min_object`` of the thumbnail are removed (SciPy morphology and labelling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from monai.transforms import ForegroundMask
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+__all__ = ["tissue_mask", "Tile", "tile_grid"]
+
+
+def _bounded_otsu(low: float, high: float) -> Callable[[np.ndarray], float]:
+    """A threshold function for ``ForegroundMask``: Otsu's threshold clipped to ``[low, high]``."""
+
+    def threshold(channel: np.ndarray) -> float:
+        if float(channel.max()) - float(channel.min()) < 1e-6:
+            return float(high)
+        return float(np.clip(threshold_otsu(channel), low, high))
+
+    return threshold
+
+
+#: Saturation in [0, 1]: glass is below 0.04, pale IHC tissue about 0.06, H&E 0.2-0.6.
+_SATURATED = ForegroundMask(threshold=None, hsv_threshold={"S": _bounded_otsu(0.04, 0.15)})
+#: Green in [0, 255]: glass is above 220 on most scanners.
+_DARK = ForegroundMask(threshold={"G": _bounded_otsu(120.0, 205.0)})
+
+
+def tissue_mask(thumbnail: np.ndarray, min_object: float = 0.0005) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail.
+
+    Args:
+        thumbnail: ``(H, W, 3)`` uint8.
+        min_object: connected tissue regions smaller than this share of the thumbnail are dropped (dust, specks).
+
+    Returns:
+        ``(H, W)`` bool.
+    """
+    image = np.moveaxis(np.asarray(thumbnail, dtype=np.uint8), -1, 0)
+    mask = np.asarray(_SATURATED(image))[0].astype(bool) | np.asarray(_DARK(image))[0].astype(bool)
+    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=1, border_value=0) | mask
+    mask = ndimage.binary_fill_holes(mask)
+    labels, _ = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= max(1, int(round(min_object * mask.size)))
+    keep[0] = False
+    return keep[labels]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of the grid.
+
+    Attributes:
+        index: position in the tile list.
+        x: left edge in level-0 pixels.
+        y: top edge in level-0 pixels.
+        size: side in level-0 pixels.
+        read_size: side in pixels of the read level.
+        level: pyramid level it is read from.
+        tissue: share of the tile covered by the tissue mask.
+    """
+
+    index: int
+    x: int
+    y: int
+    size: int
+    read_size: int
+    level: int
+    tissue: float
+
+
+def tile_grid(
+    area: tuple[int, int, int, int],
+    mask: np.ndarray,
+    mask_downsample: float,
+    read_size: int,
+    level_downsample: float,
+    level: int,
+    overlap: int = 0,
+    min_tissue: float = 0.5,
+) -> list[Tile]:
+    """The tiles of a regular grid whose tissue share reaches ``min_tissue``.
+
+    Tiles lie inside the area (a margin narrower than one stride at the right and bottom is not tiled), except in an
+    area smaller than one tile, which gets one tile (padded with white beyond the slide).
+
+    Args:
+        area: ``(x, y, width, height)`` to tile, in level-0 pixels (the whole slide, or a region of interest).
+        mask: tissue mask of the whole slide (a thumbnail's).
+        mask_downsample: level-0 pixels per mask pixel.
+        read_size: tile side in pixels of the read level.
+        level_downsample: level-0 pixels per read-level pixel.
+        level: the read level.
+        overlap: pixels of the read level shared by neighbouring tiles.
+        min_tissue: smallest tissue share kept, in ``[0, 1]``.
+
+    Returns:
+        Tiles in row-major order.
+
+    Raises:
+        ValueError: for an overlap not smaller than the tile or a share outside ``[0, 1]``.
+    """
+    if not 0 <= overlap < read_size:
+        raise ValueError(f"overlap must be in [0, tile size {read_size}), got {overlap}")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise ValueError(f"min_tissue must be in [0, 1], got {min_tissue}")
+    left, top, width, height = (int(v) for v in area)
+    size = int(round(read_size * level_downsample))
+    stride = int(round((read_size - overlap) * level_downsample))
+    integral = np.pad(mask.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    mh, mw = mask.shape
+    tiles: list[Tile] = []
+    rows = range(top, top + height - size + 1, stride) if height >= size else [top]
+    columns = range(left, left + width - size + 1, stride) if width >= size else [left]
+    for y in rows:
+        for x in columns:
+            x0 = min(max(int(x / mask_downsample), 0), mw - 1)
+            y0 = min(max(int(y / mask_downsample), 0), mh - 1)
+            x1 = min(max(x0 + 1, int(math.ceil((x + size) / mask_downsample))), mw)
+            y1 = min(max(y0 + 1, int(math.ceil((y + size) / mask_downsample))), mh)
+            covered = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+            share = float(covered / ((y1 - y0) * (x1 - x0)))
+            if share >= min_tissue and share > 0:
+                tiles.append(Tile(len(tiles), int(x), int(y), size, int(read_size), int(level), round(share, 4)))
+    return tiles
