@@ -39,7 +39,8 @@ def test_training_writes_weights_checkpoints_and_datalist(trained_bundle):
     weights = torch.load(models / "model.pt", weights_only=True)
     record = weights.pop("_extra_state")
     assert record["class"] == "HER2FlexibleNet" and record["arguments"]["shared_backbone"] == "resnet18"
-    assert record["metadata"] == {"profile": "demo", "image_size": 32, "dataset": ""}
+    pretrained = "shared resnet18: random weights; specific resnet18: random weights"
+    assert record["metadata"] == {"profile": "demo", "image_size": 32, "dataset": "", "pretrained": pretrained}
     assert weights["cmgan._extra_state"]["class"] == "CrossModalGAN"
     assert weights["selector._extra_state"]["class"] == "BranchSelector"
     assert all(isinstance(v, torch.Tensor) for k, v in weights.items() if not k.endswith("_extra_state"))
