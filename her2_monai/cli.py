@@ -27,6 +27,8 @@ def demo_data(
     seed: int = 0,
     n_test_per_class: int | None = None,
     preview: str | None = None,
+    patches_per_slide: int = 1,
+    heterogeneity: float = 0.0,
 ) -> None:
     """Write the procedural demo dataset in the BCI layout (HE/{train,test}, IHC/{train,test}).
 
@@ -38,10 +40,15 @@ def demo_data(
         seed: base seed; the dataset is fully determined by the arguments.
         n_test_per_class: test pairs per class (default n_per_class // 4, at least 1).
         preview: also write a PNG contact sheet (one row per class, H&E/IHC pairs) to this path.
+        patches_per_slide: consecutive patches that come from one simulated slide (shared staining, morphology and
+            slide-level score; ids s*N ... s*N+N-1 form slide s); writes slides.csv (columns id, slide) too.
+        heterogeneity: fraction of a slide's patches rendered with a neighbouring score (labels stay slide-level).
     """
     from her2_monai.data.demo import DemoPairGenerator, generate_demo_dataset, preview_grid
 
-    counts = generate_demo_dataset(output, n_per_class, image_size, lab, seed, n_test_per_class)
+    counts = generate_demo_dataset(
+        output, n_per_class, image_size, lab, seed, n_test_per_class, patches_per_slide, heterogeneity
+    )
     parts = [f"{split} " + " ".join(f"{score}:{n}" for score, n in per.items()) for split, per in counts.items()]
     print(f"demo dataset written to {Path(output).resolve()} (lab {lab}, {image_size}px): " + " | ".join(parts))
     if preview:
@@ -62,6 +69,7 @@ def datalist(
     register: bool = False,
     register_dir: str | None = None,
     register_transform: str = "rigid",
+    split_by: str = "",
 ) -> None:
     """Scan a BCI-layout folder (or side-by-side AB images) into a MONAI datalist JSON.
 
@@ -79,6 +87,8 @@ def datalist(
         register: register every IHC to its H&E first (BCI layout: HE/ and IHC/ with the same file names).
         register_dir: where the registered copy goes (default: <dataset_dir>-registered beside it; must be empty).
         register_transform: rigid or affine.
+        split_by: how validation is drawn: "" (patch by patch), id_block:N (blocks of N consecutive ids stay
+            together, e.g. id_block:8) or csv:PATH (a CSV with columns id and slide).
     """
     from her2_monai.data.datalist import build_datalist, write_datalist
     from her2_monai.utils import as_bool
@@ -98,7 +108,7 @@ def datalist(
         for problem in summary["problems"]:
             print(f"  skipped {problem['file']}: {problem['reason']}")
         dataset_dir = str(target)
-    records, report = build_datalist(dataset_dir, val_fraction, seed, strict, require_labels, pairs_dir)
+    records, report = build_datalist(dataset_dir, val_fraction, seed, strict, require_labels, pairs_dir, split_by)
     path = write_datalist(records, output)
     print(report.summary(records))
     print(f"datalist written to {path}")

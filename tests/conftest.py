@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,10 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The folder of real histology fixtures; tests using it skip when it is absent."""
+    """The folder of real histology fixtures; tests using it skip when it is absent (fail in CI, where it must be)."""
     if not (SHARED_DATA / "bci").is_dir():
+        if os.environ.get("HER2_REQUIRE_SHARED_DATA"):
+            pytest.fail(f"HER2_REQUIRE_SHARED_DATA is set but the real-image fixtures are not at {SHARED_DATA}")
         pytest.skip(f"real-image fixtures not found at {SHARED_DATA} (they sit beside the repository in CI)")
     return SHARED_DATA
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY, LABEL_KEY, SCENARIOS, label_from_score
 from her2_monai.data.image_reader import ImageReadError, probe_image, read_rgb
+from her2_monai.data.splits import SplitBy, describe_split, group_split, parse_split_by, record_groups, split_coverage
 from her2_monai.fileio import save_image_atomic, write_json_atomic
 from her2_monai.stain_batch import scenario_id
 from her2_monai.stain_features import order_he_ihc
@@ -45,6 +46,7 @@ __all__ = [
     "write_datalist",
     "read_datalist_json",
     "load_datalist_split",
+    "select_records",
     "class_weights",
 ]
 
@@ -70,6 +72,10 @@ class ScanReport:
     unpaired: list[str] = field(default_factory=list)
     unlabelled: int = 0
     ab_pairs: int = 0
+    #: How validation was drawn (empty when the dataset brought its own ``val`` split).
+    split_info: str = ""
+    #: Classes a validation split left empty in training, or in validation although they have data.
+    split_warnings: list[str] = field(default_factory=list)
 
     def summary(self, datalist: dict[str, list[dict]]) -> str:
         """Human-readable counts per split, class and scenario, then every problem with its reason."""
@@ -87,6 +93,9 @@ class ScanReport:
         if self.unpaired:
             lines.append(f"files without a partner stain (single-modality records): {len(self.unpaired)}")
             lines.extend(f"  {p}" for p in self.unpaired)
+        if self.split_info:
+            lines.append(self.split_info)
+        lines.extend(f"WARNING: {line}" for line in self.split_warnings)
         if self.problems:
             lines.append(f"problems ({len(self.problems)}; affected files skipped):")
             lines.extend(f"  {path}: {reason}" for path, reason in self.problems)
@@ -215,25 +224,33 @@ def _scan_ab(dataset_dir: Path, pairs_dir: Path, require_labels: bool, report: S
     return out
 
 
-def split_validation(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split_validation(
+    records: list[dict], val_fraction: float, seed: int, split_by: str | SplitBy | None = None
+) -> tuple[list[dict], list[dict]]:
     """Carve a validation set from training records, stratified by class and seeded.
 
-    Each class gives ``round(n * val_fraction)`` records (at least one when it has two or more and the fraction is
-    positive). Unlabelled records stay in training.
+    Patch-level (the default): each class gives ``round(n * val_fraction)`` records (at least one when it has two or
+    more and the fraction is positive). With ``split_by`` (``id_block:N`` or ``csv:PATH``, see
+    :mod:`her2_monai.data.splits`) whole groups of records (slides) move instead, so no group is on both sides.
+    Unlabelled records stay in training.
 
     Args:
         records: training records.
         val_fraction: fraction in ``[0, 1)``.
         seed: random seed.
+        split_by: ``None``/``""`` (patch-level), ``"id_block:N"`` or ``"csv:PATH"``.
 
     Returns:
         ``(training, validation)``.
 
     Raises:
-        ValueError: if ``val_fraction`` is outside ``[0, 1)``.
+        ValueError: if ``val_fraction`` is outside ``[0, 1)`` or ``split_by`` is invalid or does not cover the records.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    spec = parse_split_by(split_by)
+    if spec.kind != "record":
+        return group_split(records, record_groups(records, spec), val_fraction, seed)
     rng = np.random.default_rng(seed)
     by_class: dict[int | None, list[int]] = {}
     for i, record in enumerate(records):
@@ -300,22 +317,34 @@ def build_datalist(
     strict: bool = False,
     require_labels: bool = False,
     pairs_dir: str | os.PathLike | None = None,
+    split_by: str | SplitBy | None = None,
 ) -> tuple[dict[str, list[dict]], ScanReport]:
     """Scan a dataset and carve a stratified validation split from its training records.
 
-    A ``val`` split folder, when the dataset has one, is kept as it is and no records are moved.
+    A ``val`` split folder, when the dataset has one, is kept as it is and no records are moved. The report says how
+    validation was drawn (``split_info``) and names classes the split left empty on one side (``split_warnings``).
 
     Args:
         dataset_dir, strict, require_labels, pairs_dir: as in :func:`scan_dataset`.
         val_fraction: fraction of each class of the training records moved to validation.
         seed: seed of the stratified draw.
+        split_by: ``None``/``""`` (patch-level), ``"id_block:N"`` or ``"csv:PATH"`` (see :func:`split_validation`).
 
     Returns:
         ``(datalist, report)``.
     """
+    spec = parse_split_by(split_by)
     datalist, report = scan_dataset(dataset_dir, pairs_dir=pairs_dir, strict=strict, require_labels=require_labels)
     if not datalist["validation"]:
-        datalist["training"], datalist["validation"] = split_validation(datalist["training"], val_fraction, seed)
+        pool = datalist["training"]
+        groups = record_groups(pool, spec)
+        datalist["training"], datalist["validation"] = split_validation(pool, val_fraction, seed, spec)
+        if any(r.get(LABEL_KEY) is not None for r in pool):
+            labelled = {g for g, r in zip(groups, pool) if r.get(LABEL_KEY) is not None}
+            in_val = {id(r) for r in datalist["validation"]}
+            val_groups = {g for g, r in zip(groups, pool) if id(r) in in_val}
+            report.split_info = describe_split(spec, len(labelled), len(val_groups))
+    report.split_warnings = split_coverage(datalist["training"], datalist["validation"])
     if not any(datalist.values()):
         raise DatalistError(report.problems or [(str(dataset_dir), "no images found")])
     return datalist, report
@@ -352,6 +381,24 @@ def read_datalist_json(path: str | os.PathLike) -> object:
         raise ValueError(f"datalist '{path}' is not valid JSON: {err}") from None
 
 
+def select_records(records: list[dict], require_label: bool = False, require_both: bool = False) -> list[dict]:
+    """The records a stage uses: labelled ones (classifier) and/or those with both stains (stain translation).
+
+    Args:
+        records: datalist records.
+        require_label: drop records whose ``label`` is null.
+        require_both: drop records missing a stain.
+
+    Returns:
+        The kept records, in order.
+    """
+    if require_label:
+        records = [r for r in records if r.get(LABEL_KEY) is not None]
+    if require_both:
+        records = [r for r in records if r.get(HE_KEY) and r.get(IHC_KEY)]
+    return list(records)
+
+
 def load_datalist_split(
     path: str | os.PathLike, split: str, require_label: bool = False, require_both: bool = False
 ) -> list[dict]:
@@ -376,11 +423,7 @@ def load_datalist_split(
     if not isinstance(content, dict) or split not in content:
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise KeyError(f"datalist '{path}' has no '{split}' list (found {found})")
-    records = content[split]
-    if require_label:
-        records = [r for r in records if r.get(LABEL_KEY) is not None]
-    if require_both:
-        records = [r for r in records if r.get(HE_KEY) and r.get(IHC_KEY)]
+    records = select_records(content[split], require_label=require_label, require_both=require_both)
     if not records:
         wanted = " labelled" * require_label + " dual-stain" * require_both
         raise ValueError(f"datalist '{path}' has no{wanted} records in '{split}'")

@@ -21,10 +21,20 @@ score, with wide per-image noise), so H&E-only classification is harder than IHC
 
 A "lab" parameter changes stain vectors, stain intensity, background tint, blur and JPEG quality, to simulate
 another institution's staining and scanning for stain-normalisation and robustness checks.
+
+**Slides** (optional, ``patches_per_slide > 1``): like BCI, whose patches carry the HER2 score of the slide they were
+cut from, consecutive patches then come from one simulated slide. The patches of a slide share a
+:class:`SlideStyle` (stain amounts and hues, background, tumour cellularity, nuclear size) and the slide's score;
+with ``heterogeneity > 0`` a fraction of them is rendered with a neighbouring score (HER2 staining is heterogeneous
+within a slide, and BCI labels are slide-level). Slide ``s`` holds the ids ``s*N ... s*N + N - 1`` (so
+``--split_by id_block:N`` recovers the slides exactly), and ``slides.csv`` (columns ``id, slide, split, label,
+rendered_label``) lists them for ``--split_by csv:PATH``. The default (one patch per slide) renders exactly what
+earlier versions rendered.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -45,6 +55,7 @@ from her2_monai.constants import CLASS_NAMES, NUM_CLASSES
 __all__ = [
     "LAB_PROFILES",
     "LabProfile",
+    "SlideStyle",
     "DemoPairGenerator",
     "generate_demo_dataset",
     "ensure_demo_dataset",
@@ -108,6 +119,53 @@ LAB_PROFILES: dict[str, LabProfile] = {
         jpeg_quality=95,
     ),
 }
+
+
+@dataclass(frozen=True)
+class SlideStyle:
+    """What the patches of one simulated slide share (on top of the lab): staining, background and morphology.
+
+    Args:
+        he_gain: multiplier on the H&E optical density.
+        ihc_gain: multiplier on the IHC optical density.
+        he_tilt: extra rotation of the hematoxylin/eosin OD vectors.
+        dab_tilt: extra rotation of the DAB OD vector.
+        background_shift: added to the RGB background (glass) colour.
+        cellularity_shift: added to the tumour-nest area fraction.
+        nuclear_scale: multiplier on the tumour nuclear size.
+    """
+
+    he_gain: float = 1.0
+    ihc_gain: float = 1.0
+    he_tilt: float = 0.0
+    dab_tilt: float = 0.0
+    background_shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    cellularity_shift: float = 0.0
+    nuclear_scale: float = 1.0
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> SlideStyle:
+        """A random slide: stain amounts within about +-20%, hue tilts within +-0.08, background within +-6 levels,
+        cellularity within +-0.06 and nuclear size within +-10% (of the same order as the lab-to-lab differences).
+
+        Args:
+            rng: the slide's random generator.
+
+        Returns:
+            The style.
+        """
+        return cls(
+            he_gain=float(np.exp(rng.normal(0.0, 0.12))),
+            ihc_gain=float(np.exp(rng.normal(0.0, 0.12))),
+            he_tilt=float(rng.uniform(-0.08, 0.08)),
+            dab_tilt=float(rng.uniform(-0.08, 0.08)),
+            background_shift=tuple(float(v) for v in rng.uniform(-6.0, 6.0, 3)),
+            cellularity_shift=float(rng.uniform(-0.06, 0.06)),
+            nuclear_scale=float(np.exp(rng.normal(0.0, 0.06))),
+        )
+
+
+_NO_SLIDE = SlideStyle()
 
 # Per-class IHC membrane parameters: (fraction of tumour cells stained, DAB OD of a stained membrane, completeness).
 _MEMBRANE_RULES: dict[int, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
@@ -175,7 +233,7 @@ class DemoPairGenerator:
         self.dab_vec = _tilt(_DAB, p.dab_tilt, np.array([0.0, 1.0, 0.0]))
 
     # ------------------------------------------------------------------ layout
-    def _layout(self, rng: np.random.Generator, label: int) -> dict[str, np.ndarray]:
+    def _layout(self, rng: np.random.Generator, label: int, slide: SlideStyle = _NO_SLIDE) -> dict[str, np.ndarray]:
         """Tissue geometry shared by both stains: stroma, fat, tumour nests, cells, nuclei, membranes."""
         n, s = self.image_size, self.scale
         shape = (n, n)
@@ -198,7 +256,7 @@ class DemoPairGenerator:
             fat |= (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
 
         # Tumour nests: blobs whose area grows (weakly) with the score — the H&E cue.
-        cellularity = np.clip(0.18 + 0.05 * label + rng.normal(0, 0.08), 0.08, 0.6)
+        cellularity = np.clip(0.18 + 0.05 * label + rng.normal(0, 0.08) + slide.cellularity_shift, 0.08, 0.6)
         nest_field = _smooth_noise(rng, shape, sigma=14 * s)
         nests = nest_field > np.quantile(nest_field, 1 - cellularity)
         nests &= ~fat
@@ -221,7 +279,7 @@ class DemoPairGenerator:
         membrane |= ndimage.binary_dilation(nests, iterations=1) & ~nests  # nest border is a membrane too
 
         # Nuclei: an ellipse at each tumour cell centre (size grows weakly with score), plus sparse stromal nuclei.
-        nuc_scale = np.clip(1.0 + 0.08 * label + rng.normal(0, 0.1), 0.7, 1.6)
+        nuc_scale = np.clip((1.0 + 0.08 * label + rng.normal(0, 0.1)) * slide.nuclear_scale, 0.7, 1.6)
         nuclei = np.zeros(shape, np.float32)
         centres = np.argwhere(seeds > 0)
         n_stromal = int(rng.integers(30, 70) * s * s)
@@ -273,9 +331,11 @@ class DemoPairGenerator:
         blush = 0.08 * (label >= 2) * (cells > 0) * intensity[cells]
         return (per_pixel + blush).astype(np.float32)
 
-    def _to_rgb(self, od: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _to_rgb(self, od: np.ndarray, rng: np.random.Generator, slide: SlideStyle = _NO_SLIDE) -> np.ndarray:
         """Beer-Lambert: optical density (H, W, 3) -> uint8 RGB, then scanner blur and JPEG re-encoding."""
         background = np.asarray(self.profile.background, np.float32)
+        if slide.background_shift != _NO_SLIDE.background_shift:
+            background = np.clip(background + np.asarray(slide.background_shift, np.float32), 0, 255)
         rgb = background * np.exp(-od * np.log(10.0))
         sigma = self.profile.blur_sigma * self.scale
         if sigma > 0:
@@ -288,12 +348,13 @@ class DemoPairGenerator:
             img = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
         return img
 
-    def render(self, label: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def render(self, label: int, seed: int, slide: SlideStyle | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Render one registered pair.
 
         Args:
             label: HER2 class index ``0..3`` (``CLASS_NAMES[label]``).
-            seed: any integer; the same ``(label, seed, lab, image_size)`` always gives the same pixels.
+            seed: any integer; the same ``(label, seed, lab, image_size, slide)`` always gives the same pixels.
+            slide: the style of the slide the patch comes from (``None``: no slide effect).
 
         Returns:
             ``(he, ihc)``: uint8 RGB arrays of shape ``(H, W, 3)``.
@@ -307,23 +368,30 @@ class DemoPairGenerator:
         rng = np.random.default_rng(
             _stable_seed("her2-demo", DEMO_VERSION, label, seed, self.lab_name, self.image_size)
         )
-        layout = self._layout(rng, label)
+        slide = slide or _NO_SLIDE
+        layout = self._layout(rng, label, slide)
         stroma, fat, nests, nuclei = layout["stroma"], layout["fat"], layout["nests"], layout["nuclei"]
         tissue = (~fat).astype(np.float32)
-        # Per-slide staining variation on top of the lab profile.
-        he_gain = self.profile.he_intensity * rng.uniform(0.85, 1.15)
-        ihc_gain = self.profile.ihc_intensity * rng.uniform(0.85, 1.15)
+        # Per-patch staining variation on top of the lab profile (and of the slide, if any).
+        he_gain = self.profile.he_intensity * rng.uniform(0.85, 1.15) * slide.he_gain
+        ihc_gain = self.profile.ihc_intensity * rng.uniform(0.85, 1.15) * slide.ihc_gain
+        h_vec, e_vec, dab_vec = self.h_vec, self.e_vec, self.dab_vec
+        if slide.he_tilt:
+            h_vec = _tilt(h_vec, slide.he_tilt, np.array([0.0, 0.0, 1.0]))
+            e_vec = _tilt(e_vec, slide.he_tilt, np.array([1.0, 0.0, 0.0]))
+        if slide.dab_tilt:
+            dab_vec = _tilt(dab_vec, slide.dab_tilt, np.array([0.0, 1.0, 0.0]))
 
         # H&E: eosin on stroma and tumour cytoplasm, hematoxylin on nuclei (darker in H&E than as IHC counterstain).
         eosin = tissue * (0.17 * stroma + 0.10 * nests) + 0.04 * nuclei
         hema = 1.0 * nuclei + tissue * (0.03 * stroma + 0.07 * nests)
-        od_he = he_gain * (hema[..., None] * self.h_vec + eosin[..., None] * self.e_vec)
+        od_he = he_gain * (hema[..., None] * h_vec + eosin[..., None] * e_vec)
 
         # IHC: pale hematoxylin counterstain, faint stromal background, DAB on membranes by the scoring rules.
         dab = self._membrane_dab(rng, label, layout) + 0.015 * tissue * stroma
         counter = 0.45 * nuclei + tissue * (0.07 * stroma + 0.03 * nests)
-        od_ihc = ihc_gain * (counter[..., None] * self.h_vec + dab[..., None] * self.dab_vec)
-        return self._to_rgb(od_he, rng), self._to_rgb(od_ihc, rng)
+        od_ihc = ihc_gain * (counter[..., None] * h_vec + dab[..., None] * dab_vec)
+        return self._to_rgb(od_he, rng, slide), self._to_rgb(od_ihc, rng, slide)
 
 
 def default_cache_dir() -> Path:
@@ -343,6 +411,8 @@ def generate_demo_dataset(
     lab: str = "A",
     seed: int = 0,
     n_test_per_class: int | None = None,
+    patches_per_slide: int = 1,
+    heterogeneity: float = 0.0,
 ) -> dict[str, dict[str, int]]:
     """Write a demo dataset in the BCI layout: ``{HE,IHC}/{train,test}/NNNNN_{split}_{score}.png``.
 
@@ -356,16 +426,24 @@ def generate_demo_dataset(
         lab: simulated institution (:data:`LAB_PROFILES`).
         seed: base seed; the dataset is a pure function of all arguments.
         n_test_per_class: test pairs per class (default ``max(1, n_per_class // 4)``).
+        patches_per_slide: consecutive patches of one class that come from one simulated slide (see the module
+            docstring); with more than one, ``slides.csv`` is written too. 1: every patch is independent.
+        heterogeneity: fraction of a slide's patches rendered with a neighbouring score (the file keeps the slide's).
 
     Returns:
         Counts ``{split: {score: n}}``.
 
     Raises:
         FileExistsError: if ``output_dir`` exists and is not empty.
-        ValueError: on a bad count, size or lab.
+        ValueError: on a bad count, size, lab, slide size or heterogeneity.
     """
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be at least 1, got {n_per_class}")
+    if int(patches_per_slide) < 1:
+        raise ValueError(f"patches_per_slide must be at least 1, got {patches_per_slide}")
+    if not 0.0 <= float(heterogeneity) < 1.0:
+        raise ValueError(f"heterogeneity must be in [0, 1), got {heterogeneity}")
+    per_slide = int(patches_per_slide)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"demo output folder '{output_dir}' exists and is not empty")
@@ -375,20 +453,41 @@ def generate_demo_dataset(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
         index = 0
+        slide_rows: list[tuple[str, str, str, str, str]] = []
         for split, n_split in _split_counts(n_per_class, n_test_per_class).items():
             counts[split] = {}
             for stain in ("HE", "IHC"):
                 (staging / stain / split).mkdir(parents=True)
             for label, score in enumerate(CLASS_NAMES):
-                for _ in range(n_split):
-                    index += 1
-                    he, ihc = generator.render(label, seed=_stable_seed(seed, split, index))
-                    name = f"{index:05d}_{split}_{score}.png"
-                    Image.fromarray(he).save(staging / "HE" / split / name)
-                    Image.fromarray(ihc).save(staging / "IHC" / split / name)
+                for start in range(0, n_split, per_slide):
+                    # Slide s holds the ids s*N ... s*N + N - 1 (no gap when N = 1: the historical numbering).
+                    index = -(-(index + 1) // per_slide) * per_slide - 1
+                    slide_no = (index + 1) // per_slide
+                    style = None
+                    if per_slide > 1:
+                        style = SlideStyle.draw(np.random.default_rng(_stable_seed(seed, "slide", slide_no)))
+                    for _ in range(min(per_slide, n_split - start)):
+                        index += 1
+                        shown = label
+                        if heterogeneity:
+                            patch_rng = np.random.default_rng(_stable_seed(seed, "heterogeneity", index))
+                            if patch_rng.uniform() < heterogeneity:
+                                step = int(patch_rng.choice([-1, 1]))
+                                shown = label + step if 0 <= label + step < NUM_CLASSES else label - step
+                        he, ihc = generator.render(shown, seed=_stable_seed(seed, split, index), slide=style)
+                        name = f"{index:05d}_{split}_{score}.png"
+                        Image.fromarray(he).save(staging / "HE" / split / name)
+                        Image.fromarray(ihc).save(staging / "IHC" / split / name)
+                        slide_rows.append((Path(name).stem, f"slide{slide_no:04d}", split, score, CLASS_NAMES[shown]))
                 counts[split][score] = n_split
         meta = {"version": DEMO_VERSION, "n_per_class": n_per_class, "image_size": image_size, "lab": lab}
         meta.update({"seed": seed, "counts": counts})
+        if per_slide > 1 or heterogeneity:
+            meta.update({"patches_per_slide": per_slide, "heterogeneity": float(heterogeneity)})
+            with open(staging / "slides.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(("id", "slide", "split", "label", "rendered_label"))
+                writer.writerows(slide_rows)
         (staging / "demo.json").write_text(json.dumps(meta, indent=2))
         if output_dir.exists():
             output_dir.rmdir()
@@ -406,25 +505,32 @@ def ensure_demo_dataset(
     lab: str = "A",
     seed: int = 0,
     n_test_per_class: int | None = None,
+    patches_per_slide: int = 1,
+    heterogeneity: float = 0.0,
 ) -> Path:
     """Return the folder of a cached demo dataset with these settings, generating it on first use.
 
     Args:
         cache_dir: parent folder of cached datasets (default :func:`default_cache_dir`).
-        n_per_class, image_size, lab, seed, n_test_per_class: as in :func:`generate_demo_dataset`.
+        n_per_class, image_size, lab, seed, n_test_per_class, patches_per_slide, heterogeneity: as in
+            :func:`generate_demo_dataset`.
 
     Returns:
         The dataset folder (BCI layout).
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     tag = f"demo_v{DEMO_VERSION}_lab{lab}_n{n_per_class}_t{n_test_per_class}_s{image_size}_seed{seed}"
+    if patches_per_slide != 1 or heterogeneity:
+        tag += f"_slides{patches_per_slide}_het{heterogeneity:g}"
     folder = root / tag
     if (folder / "demo.json").is_file():
         return folder
     logger.info("generating the demo dataset into %s (first use; later runs reuse it)", folder)
     if folder.exists():  # a leftover without demo.json cannot be trusted
         shutil.rmtree(folder)
-    generate_demo_dataset(folder, n_per_class, image_size, lab, seed, n_test_per_class)
+    generate_demo_dataset(
+        folder, n_per_class, image_size, lab, seed, n_test_per_class, patches_per_slide, heterogeneity
+    )
     return folder
 
 

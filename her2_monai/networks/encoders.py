@@ -11,7 +11,7 @@ Trunks are MONAI networks built with torchvision's layout, so torchvision ImageN
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from her2_monai.constants import STAINS
+from her2_monai.networks.pretrained import load_pretrained_efficientnet
 from her2_monai.networks.unfreeze import (
     DEFAULT_FROZEN_STAGES,
     freeze_resnet_stages,
@@ -69,7 +70,7 @@ class ResNetTrunk(nn.Module):
         name: one of :data:`RESNET_BACKBONES`.
         in_channels: image channels.
         frozen_stages: stages frozen by hybrid unfreezing (e.g. ``("conv1", "bn1", "layer1", "layer2")``); empty: none.
-        pretrained_weights: optional path of a torchvision-style ResNet state dict of the same depth.
+        pretrained_weights: optional torchvision-style ResNet state dict (path or mapping) of the same depth.
         freeze_batchnorm: keep BatchNorm layers of frozen stages in eval mode, also after ``train()``.
         block_inplanes: base widths of the four stages (default ``(64, 128, 256, 512)``; smaller for tests).
 
@@ -82,7 +83,7 @@ class ResNetTrunk(nn.Module):
         name: str = "resnet50",
         in_channels: int = 3,
         frozen_stages: Sequence[str] = (),
-        pretrained_weights: str | Path | None = None,
+        pretrained_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
         freeze_batchnorm: bool = True,
         block_inplanes: Sequence[int] = (64, 128, 256, 512),
     ) -> None:
@@ -107,7 +108,7 @@ class ResNetTrunk(nn.Module):
         #: Output channels of stages 1-4.
         self.stage_channels: tuple[int, ...] = tuple(int(c) * block.expansion for c in block_inplanes)
         self.out_channels: int = self.stage_channels[-1]
-        if pretrained_weights:
+        if pretrained_weights is not None and not (isinstance(pretrained_weights, str) and not pretrained_weights):
             load_pretrained_resnet(self.resnet, pretrained_weights)
         self.freeze_batchnorm = bool(freeze_batchnorm)
         self.frozen_stages = freeze_resnet_stages(self.resnet, frozen_stages) if frozen_stages else []
@@ -167,16 +168,24 @@ class EfficientNetTrunk(nn.Module):
         name: one of :data:`EFFICIENTNET_BACKBONES`.
         in_channels: image channels.
         bn_momentum: BatchNorm momentum (PyTorch convention).
+        pretrained_weights: optional torchvision EfficientNet state dict (path or mapping) of the same size, e.g.
+            ImageNet B0 (:mod:`her2_monai.networks.pretrained`, which also says how MONAI's network differs).
 
     Raises:
         ValueError: for an unknown ``name``.
     """
 
-    def __init__(self, name: str = "efficientnet-b0", in_channels: int = 3, bn_momentum: float = 0.1) -> None:
+    def __init__(
+        self,
+        name: str = "efficientnet-b0",
+        in_channels: int = 3,
+        bn_momentum: float = 0.1,
+        pretrained_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         if name not in EFFICIENTNET_BACKBONES:
             raise ValueError(f"unknown EfficientNet backbone '{name}'; expected one of {EFFICIENTNET_BACKBONES}")
-        # pretrained=False: nothing may be downloaded; ImageNet EfficientNet weights are not supported here.
+        # pretrained=False: MONAI would download TensorFlow-ported weights; torchvision's are loaded below instead.
         self.net = EfficientNetBNFeatures(
             name,
             pretrained=False,
@@ -190,6 +199,8 @@ class EfficientNetTrunk(nn.Module):
         self.name = name
         last_bn = [m for m in self.net._blocks.modules() if isinstance(m, _BatchNorm)][-1]
         self.out_channels: int = int(last_bn.num_features)
+        if pretrained_weights is not None:
+            load_pretrained_efficientnet(self.net, pretrained_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode images.
@@ -289,8 +300,9 @@ class DisentangledEncoder(nn.Module):
         fusion_channels: fused feature width (see :class:`ResidualFusion`); ``None``: the shared width.
         hybrid_unfreezing: freeze ``frozen_stages`` of the shared ResNet.
         frozen_stages: stages frozen when ``hybrid_unfreezing``.
-        pretrained_weights: optional torchvision-style state dict path for the shared ResNet.
+        pretrained_weights: optional torchvision-style state dict (path or mapping) for the shared ResNet.
         freeze_batchnorm: keep frozen stages' BatchNorm in eval mode.
+        specific_pretrained_weights: optional torchvision state dict (path or mapping) for each specific trunk.
 
     Raises:
         ValueError: for unknown backbones.
@@ -305,8 +317,9 @@ class DisentangledEncoder(nn.Module):
         fusion_channels: int | None = 512,
         hybrid_unfreezing: bool = True,
         frozen_stages: Sequence[str] = DEFAULT_FROZEN_STAGES,
-        pretrained_weights: str | Path | None = None,
+        pretrained_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
         freeze_batchnorm: bool = True,
+        specific_pretrained_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if shared_backbone not in RESNET_BACKBONES:
@@ -319,7 +332,12 @@ class DisentangledEncoder(nn.Module):
             pretrained_weights=pretrained_weights,
             freeze_batchnorm=freeze_batchnorm,
         )
-        self.specific = nn.ModuleDict({s: build_encoder(specific_backbone, in_channels) for s in self.stains})
+        specific_kwargs = (
+            {} if specific_pretrained_weights is None else {"pretrained_weights": specific_pretrained_weights}
+        )
+        self.specific = nn.ModuleDict(
+            {s: build_encoder(specific_backbone, in_channels, **specific_kwargs) for s in self.stains}
+        )
         specific_channels = self.specific[self.stains[0]].out_channels
         self.fusion = nn.ModuleDict(
             {s: ResidualFusion(self.shared.out_channels, specific_channels, fusion_channels) for s in self.stains}

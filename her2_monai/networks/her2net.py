@@ -111,7 +111,8 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
         dropout: dropout before the final linear layer.
         hybrid_unfreezing: freeze ``frozen_stages`` of the shared ResNet.
         frozen_stages: stages frozen by hybrid unfreezing.
-        pretrained_weights: path of a torchvision-style ResNet state dict for the shared encoder (``None``: random).
+        pretrained_weights: torchvision-style ResNet state dict (path or mapping) for the shared encoder (``None``:
+            random); see :class:`~her2_monai.networks.pretrained.PretrainedWeights` for ImageNet weights.
         cmgan: a ``CrossModalGAN`` (its generators ``he_to_ihc`` and ``ihc_to_he``), required by ``"cmgan"``.
         selector: the branch selector (``(B, 3, H, W) -> (B, 2)`` stain logits), kept frozen; optional.
         missing_strategy: ``"cmgan"``, ``"feature_substitution"``, or ``None`` = ``"cmgan"`` if ``cmgan`` is given,
@@ -120,6 +121,8 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
         freeze_cmgan: freeze the CM-GAN (stage 2 of the training recipe).
         channels_last: store weights and run convolutions in ``torch.channels_last``.
         metadata: facts about the training run saved with the weights (profile, image size, dataset).
+        specific_pretrained_weights: torchvision state dict (path or mapping) for each specific encoder, e.g.
+            ImageNet EfficientNet-B0 (``None``: random). Like ``pretrained_weights``, not part of the record.
 
     Raises:
         ValueError: for unknown options, or ``missing_strategy="cmgan"`` without a ``cmgan``.
@@ -146,7 +149,7 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
         dropout: float = 0.3,
         hybrid_unfreezing: bool = True,
         frozen_stages: Sequence[str] = DEFAULT_FROZEN_STAGES,
-        pretrained_weights: str | Path | None = None,
+        pretrained_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
         cmgan: nn.Module | None = None,
         selector: nn.Module | None = None,
         missing_strategy: str | None = None,
@@ -154,6 +157,7 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
         freeze_cmgan: bool = True,
         channels_last: bool = False,
         metadata: Mapping[str, Any] | None = None,
+        specific_pretrained_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if missing_strategy is None:
@@ -187,6 +191,7 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
             hybrid_unfreezing=hybrid_unfreezing,
             frozen_stages=frozen_stages,
             pretrained_weights=pretrained_weights,
+            specific_pretrained_weights=specific_pretrained_weights,
         )
         self.attention = ModalitySensitiveAttention(
             self.encoder.out_channels,
