@@ -369,14 +369,17 @@ def load_datalist_split(
     Raises:
         FileNotFoundError: if the file does not exist.
         KeyError: if the split is not in the file.
+        DatalistError: if records are malformed (see :func:`her2_monai.data.validate.check_records`).
         ValueError: if the file is not a datalist or no record is left.
     """
+    from her2_monai.data.validate import check_records
+
     path = Path(path)
     content = read_datalist_json(path)
     if not isinstance(content, dict) or split not in content:
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise KeyError(f"datalist '{path}' has no '{split}' list (found {found})")
-    records = content[split]
+    records = check_records(content[split], f"{path} ['{split}']", base_dir=path.parent)
     if require_label:
         records = [r for r in records if r.get(LABEL_KEY) is not None]
     if require_both:
