@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,10 @@ def predict(
     inputs = {"he": he, "ihc": ihc, "image": image}
     check_record_files({k: v for k, v in inputs.items() if v is not None})
     if "device" in overrides:
-        overrides["device"] = f"$torch.device('{overrides['device']}')"
+        device = str(overrides["device"])
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):  # it becomes a config expression: names only
+            raise CommandError(f"--device must be cpu, cuda, cuda:N or mps, got '{device[:40]}'")
+        overrides["device"] = f"$torch.device('{device}')"
     predictor = load_predictor(bundle, config_file, refer_threshold=float(refer_threshold), **overrides)
     print(json.dumps(predictor.predict(he=he, ihc=ihc, image=image)))
 

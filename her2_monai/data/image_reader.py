@@ -68,7 +68,9 @@ def _display_size(image: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
     """``size`` (the stored ``(width, height)``) as the loaded image is displayed, i.e. after its EXIF orientation."""
     width, height = size
     try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns about a damaged EXIF block, which does not harm the pixels
+            orientation = image.getexif().get(_EXIF_ORIENTATION)
     except Exception:  # a damaged EXIF block does not make the pixels unreadable
         orientation = None
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
@@ -160,7 +162,9 @@ def read_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarra
     try:
         with image:
             image.load()
-            upright = ImageOps.exif_transpose(image)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a damaged EXIF block: PIL warns and leaves the image as stored
+                upright = ImageOps.exif_transpose(image)
             return np.asarray(_to_rgb(upright), dtype=np.uint8).copy()
     except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, EOFError, ... on damaged data
         raise _decode_error(path, image, err) from None
