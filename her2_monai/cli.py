@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,10 @@ def predict(
         if cam not in (*CAM_METHODS, "all"):
             raise CommandError(f"--cam must be one of {', '.join((*CAM_METHODS, 'all'))}, got '{cam}'")
     if "device" in overrides:
-        overrides["device"] = f"$torch.device('{overrides['device']}')"
+        device = str(overrides["device"])
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):  # it becomes a config expression: names only
+            raise CommandError(f"--device must be cpu, cuda, cuda:N or mps, got '{device[:40]}'")
+        overrides["device"] = f"$torch.device('{device}')"
     stain = {"stain_normalization": stain_normalization, "stain_reference": stain_reference}
     stain["stain_reference_ihc"] = stain_reference_ihc
     overrides.update({k: str(v) for k, v in stain.items() if v is not None})

@@ -3,11 +3,16 @@
 Every file the project writes goes through :func:`atomic_write`: the content is written to a temporary file in the
 destination folder, then renamed over the destination (``os.replace`` is atomic on one file system). If the writer
 fails (disk full, exception), the temporary file is removed and the previous version of the destination survives.
+
+Model files get a SHA-256 checksum file beside them (``model.pt`` -> ``model.pt.sha256``, in ``sha256sum`` format) from
+:func:`atomic_torch_save` with ``checksum=True``; :func:`verify_checksum` checks a file against it before it is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -23,7 +28,15 @@ __all__ = [
     "atomic_torch_save",
     "save_image_atomic",
     "remove_stale_temporaries",
+    "CHECKSUM_SUFFIX",
+    "ChecksumMismatchError",
+    "sha256_file",
+    "checksum_path",
+    "write_checksum",
+    "verify_checksum",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Temporary files are named ``.<destination name>.<random>.tmp`` so a killed write can be found and removed.
 TEMP_PREFIX = "."
@@ -104,15 +117,121 @@ def write_json_atomic(content: Any, path: str | os.PathLike, indent: int | None 
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through :func:`atomic_write`.
+def atomic_torch_save(obj: Any, path: str | os.PathLike, checksum: bool = False) -> Path:
+    """``torch.save`` through :func:`atomic_write`, optionally with a checksum file beside the result.
+
+    With ``checksum``, the order is: write and hash the temporary file, delete the old checksum file, rename the new
+    file into place, write the new checksum file atomically. A kill at any point leaves either a file with its matching
+    checksum or a file without one (a warning when loaded), never a file with a wrong checksum.
+
+    Args:
+        obj: what to save.
+        path: destination.
+        checksum: also write ``<path>.sha256``.
 
     Returns:
         The destination path.
     """
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path) -> None:
+        # Through a file object: torch then names the archive's records "archive/..." instead of after the
+        # (random) temporary file name, so the same content always gives the same bytes and the same checksum.
+        try:
+            with open(tmp, "wb") as stream:
+                torch.save(obj, stream)
+        except RuntimeError as err:
+            # torch's archive writer, closed after a failed write (disk full), raises its own error over the OSError
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
+
+    if not checksum:
+        return atomic_write(path, save)
+    digest: list[str] = []
+
+    def write(tmp: Path) -> None:
+        save(tmp)
+        digest.append(sha256_file(tmp))
+        checksum_path(path).unlink(missing_ok=True)
+
+    atomic_write(path, write)
+    write_checksum(path, digest[0])
+    return Path(path)
+
+
+#: Suffix of the checksum file written beside a model file.
+CHECKSUM_SUFFIX = ".sha256"
+_UNVERIFIED_WARNED: set[str] = set()
+
+
+class ChecksumMismatchError(ValueError):
+    """A file's content differs from the SHA-256 recorded beside it when it was written."""
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, as 64 hexadecimal digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """Where the checksum of ``path`` is kept: ``<path>.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def write_checksum(path: str | os.PathLike, digest: str | None = None) -> Path:
+    """Write ``<path>.sha256`` atomically, in ``sha256sum`` format (``sha256sum -c`` checks it).
+
+    Args:
+        path: the file the checksum describes.
+        digest: its SHA-256 (computed from the file when ``None``).
+
+    Returns:
+        The checksum file.
+    """
+    digest = digest or sha256_file(path)
+    line = f"{digest}  {Path(path).name}\n"
+    return atomic_write(checksum_path(path), lambda tmp: tmp.write_text(line))
+
+
+def verify_checksum(path: str | os.PathLike) -> bool:
+    """Check a file against the checksum written beside it.
+
+    A file without a checksum file (written by an older version, or by another tool) is accepted with one warning
+    per file and process.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``True`` when the checksum matched, ``False`` when there was none.
+
+    Raises:
+        ChecksumMismatchError: if the file's SHA-256 differs from the recorded one, or the checksum file is unreadable.
+    """
+    path = Path(path)
+    record = checksum_path(path)
+    if not record.is_file():
+        if str(path) not in _UNVERIFIED_WARNED:
+            _UNVERIFIED_WARNED.add(str(path))
+            logger.warning("%s has no %s file beside it: its integrity cannot be checked", path, CHECKSUM_SUFFIX)
+        return False
+    fields = record.read_text(errors="replace").split()
+    expected = fields[0].lower() if fields else ""
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise ChecksumMismatchError(f"'{record}' is not a SHA-256 checksum file; delete it or restore it")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ChecksumMismatchError(
+            f"'{path}' does not match its checksum ({record.name}: expected {expected[:16]}..., found "
+            f"{actual[:16]}...): the file was changed or damaged after it was written; restore or retrain it"
+        )
+    return True
 
 
 def save_image_atomic(pixels: Any, path: str | os.PathLike, format: str | None = None) -> Path:

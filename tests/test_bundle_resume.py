@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import torch
 from conftest import BUNDLE_CONFIGS, REPO_ROOT, run_bundle, tiny_overrides
 from ignite.engine import Engine
 
+from her2_monai.fileio import verify_checksum
 from her2_monai.handlers import CheckpointHandler, ResumeCheckpointLoader
 
 EPOCHS = 3
@@ -161,19 +163,19 @@ def test_failed_save_keeps_the_previous_checkpoint_and_no_temporary_file(tmp_pat
 
     def failing_save(obj, f, *args, **kwargs):
         real_save({"partial": torch.zeros(3)}, f)  # bytes reach the disk, then the write fails
-        with open(f, "ab") as stream:
-            stream.write(b"garbage")
-        raise OSError("disk full")
+        f.write(b"garbage")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
     counter.value = 2
     engine.state.epoch, engine.state.iteration = 2, 6
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="could not write .*No space left on device.*the previous version is kept"):
         saver(engine)
     monkeypatch.undo()
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file remains
-    assert path.read_bytes() == before
+    # no temporary file remains; the previous file and its checksum are intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".sha256"]
+    assert path.read_bytes() == before and verify_checksum(path)
     restored, fresh = _Counter(0), Engine(lambda e, b: None)
     loader = ResumeCheckpointLoader(path, {"counter": restored})
     loader.attach(fresh)

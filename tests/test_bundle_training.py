@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,8 +48,15 @@ def test_training_writes_weights_checkpoints_and_datalist(trained_bundle):
     assert weights["cmgan._extra_state"]["class"] == "CrossModalGAN"
     assert weights["selector._extra_state"]["class"] == "BranchSelector"
     assert all(isinstance(v, torch.Tensor) for k, v in weights.items() if not k.endswith("_extra_state"))
-    # The resume checkpoint stores the network as it is; the best model is the same network's weights.
-    assert checkpoint["network"].keys() == torch.load(models / "model.pt", weights_only=True).keys()
+    # The resume checkpoint holds the network without its frozen CM-GAN and selector, which it refers to by file and
+    # SHA-256 (see her2_monai.handlers.FrozenByReference); the best model holds everything.
+    network, full = dict(checkpoint["network"]), torch.load(models / "model.pt", weights_only=True)
+    references = network.pop("__frozen_by_reference__")
+    assert {name: Path(ref["path"]).name for name, ref in references.items()} == {
+        "cmgan": "cmgan.pt",
+        "selector": "selector.pt",
+    }
+    assert network.keys() == {k for k in full if not k.startswith(("cmgan.", "selector."))}
     datalist = json.loads((trained_bundle / "eval" / "datalist.json").read_text())
     assert len(datalist["training"]) + len(datalist["validation"]) == 16 and len(datalist["test"]) == 4
     assert sorted(p.name for p in (trained_bundle / "eval" / "translation_grids").iterdir()) == ["grid_epoch_001.png"]

@@ -416,14 +416,18 @@ def load_datalist_split(
     Raises:
         FileNotFoundError: if the file does not exist.
         KeyError: if the split is not in the file.
+        DatalistError: if records are malformed (see :func:`her2_monai.data.validate.check_records`).
         ValueError: if the file is not a datalist or no record is left.
     """
+    from her2_monai.data.validate import check_records
+
     path = Path(path)
     content = read_datalist_json(path)
     if not isinstance(content, dict) or split not in content:
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise KeyError(f"datalist '{path}' has no '{split}' list (found {found})")
-    records = select_records(content[split], require_label=require_label, require_both=require_both)
+    records = check_records(content[split], f"{path} ['{split}']", base_dir=path.parent)
+    records = select_records(records, require_label=require_label, require_both=require_both)
     if not records:
         wanted = " labelled" * require_label + " dual-stain" * require_both
         raise ValueError(f"datalist '{path}' has no{wanted} records in '{split}'")

@@ -4,8 +4,9 @@ ignite's :class:`~ignite.handlers.Checkpoint` gathers the objects' state dicts (
 score and has a state of its own; what it lacks for this bundle is a save handler that writes a *fixed* file name
 atomically. ignite's ``DiskSaver(atomic=True)`` deletes the previous file before writing the next one under the same
 name (a kill in between loses the best model) and leaves anonymous ``tmp*`` files when killed, and MONAI's
-``CheckpointSaver`` writes in place. :class:`AtomicFileSaver` is that save handler; :class:`CheckpointHandler`
-attaches the pair to an engine as MONAI handlers are attached.
+``CheckpointSaver`` writes in place. :class:`AtomicFileSaver` is that save handler (it also writes the file's SHA-256
+beside it); :class:`CheckpointHandler` attaches the pair to an engine as MONAI handlers are attached. The loaders
+(:class:`VerifiedCheckpointLoader`, :class:`ResumeCheckpointLoader`) check that checksum before reading a file.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointLoader
 
-from her2_monai.fileio import atomic_torch_save, remove_stale_temporaries
+from her2_monai.fileio import atomic_torch_save, remove_stale_temporaries, verify_checksum
 
-__all__ = ["AtomicFileSaver", "CheckpointHandler", "ResumeCheckpointLoader"]
+__all__ = ["AtomicFileSaver", "CheckpointHandler", "VerifiedCheckpointLoader", "ResumeCheckpointLoader"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ class AtomicFileSaver(BaseSaveHandler):
     """ignite save handler that always writes ``path`` (whatever name ignite proposes), atomically, on rank 0 only.
 
     The previous file is replaced by a rename, never deleted first, so a kill at any moment leaves either the old or
-    the new complete file. Leftovers of a killed write are removed when the saver is created.
+    the new complete file; ``<path>.sha256`` is written right after it (see
+    :func:`~her2_monai.fileio.atomic_torch_save`). A failed write (disk full) raises an ``OSError`` that names the
+    file and says that the previous version is kept. Leftovers of a killed write are removed when the saver is created.
 
     Args:
         path: the destination file.
@@ -50,7 +53,11 @@ class AtomicFileSaver(BaseSaveHandler):
         # torch.distributed directly: ignite's idist.get_rank() sets up its own process group on first use, a
         # collective call that hangs when only rank 0 runs a stage.
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-            atomic_torch_save(checkpoint, self.path)
+            try:
+                atomic_torch_save(checkpoint, self.path, checksum=True)
+            except OSError as err:
+                kept = "the previous version is kept" if self.path.is_file() else "no earlier version exists"
+                raise OSError(err.errno, f"could not write {self.path} ({err}); {kept}") from err
 
     def remove(self, filename: str) -> None:
         """Nothing to remove: the next save replaces the file in place."""
@@ -143,8 +150,20 @@ class CheckpointHandler:
         self.checkpoint.load_state_dict(state)
 
 
-class ResumeCheckpointLoader(CheckpointLoader):
-    """MONAI's :class:`~monai.handlers.CheckpointLoader` that also restores the engine it is attached to.
+class VerifiedCheckpointLoader(CheckpointLoader):
+    """MONAI's :class:`~monai.handlers.CheckpointLoader` that checks the file's SHA-256 (``<file>.sha256``) first.
+
+    A file that differs from its checksum is refused (:class:`~her2_monai.fileio.ChecksumMismatchError`); a file
+    without one (an older version's) is loaded with a warning. Arguments are those of MONAI's loader.
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        verify_checksum(self.load_path)
+        super().__call__(engine)
+
+
+class ResumeCheckpointLoader(VerifiedCheckpointLoader):
+    """:class:`VerifiedCheckpointLoader` that also restores the engine it is attached to.
 
     A config cannot list the trainer inside its own handlers' ``load_dict`` without a reference cycle, so the engine
     is added here when the loader is attached. Without a checkpoint file the stage starts from scratch (a stage of

@@ -15,6 +15,7 @@ from monai.transforms import MapTransform
 from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, STAIN_KNOWN_KEY
 from her2_monai.data.datalist import IMAGE_SUFFIXES, read_datalist_json, scan_dataset
 from her2_monai.data.image_reader import probe_image
+from her2_monai.data.validate import check_record_id, check_records
 
 __all__ = [
     "IMAGE_KEY",
@@ -75,7 +76,9 @@ def _with_id(record: dict, index: int, used: set[str]) -> dict:
     record = dict(record)
     if not record.get("id"):
         path = record.get(HE_KEY) or record.get(IHC_KEY) or record.get(IMAGE_KEY)
-        record["id"] = Path(str(path)).stem if path else f"case_{index:05d}"
+        record["id"] = Path(str(path)).stem if path else ""
+    if check_record_id(record["id"]) is not None:  # a file stem that is no usable name (e.g. "..png")
+        record["id"] = f"case_{index:05d}"
     base, k = str(record["id"]), 1
     while record["id"] in used:  # two inputs with the same stem must not overwrite each other's prediction file
         k += 1
@@ -87,14 +90,19 @@ def _with_id(record: dict, index: int, used: set[str]) -> dict:
 def _from_datalist(path: Path, split: str) -> list[dict]:
     content = read_datalist_json(path)
     if isinstance(content, list):
-        return content
+        return _checked(content, str(path), path)
     if not isinstance(content, dict):
         raise ValueError(f"datalist '{path}' must be a list of records or a dict of splits")
     if split == "all":
-        return [r for s in _SPLITS for r in content.get(s, [])]
+        return [r for s in _SPLITS for r in _checked(content.get(s, []), f"{path} ['{s}']", path)]
     if split not in content:
         raise KeyError(f"datalist '{path}' has no '{split}' list (found {sorted(content)}); set datalist_split")
-    return content[split]
+    return _checked(content[split], f"{path} ['{split}']", path)
+
+
+def _checked(records: object, source: str, path: Path) -> list[dict]:
+    """Records checked as :func:`~her2_monai.data.validate.check_records` does (duplicate ids are renamed later)."""
+    return check_records(records, source, stain_keys=tuple(SOURCE_KEYS), unique_ids=False, base_dir=path.parent)
 
 
 def _from_folder(folder: Path, split: str) -> list[dict]:

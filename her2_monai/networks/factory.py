@@ -8,7 +8,8 @@ The bundle writes three weight files, each the state dict of a
 * ``models/model.pt``: the :class:`~her2_monai.networks.her2net.HER2FlexibleNet` with its frozen CM-GAN and
   selector inside (``run train_classifier``), plus the training facts (profile, image size, dataset).
 
-Every reader uses ``torch.load(..., weights_only=True)``. A config value that disagrees with a recorded one (an
+Every reader uses ``torch.load(..., weights_only=True)`` after checking the file against the SHA-256 written beside it
+(``model.pt.sha256``; a file without one is read with a warning). A config value that disagrees with a recorded one (an
 override such as ``--shared_backbone``) is an error, not a silent rebuild: :func:`check_overrides`.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from her2_monai.fileio import verify_checksum
 from her2_monai.networks.alternatives import MoRANet, SimMLMNet, StainSpecialists
 from her2_monai.networks.cmgan import CrossModalGAN
 from her2_monai.networks.her2net import HER2FlexibleNet
@@ -83,12 +85,14 @@ def read_weights(path: str | os.PathLike, what: str = "weights", command: str = 
 
     Raises:
         FileNotFoundError: if the file is missing (naming ``command``).
+        her2_monai.fileio.ChecksumMismatchError: (a ``ValueError``) if it differs from its ``.sha256`` file.
         ValueError: if it is not a readable PyTorch file, is truncated, holds something other than a state dict, or
             holds code that ``weights_only=True`` refuses.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found at '{path}'. Create it with: {command}")
+    verify_checksum(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

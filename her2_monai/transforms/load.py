@@ -14,6 +14,18 @@ from her2_monai.data.image_reader import read_rgb
 __all__ = ["LoadStainsd"]
 
 
+def _checked_array(key: str, value: object) -> np.ndarray:
+    """An in-memory image: ``(H, W, 3)``, at least one pixel, real numbers, all finite."""
+    image = np.asarray(value)
+    if image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
+        raise ValueError(f"'{key}' must be a file path or an (H, W, 3) RGB array, got shape {image.shape}")
+    if image.dtype == bool or not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise ValueError(f"'{key}' must hold integer or real pixel values, got dtype {image.dtype}")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError(f"'{key}' holds NaN or infinite pixel values")
+    return image
+
+
 class LoadStainsd(MapTransform):
     """Read the stains named by ``keys`` into ``(3, H, W)`` float32 tensors in ``[0, 255]`` and record availability.
 
@@ -28,7 +40,8 @@ class LoadStainsd(MapTransform):
         label_key: label key (converted to a long scalar tensor when present).
 
     Raises:
-        ValueError: if a record has none of the stains, naming the record.
+        ValueError: if a record has none of the stains, naming the record, or an in-memory image is not a finite
+            ``(H, W, 3)`` array of numbers.
         her2_monai.data.image_reader.ImageReadError: if a file cannot be read (its path and the reason).
     """
 
@@ -53,9 +66,7 @@ class LoadStainsd(MapTransform):
             if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
                 image = read_rgb(value)  # type: ignore[arg-type]
             else:
-                image = np.asarray(value)
-                if image.ndim != 3 or image.shape[-1] != 3:
-                    raise ValueError(f"'{key}' must be a file path or an (H, W, 3) RGB array, got shape {image.shape}")
+                image = _checked_array(key, value)
             d[key] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
             present.append(1.0)
         if not any(present):
