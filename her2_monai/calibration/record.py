@@ -62,4 +62,4 @@ def write_calibration(model_file: str | os.PathLike, calibration: Mapping[str, A
     metadata = dict(record.get("metadata") or {})
     metadata[CALIBRATION_KEY] = plain(dict(calibration))
     state["_extra_state"] = {**record, "metadata": metadata}
-    atomic_torch_save(state, model_file)
+    atomic_torch_save(state, model_file, checksum=True)
