@@ -192,7 +192,10 @@ def test_a_training_stage_goes_on_when_the_server_is_down(tmp_path, capfd, fresh
     rows = _local_rows(tmp_path / "eval", "her2-demo-stage0-selector")
     assert {r[0] for r in rows} >= {"loss", "val_stain_accuracy"}
     params = json.loads((tmp_path / "eval" / "mlflow_offline" / "her2-demo-stage0-selector.params.json").read_text())
-    assert params["params"]["profile"] == "demo" and params["artifacts"] == [str(tmp_path / "models" / "selector.pt")]
+    assert params["params"]["profile"] == "demo" and params["artifacts"] == [
+        str(tmp_path / "models" / "selector.pt"),
+        str(tmp_path / "eval" / "run_config.json"),
+    ]
 
 
 # ------------------------------------------------------------------------------ one training per bundle
