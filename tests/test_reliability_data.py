@@ -1,6 +1,6 @@
 """Fault catalogue, datalists and patches at prediction time (docs/reliability.md): malformed datalists are refused
-with every problem named; blank, tiny, rotated and mismatched patches give finite predictions; unicode and
-space-containing paths work end to end."""
+with every problem named; blank and 1x1 patches get no score (referred, ``no_tissue``), rotated patches and pairs of
+mismatched sizes get finite predictions; unicode and space-containing paths work end to end."""
 
 from __future__ import annotations
 
@@ -141,7 +141,15 @@ def _finite(result: dict) -> dict:
     return result
 
 
-def test_blank_tiny_rotated_and_mismatched_patches_give_finite_predictions(capsys, deployed_bundle, tmp_path):  # noqa: F811
+def _refused(result: dict, issue: str) -> dict:
+    """No HER2 score for an image without tissue: every number is null and the case is referred, saying why."""
+    assert result["score"] is None and result["probabilities"] is None and result["confidence"] is None, result
+    assert result["refer"] is True and result["refer_reasons"][0] == "no_tissue", result
+    assert any(issue in warning for warning in result["warnings"]), result["warnings"]
+    return result
+
+
+def test_blank_and_tiny_patches_are_refused_rotated_and_mismatched_ones_are_scored(capsys, deployed_bundle, tmp_path):  # noqa: F811
     white, black = tmp_path / "white.png", tmp_path / "black.png"
     Image.new("RGB", (64, 64), (255, 255, 255)).save(white)
     Image.new("RGB", (64, 64), (0, 0, 0)).save(black)
@@ -150,22 +158,25 @@ def test_blank_tiny_rotated_and_mismatched_patches_give_finite_predictions(capsy
     rotated = write(tmp_path / "rotated.jpg", exif_rotated_jpeg(tissue(40, 64)))
     data = demo_dataset(deployed_bundle)
     he = data / "HE" / "test" / "00019_test_2+.png"
-    small_ihc = tmp_path / "small_ihc.png"
-    Image.open(data / "IHC" / "test" / "00019_test_2+.png").resize((20, 20)).save(small_ihc)
+    large_ihc = tmp_path / "large_ihc.png"
+    with Image.open(data / "IHC" / "test" / "00019_test_2+.png") as ihc:
+        assert ihc.size != (72, 48)
+        ihc.resize((72, 48)).save(large_ihc)  # another size and aspect than its H&E partner
 
-    # The command line, once: one JSON line for a blank pair.
+    # The command line, once: one JSON line for a blank pair, no score, exit 0 (the answer is "refer").
     config = str(BUNDLE_CONFIGS / "inference.json")
     code = main(["predict", "--he", str(white), "--ihc", str(black), "--bundle", str(deployed_bundle),
                  "--config_file", config])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0 and len(captured.out.strip().splitlines()) == 1, captured.err
-    assert _finite(json.loads(captured.out))["scenario"] == "dual"
+    assert _refused(json.loads(captured.out), "blank image")["scenario"] == "dual"
     # The same predictor for the other cases.
     predictor = load_predictor(deployed_bundle, config)
-    for image in (white, black, rotated):
-        assert _finite(predictor.predict(image=image))["detected_stains"]
-    assert _finite(predictor.predict(he=dot))["scenario"] == "he_only"
-    assert _finite(predictor.predict(he=he, ihc=small_ihc))["scenario"] == "dual"
+    for image in (white, black):
+        _refused(predictor.predict(image=image), "blank image")
+    _refused(predictor.predict(he=dot), "1x1 px")
+    assert _finite(predictor.predict(image=rotated))["detected_stains"]
+    assert _finite(predictor.predict(he=he, ihc=large_ihc))["scenario"] == "dual"
 
 
 def test_stain_preprocessing_of_blank_patches_is_finite(tmp_path):
