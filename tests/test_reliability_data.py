@@ -41,6 +41,19 @@ def test_bad_json_names_the_file_and_the_position(tmp_path):
             collect_records(datalist=path)
 
 
+def test_a_missing_datalist_a_missing_split_and_an_empty_selection_are_named(tmp_path):
+    absent = tmp_path / "absent.json"
+    with pytest.raises(FileNotFoundError, match=f"datalist '{absent}' not found; create it with `python -m her2_monai"):
+        load_datalist_split(absent, "training")
+    he = _patch(tmp_path / "he.png")
+    path = _datalist(tmp_path, {"training": [{"he": he, "label": None, "id": "unlabelled"}]})
+    with pytest.raises(KeyError, match=r"has no 'validation' list \(found \['training'\]\)"):
+        load_datalist_split(path, "validation")
+    assert load_datalist_split(path, "training")[0]["id"] == "unlabelled"  # kept for the stain translation ...
+    with pytest.raises(ValueError, match="has no labelled records in 'training'"):
+        load_datalist_split(path, "training", require_label=True)  # ... but nothing for the classifier
+
+
 def test_records_without_stains_or_of_the_wrong_type_are_listed_together(tmp_path):
     he = _patch(tmp_path / "he.png")
     path = _datalist(
