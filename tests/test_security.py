@@ -84,7 +84,12 @@ _SERVER_COMMAND = re.compile(r"(mlflow (?:ui|server)|monailabel start_server|pyt
 
 
 def _server_commands() -> list[tuple[str, str]]:
-    """``(where, command line)`` for every server command in the docs, configs, scripts and package docstrings."""
+    """``(where, command line)`` for every server command in the docs, configs, scripts and package docstrings.
+
+    A command is a line that starts with it (after indentation, a prompt, a list marker or a quote); a mention of the
+    command inside a sentence or inline code (``monailabel start_server --app`` in a docstring) is prose, not a
+    command to run.
+    """
     sources = DOCS + sorted((REPO_ROOT / "bundle" / "configs").glob("*.json")) + _python_files()
     sources += sorted((REPO_ROOT / "scripts").glob("*.sh"))
     commands = []
@@ -92,7 +97,7 @@ def _server_commands() -> list[tuple[str, str]]:
         text = path.read_text().replace("\\\n", " ")
         for line in text.splitlines():
             match = _SERVER_COMMAND.search(line)
-            if match:
+            if match and not line[: match.start()].strip(" \t$>*-`\"'") and "`" not in line[match.start() :]:
                 commands.append((f"{path.relative_to(REPO_ROOT)}", line[match.start() :]))
     return commands
 
