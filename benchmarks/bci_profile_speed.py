@@ -133,6 +133,7 @@ def run_profile(dataset: Path, work: Path, device: str, amp: bool, iterations: i
             "selector_steps_per_epoch": iterations,
             "gan_epochs": 1,
             "cls_epochs": 1,
+            "early_stop_patience": 0,  # one timed epoch: nothing to stop early
             "gan#trainer#epoch_length": iterations,
             "train#trainer#epoch_length": iterations,
             **sets,

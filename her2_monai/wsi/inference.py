@@ -217,6 +217,7 @@ class WholeSlideScorer:
         start = time.perf_counter()
         plan = plan_tiles(slide, self.settings, region)
         rows: list[dict[str, Any]] = []
+        refused = 0  # tiles the tissue check turned away (too little stained tissue): no score, like background
         batches = list(_batches(plan.tiles, self.settings.batch_size))
         bar = tqdm(total=len(plan.tiles), desc="HER2 tiles", unit="tile", disable=not self.progress)
         with ThreadPoolExecutor(max_workers=1) as reader:
@@ -226,12 +227,16 @@ class WholeSlideScorer:
                 if index + 1 < len(batches):
                     pending = reader.submit(self._records, slide, ihc_slide, batches[index + 1])
                 for tile, result in zip(batch, self.predictor.predict_records(records)):
+                    if result["score"] is None:
+                        refused += 1
+                        continue
                     rows.append(_row(tile, result))
                 bar.update(len(batch))
         bar.close()
         call = slide_call([r["score"] for r in rows], [r["refer"] for r in rows])
         stain = "pair" if ihc_slide is not None else self.stain
-        return {"plan": plan, "rows": rows, "call": call, "stain": stain, "seconds": time.perf_counter() - start}
+        seconds = time.perf_counter() - start
+        return {"plan": plan, "rows": rows, "call": call, "stain": stain, "seconds": seconds, "refused": refused}
 
 
 def _row(tile: Tile, result: dict[str, Any]) -> dict[str, Any]:

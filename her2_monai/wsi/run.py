@@ -19,7 +19,8 @@ def slide_summary(result: dict[str, Any], slide: Any, settings: TilingSettings, 
     """The ``slide.json`` content of a scored slide.
 
     Top-level ``score`` (the slide-level call, ``None`` if no tile could be used), ``refer``, ``equivocal``,
-    ``tile_counts`` (per class, over tiles not referred), ``referred_tiles``, ``tissue_tiles``, then the details:
+    ``tile_counts`` (per class, over tiles not referred), ``referred_tiles``, ``tissue_tiles``, ``no_tissue_tiles``
+    (tiles of the tissue mask that the per-image tissue check refused: not scored), then the details:
     ``call`` (shares and the rule), ``tiling``, ``slide`` geometry, ``stain``, ``model``, ``timing`` and ``outputs``.
     """
     plan, rows, call = result["plan"], result["rows"], result["call"]
@@ -36,6 +37,7 @@ def slide_summary(result: dict[str, Any], slide: Any, settings: TilingSettings, 
         "tile_counts": call["counts"],
         "referred_tiles": call["referred"],
         "tissue_tiles": len(plan.tiles),
+        "no_tissue_tiles": int(result.get("refused", 0)),
         "call": call,
         "stain": result["stain"],
         "tiling": {
