@@ -143,7 +143,7 @@ class BundleRunner:
     def _start(self, run_id: str, overrides: dict, point: KillPoint | None) -> tuple[Any, Path, Path]:
         self.count += 1
         log = self.logs / f"{self.count:02d}_{run_id}_{point.name if point else 'full'}.log"
-        marker = self.logs / f"{self.count:02d}.stopped"
+        marker = self.logs / f"{self.count:02d}_{run_id}.stopped"  # runners may share the folder
         args = (run_id, self.config_files, overrides, str(log), point, str(marker))
         process = self.context.Process(target=_child, args=args, daemon=True)
         process.start()
