@@ -217,9 +217,25 @@ def test_the_resumed_training_equals_the_uninterrupted_one(chain: Chain) -> None
     assert not leftovers, f"temporary files left behind: {leftovers}"
 
 
+def _assert_same_report(found, expected, where: str = "metrics") -> None:
+    """Nested report values equal, numbers within 1e-6 (``pytest.approx`` does not descend into nested dicts)."""
+    if isinstance(expected, dict):
+        assert isinstance(found, dict) and found.keys() == expected.keys(), where
+        for key in expected:
+            _assert_same_report(found[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(found, list) and len(found) == len(expected), where
+        for index, (a, b) in enumerate(zip(found, expected)):
+            _assert_same_report(a, b, f"{where}[{index}]")
+    elif isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        assert found == pytest.approx(expected, abs=1e-6, nan_ok=True), where
+    else:
+        assert found == expected, where
+
+
 def test_the_resumed_evaluation_reports_the_same_test_metrics(chain: Chain) -> None:
     expected = json.loads((chain.reference / "eval" / "metrics.json").read_text())
     found = json.loads((chain.resumed / "eval" / "metrics.json").read_text())
     for scenario in ("dual", "he_only", "ihc_only"):
-        assert found["scenarios"][scenario] == pytest.approx(expected["scenarios"][scenario], abs=1e-6)
-    assert found["translation"] == pytest.approx(expected["translation"], abs=1e-6)
+        _assert_same_report(found["scenarios"][scenario], expected["scenarios"][scenario], scenario)
+    _assert_same_report(found["translation"], expected["translation"], "translation")
