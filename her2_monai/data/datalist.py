@@ -302,11 +302,22 @@ def scan_dataset(
     if (root / "AB").is_dir():
         pairs = Path(pairs_dir) if pairs_dir is not None else root.parent / f"{root.name}_pairs"
         found += _scan_ab(root, pairs, require_labels, report)
+    datalist: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
+    seen: dict[tuple[str, str], dict] = {}
+    for split, record in found:
+        # The same file name in two folders of one split (e.g. HE/x.png and HE/test/x.png) gives two records with
+        # one id, which the datalist loader refuses; keep the first and report the other.
+        first = seen.setdefault((split, str(record.get("id"))), record)
+        if first is not record:
+            path = record.get(HE_KEY) or record.get(IHC_KEY) or record.get("image")
+            kept = first.get(HE_KEY) or first.get(IHC_KEY) or first.get("image")
+            report.problems.append(
+                (str(path), f"same id '{record.get('id')}' as {kept} in '{split}'; ids must be unique")
+            )
+            continue
+        datalist[split].append(record)
     if strict and report.problems:
         raise DatalistError(report.problems)
-    datalist: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
-    for split, record in found:
-        datalist[split].append(record)
     return datalist, report
 
 
