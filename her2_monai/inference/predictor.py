@@ -467,12 +467,7 @@ class TorchScriptPredictor:
         image: str | os.PathLike | None = None,
     ) -> dict[str, Any]:
         """Predict one patch (same arguments and answer as :meth:`HER2Predictor.predict`)."""
-        if image is not None and (he is not None or ihc is not None):
-            raise ValueError("give either --image (stain unknown) or --he/--ihc (declared stains), not both")
-        if image is None and he is None and ihc is None:
-            raise ValueError("no input image: give --he FILE and/or --ihc FILE, or --image FILE")
-        record = {IMAGE_KEY: image} if image is not None else {HE_KEY: he, IHC_KEY: ihc}
-        record = {k: str(v) for k, v in record.items() if v is not None}
+        record = _one_record(he, ihc, image)
         check_record_files(record)
         item = apply_transform(self.preprocessing, record)
         merged = {**{k: v for k, v in item.items() if k not in (HE_KEY, IHC_KEY)}, **self._outputs(item)}

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from her2_monai.networks.unfreeze import StateDictMismatchError
+from her2_monai.networks.unfreeze import StateDictMismatchError, list_keys, read_state_dict
 
 __all__ = [
     "IMAGENET_WEIGHT_URLS",
@@ -146,23 +146,8 @@ def torchvision_to_monai_efficientnet_keys(net: nn.Module) -> dict[str, str]:
     return mapping
 
 
-def _list_keys(keys) -> str:
-    keys = sorted(keys)
-    more = f", ... ({len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else ""
-    return "[" + ", ".join(keys[:_MAX_LISTED_KEYS]) + more + "]"
-
-
 def _state_dict_from(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if isinstance(source, Mapping):
-        state = dict(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained EfficientNet weights not found: '{path}'")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
-        if "features.0.0.weight" not in state and isinstance(state.get(wrapper), Mapping):
-            state = dict(state[wrapper])
+    state = read_state_dict(source, marker="features.0.0.weight", what="EfficientNet")
     return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
@@ -206,9 +191,9 @@ def load_pretrained_efficientnet(
     if missing or unexpected or mismatched:
         problems = []
         if missing:
-            problems.append(f"{len(missing)} missing key(s) {_list_keys(missing)}")
+            problems.append(f"{len(missing)} missing key(s) {list_keys(missing)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s) {_list_keys(unexpected)}")
+            problems.append(f"{len(unexpected)} unexpected key(s) {list_keys(unexpected)}")
         if mismatched:
             problems.append(f"{len(mismatched)} shape mismatch(es) [{'; '.join(mismatched[:_MAX_LISTED_KEYS])}]")
         raise StateDictMismatchError(

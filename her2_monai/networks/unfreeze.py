@@ -8,6 +8,7 @@ both the stage names and the state-dict keys below refer to either.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +22,9 @@ __all__ = [
     "StateDictMismatchError",
     "freeze_resnet_stages",
     "keep_frozen_batchnorm_eval",
+    "list_keys",
     "load_pretrained_resnet",
+    "read_state_dict",
     "torchvision_to_monai_resnet_key",
 ]
 
@@ -115,30 +118,44 @@ def torchvision_to_monai_resnet_key(key: str) -> str | None:
     return key
 
 
-def _list_keys(keys: Iterable[str]) -> str:
+def list_keys(keys: Iterable[str]) -> str:
+    """At most a dozen sorted names, then how many more, for error messages."""
     keys = sorted(keys)
     shown = ", ".join(keys[:_MAX_LISTED_KEYS])
     more = f", ... ({len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else ""
     return f"[{shown}{more}]"
 
 
-def _read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    source: str | os.PathLike | Mapping[str, torch.Tensor], marker: str = "conv1.weight", what: str = "ResNet"
+) -> dict[str, torch.Tensor]:
+    """A pretrained state dict from a file (``weights_only``) or a mapping, unwrapped from a training checkpoint.
+
+    Args:
+        source: ``.pth`` file or a state dict.
+        marker: a key the bare state dict has; without it, a ``state_dict`` or ``model`` entry is looked into.
+        what: the network named in the missing-file message.
+
+    Raises:
+        FileNotFoundError: if the file is missing.
+        ValueError: if it is not a mapping of names to tensors.
+    """
     if isinstance(source, Mapping):
         state = dict(source)
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained ResNet weights not found: '{path}'")
+            raise FileNotFoundError(f"pretrained {what} weights not found: '{path}'")
         state = torch.load(path, map_location="cpu", weights_only=True)
     # Checkpoints written by training loops wrap the weights one level down.
     for wrapper in ("state_dict", "model"):
-        if "conv1.weight" not in state and isinstance(state.get(wrapper), Mapping):
+        if marker not in state and isinstance(state.get(wrapper), Mapping):
             state = dict(state[wrapper])
     if not isinstance(state, Mapping):
         raise ValueError(f"expected a state dict (mapping of names to tensors), got {type(state).__name__}")
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"state dict entries must be tensors; these are not: {_list_keys(bad)}")
+        raise ValueError(f"state dict entries must be tensors; these are not: {list_keys(bad)}")
     return state
 
 
@@ -164,7 +181,7 @@ def load_pretrained_resnet(model: nn.Module, path: str | Path | Mapping[str, tor
         StateDictMismatchError: (a ``KeyError`` and ``ValueError``) listing missing keys, unexpected keys and shape
             mismatches, all at once, e.g. for a ResNet18 file loaded onto a ResNet50.
     """
-    source = _read_state_dict(path)
+    source = read_state_dict(path)
     target = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     ignored = []
@@ -188,9 +205,9 @@ def load_pretrained_resnet(model: nn.Module, path: str | Path | Mapping[str, tor
     if missing or unexpected or mismatched:
         problems = []
         if missing:
-            problems.append(f"{len(missing)} missing key(s) {_list_keys(missing)}")
+            problems.append(f"{len(missing)} missing key(s) {list_keys(missing)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s) {_list_keys(unexpected)}")
+            problems.append(f"{len(unexpected)} unexpected key(s) {list_keys(unexpected)}")
         if mismatched:
             shown = "; ".join(mismatched[:_MAX_LISTED_KEYS])
             more = f"; ... ({len(mismatched) - _MAX_LISTED_KEYS} more)" if len(mismatched) > _MAX_LISTED_KEYS else ""
