@@ -24,7 +24,7 @@ from her2_monai.networks.encoders import ResNetTrunk
 from her2_monai.networks.record import RecordedNetwork
 from her2_monai.stain_batch import apply_to_present, check_stain_inputs, scenario_ids
 
-__all__ = ["ModalityExpert", "masked_softmax", "mixture_logits", "SimMLMNet"]
+__all__ = ["ModalityExpert", "run_experts", "masked_softmax", "mixture_logits", "SimMLMNet"]
 
 
 class ModalityExpert(nn.Module):
@@ -56,6 +56,30 @@ class ModalityExpert(nn.Module):
         """
         features = self.pool(self.trunk(x)).flatten(1)
         return features, self.head(features)
+
+
+def run_experts(
+    experts: Sequence[nn.Module], images: Sequence[Tensor], available: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Run one :class:`ModalityExpert` per stain on the samples that have that stain.
+
+    Args:
+        experts: one expert per stain, in :data:`~her2_monai.constants.STAINS` order.
+        images: one ``(B, 3, H, W)`` batch per stain.
+        available: ``(B, len(experts))`` bool availability.
+        num_classes: output classes of each expert.
+
+    Returns:
+        ``features`` ``(B, E, C)`` and ``logits`` ``(B, E, K)``, zeros where a stain is missing.
+    """
+    batch = available.shape[0]
+    features, logits = [], []
+    for column, (expert, image) in enumerate(zip(experts, images)):
+        fills = [image.new_zeros(batch, expert.out_channels), image.new_zeros(batch, num_classes)]
+        feat, logit = apply_to_present(expert, available[:, column], fills, image)
+        features.append(feat)
+        logits.append(logit)
+    return torch.stack(features, dim=1), torch.stack(logits, dim=1)
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
@@ -180,15 +204,7 @@ class SimMLMNet(RecordedNetwork, nn.Module):
         he, ihc, available = check_stain_inputs(he, ihc, mask)
         scenario = scenario_ids(available)
         mask = available.to(he.dtype)
-        batch = mask.shape[0]
-        features, logits = [], []
-        for column, (expert, image) in enumerate(zip(self.experts, (he, ihc))):
-            fills = [image.new_zeros(batch, expert.out_channels), image.new_zeros(batch, self.num_classes)]
-            feat, logit = apply_to_present(expert, available[:, column], fills, image)
-            features.append(feat)
-            logits.append(logit)
-        features_t = torch.stack(features, dim=1)
-        expert_logits = torch.stack(logits, dim=1)
+        features_t, expert_logits = run_experts(self.experts, (he, ihc), available, self.num_classes)
         gate_logits = self.gate(torch.cat([features_t.flatten(1), mask], dim=1))
         mixed, weights = mixture_logits(expert_logits, gate_logits, mask)
         return {

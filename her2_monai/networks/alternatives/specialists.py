@@ -13,13 +13,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from her2_monai.constants import NUM_CLASSES, STAINS
-from her2_monai.networks.alternatives.simmlm import ModalityExpert
+from her2_monai.networks.alternatives.simmlm import ModalityExpert, run_experts
 from her2_monai.networks.record import RecordedNetwork
-from her2_monai.stain_batch import apply_to_present, check_stain_inputs, scenario_ids
+from her2_monai.stain_batch import check_stain_inputs, scenario_ids
 
 __all__ = ["StainSpecialists"]
 
@@ -69,18 +68,11 @@ class StainSpecialists(RecordedNetwork, nn.Module):
             ValueError: on bad shapes or a bad mask (see :func:`~her2_monai.stain_batch.check_stain_inputs`).
         """
         he, ihc, available = check_stain_inputs(he, ihc, mask)
-        batch = he.shape[0]
-        features, logits = [], []
-        for column, (expert, image) in enumerate(zip(self.experts, (he, ihc))):
-            fills = [image.new_zeros(batch, expert.out_channels), image.new_zeros(batch, self.num_classes)]
-            feat, logit = apply_to_present(expert, available[:, column], fills, image)
-            features.append(feat)
-            logits.append(logit)
-        expert_logits = torch.stack(logits, dim=1)
+        features, expert_logits = run_experts(self.experts, (he, ihc), available, self.num_classes)
         weights = available.to(expert_logits.dtype)
         mean = (expert_logits * weights[:, :, None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
         # The pooled features of both specialists (zeros for a missing stain) serve the out-of-distribution score.
-        embedding = torch.cat(features, dim=1)
+        embedding = features.flatten(1)
         return {
             "logits": mean,
             "scenario": scenario_ids(available),
