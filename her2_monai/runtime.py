@@ -2,8 +2,10 @@
 
 Measured on the machines this project runs on (``docs/performance.md``): on CPUs with bfloat16 hardware (Intel AMX or
 AVX-512 BF16) bf16 autocast with channels-last tensors is 2-4x faster than fp32; on CPUs without it (AVX2 only) bf16
-is emulated and 6x *slower*, while fp32 with channels-last is the fastest; on CUDA, float16 autocast (AMP) with
-channels-last is the standard fast path. :func:`execution_settings` picks accordingly and logs the choice once.
+is emulated and 6x *slower*, while fp32 with channels-last is the fastest for inference but *slower* than contiguous
+tensors for training steps (the backward convolutions of the CM-GAN and the classifier lose 10-40% to the format
+there); on CUDA, float16 autocast (AMP) with channels-last is the standard fast path. :func:`execution_settings` picks
+accordingly, per use (training or inference), and logs the choice once.
 """
 
 from __future__ import annotations
@@ -28,13 +30,21 @@ class ExecutionSettings:
 
     Attributes:
         amp: mixed precision (float16 on CUDA, bfloat16 on the CPU).
-        channels_last: channels-last memory format for convolution inputs and weights.
+        channels_last: channels-last memory format for convolution inputs and weights at inference.
         reason: one line saying why.
+        train_channels_last: the same for training steps (forward and backward); defaults to ``channels_last``.
     """
 
     amp: bool
     channels_last: bool
     reason: str
+    train_channels_last: bool | None = None
+
+    def memory_format_for(self, training: bool) -> bool:
+        """Whether channels-last pays for training steps (``training=True``) or for inference."""
+        if training and self.train_channels_last is not None:
+            return self.train_channels_last
+        return self.channels_last
 
 
 @functools.lru_cache(maxsize=1)
@@ -69,7 +79,11 @@ def _settings(device_type: str) -> ExecutionSettings:
             settings = ExecutionSettings(True, True, f"CPU with {hardware}: bfloat16 autocast with channels-last")
         else:
             settings = ExecutionSettings(
-                False, True, "CPU without bfloat16 hardware (no AMX/AVX-512 BF16): float32 with channels-last"
+                False,
+                True,
+                "CPU without bfloat16 hardware (no AMX/AVX-512 BF16): float32; channels-last for inference, "
+                "contiguous tensors for training",
+                train_channels_last=False,
             )
     else:
         settings = ExecutionSettings(False, False, f"{device_type}: float32, contiguous tensors")
@@ -94,6 +108,6 @@ def default_amp(device: torch.device | str) -> bool:
     return execution_settings(device).amp
 
 
-def default_channels_last(device: torch.device | str) -> bool:
-    """Whether channels-last tensors pay on ``device`` (see :func:`execution_settings`)."""
-    return execution_settings(device).channels_last
+def default_channels_last(device: torch.device | str, training: bool = False) -> bool:
+    """Whether channels-last tensors pay on ``device`` for training or inference (see :func:`execution_settings`)."""
+    return execution_settings(device).memory_format_for(training)
