@@ -36,6 +36,16 @@ from her2_monai.networks import CrossModalDiscriminators, CrossModalGAN
 from her2_monai.runtime import execution_settings
 
 
+def matmul_rate(n: int = 2048, reps: int = 3) -> float:
+    """Measured GFLOP/s of an ``n x n`` float32 matrix multiply on this CPU (the practical compute ceiling)."""
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(x, y)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(x, y)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
 def _median_time(step, warmup: int, reps: int) -> float:
     for _ in range(warmup):
         step()
@@ -104,16 +114,31 @@ def main() -> None:
         peer.optimize_parameters()
 
     rows = [("peer: BCI PyramidPix2pix (fp32, NCHW)", _median_time(peer_step, args.warmup, args.reps))]
+    with FlopCounterMode(display=False) as counter:  # forward and backward of G and D, one direction
+        peer_step()
+    train_gflop = counter.get_total_flops() / 1e9
     batch = {"he": a, "ihc": b, "mask": torch.ones(args.batch, 2)}
+    train_format = default.memory_format_for(training=True)
+    precision, layout = ("bf16" if default.amp else "fp32"), ("channels-last" if train_format else "NCHW")
+    default_label = f"ours, default ({precision}, {layout})"
     for label, (amp, channels_last) in (
-        (f"ours, default ({default.reason.split(': ')[-1]})", (default.amp, default.channels_last)),
+        (default_label, (default.amp, train_format)),
         ("ours, fp32 NCHW (the peer's setting)", (False, False)),
+        ("ours, fp32 channels-last", (False, True)),
     ):
         trainer = our_trainer(amp, channels_last)
         rows.append((label, _median_time(lambda t=trainer: t._iteration(t, batch), args.warmup, args.reps) / 2))
-    print(f"\ntraining, seconds per direction per step ({args.train_size} px, batch {args.batch})")
+    fp32_rate = matmul_rate()
+    print(
+        f"\ntraining, seconds per direction per step ({args.train_size} px, batch {args.batch}; "
+        f"{train_gflop:.0f} GFLOP per direction per step; measured fp32 matmul rate {fp32_rate:.0f} GFLOP/s)"
+    )
     for label, seconds in rows:
-        print(f"  {label:<62}{seconds:>8.2f} s{rows[0][1] / seconds:>8.2f}x vs peer")
+        print(
+            f"  {label:<62}{seconds:>8.2f} s{rows[0][1] / seconds:>8.2f}x vs peer{train_gflop / seconds:>8.1f} GFLOP/s"
+        )
+    ceiling = train_gflop / fp32_rate
+    print(f"  ceiling at the full matmul rate: {ceiling:.2f} s ({rows[0][1] / ceiling:.2f}x vs peer)")
 
     x = torch.rand(1, 3, args.infer_size, args.infer_size, generator=gen) * 2 - 1
     peer.netG.eval()
@@ -133,6 +158,8 @@ def main() -> None:
         print(
             f"  {label:<62}{seconds:>8.2f} s{rows[0][1] / seconds:>8.2f}x vs peer{gflop_1024 / seconds:>8.1f} GFLOP/s"
         )
+    ceiling = gflop_1024 / fp32_rate
+    print(f"  ceiling at the full matmul rate: {ceiling:.2f} s ({rows[0][1] / ceiling:.2f}x vs peer)")
 
 
 if __name__ == "__main__":

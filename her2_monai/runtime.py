@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ExecutionSettings", "cpu_bf16_support", "execution_settings", "default_amp", "default_channels_last"]
+__all__ = [
+    "ExecutionSettings",
+    "bf16_flag_in",
+    "cpu_bf16_support",
+    "execution_settings",
+    "default_amp",
+    "default_channels_last",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,22 @@ class ExecutionSettings:
         return self.channels_last
 
 
+def bf16_flag_in(cpuinfo: str) -> str | None:
+    """The bfloat16 hardware flag on the first ``flags`` line of a ``/proc/cpuinfo`` text, or ``None``.
+
+    Args:
+        cpuinfo: the text of ``/proc/cpuinfo``.
+
+    Returns:
+        ``"amx_bf16"`` (preferred) or ``"avx512_bf16"`` when listed, else ``None``.
+    """
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return next((flag for flag in _BF16_FLAGS if flag in flags), None)
+    return None
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_support() -> str | None:
     """The bfloat16 hardware of this CPU: ``"amx_bf16"``, ``"avx512_bf16"`` or ``None`` (bf16 would be emulated).
@@ -55,12 +78,7 @@ def cpu_bf16_support() -> str | None:
     """
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        flags = set()
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-                break
-        return next((flag for flag in _BF16_FLAGS if flag in flags), None)
+        return bf16_flag_in(cpuinfo.read_text(errors="replace"))
     probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
     for flag, probe in probes.items():
         check = getattr(torch.cpu, probe, None)
