@@ -27,21 +27,24 @@ from her2_monai.networks import BranchSelector, CrossModalDiscriminators, CrossM
 from her2_monai.runtime import execution_settings
 
 PROFILES = {
-    "demo": {"ngf": 32, "n_blocks": 6, "ndf": 32, "gan_batch": 4, "batch": 16, "size": 64},
-    "bci": {"ngf": 64, "n_blocks": 9, "ndf": 64, "gan_batch": 2, "batch": 8, "size": 256},
-}
+    "demo": {"ngf": 16, "n_blocks": 6, "ndf": 16, "gan_batch": 4, "batch": 16, "size": 64,
+             "shared": "resnet18", "specific": "resnet10"},
+    "bci": {"ngf": 64, "n_blocks": 9, "ndf": 64, "gan_batch": 2, "batch": 8, "size": 256,
+            "shared": "resnet50", "specific": "efficientnet-b0"},
+}  # fmt: skip
 
 
 def settings_list() -> dict[str, tuple[bool, bool]]:
-    """name -> (amp, channels_last); the default for this machine last."""
+    """name -> (amp, channels_last); the training default for this machine last."""
     default = execution_settings("cpu")
+    layout = default.memory_format_for(training=True)
     return {
         "fp32 NCHW (baseline)": (False, False),
         "fp32 channels-last": (False, True),
         "bf16 + channels-last": (True, True),
-        f"default: {'bf16' if default.amp else 'fp32'}{' + channels-last' if default.channels_last else ''}": (
+        f"default: {'bf16' if default.amp else 'fp32'}{' + channels-last' if layout else ', NCHW'}": (
             default.amp,
-            default.channels_last,
+            layout,
         ),
     }
 
@@ -82,11 +85,12 @@ def gan_step(profile: dict, size: int, amp: bool, channels_last: bool):
     return lambda batch: trainer._iteration(trainer, batch)
 
 
-def classifier_step(profile: dict, size: int, amp: bool, channels_last: bool, backbone: str):
+def classifier_step(profile: dict, size: int, amp: bool, channels_last: bool, backbone: str | None = None):
     """The real stage-2 iteration (frozen CM-GAN and selector inside) as a callable on a batch."""
     torch.manual_seed(0)
     net = HER2FlexibleNet(
-        shared_backbone=backbone, cmgan=CrossModalGAN(ngf=profile["ngf"], n_blocks=profile["n_blocks"]),
+        shared_backbone=backbone or profile["shared"], specific_backbone=profile["specific"],
+        cmgan=CrossModalGAN(ngf=profile["ngf"], n_blocks=profile["n_blocks"]),
         selector=BranchSelector(), channels_last=channels_last,
     )  # fmt: skip
     trainer = HER2Trainer(
@@ -101,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="demo", choices=sorted(PROFILES))
     parser.add_argument("--sizes", type=int, nargs="+", help="CM-GAN step sizes for the scaling table")
-    parser.add_argument("--backbone", default="resnet50", help="shared backbone of the classifier")
+    parser.add_argument("--backbone", default=None, help="shared backbone of the classifier (default: the profile's)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip-bf16", action="store_true", help="skip bf16 (emulated and slow without hardware)")
@@ -135,7 +139,7 @@ def main() -> None:
         print(f"  {'size':>6}{'s/step':>9}{'s per Mpx':>11}")
         for s in args.sizes:
             seconds = _time(
-                gan_step(profile, s, default.amp, default.channels_last),
+                gan_step(profile, s, default.amp, default.memory_format_for(training=True)),
                 _batch(profile["gan_batch"], s),
                 args.warmup,
                 args.reps,
