@@ -59,6 +59,18 @@ def test_one_key_selects_the_method_and_each_stain_needs_its_own_target(target: 
         stain_references("macenko", str(saved))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_colour_statistics_methods_on_ihc_are_warned_about(method: str, bci_pair, caplog) -> None:
+    with caplog.at_level("WARNING", logger="her2_monai.transforms.stain_settings"):
+        refs = stain_references(method, "", bci_pair["ihc"])
+    assert refs["ihc"].stain == "ihc" and refs["he"] is None
+    warned = [r.getMessage() for r in caplog.records if "DAB amount" in r.getMessage()]
+    if method in ("reinhard", "histogram"):  # they rescale the DAB amount, the HER2 signal itself
+        assert len(warned) == 1 and f"'{method}' on IHC" in warned[0] and "macenko" in warned[0]
+    else:
+        assert warned == []
+
+
 def test_the_record_round_trips_and_overrides_are_explicit(target: Path, shared_data: Path) -> None:
     ihc_target = str(shared_data / "bci" / "IHC" / "test" / "00052_test_3+.png")
     refs = stain_references("macenko", str(target), ihc_target)

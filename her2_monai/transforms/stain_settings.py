@@ -10,6 +10,7 @@ normalisation unless told otherwise (:func:`references_from_record`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,11 @@ NO_NORMALIZATION = "none"
 #: Key of the normalisation record in a model file's metadata.
 RECORD_KEY = "stain_normalization"
 _STAINS = (HE_KEY, IHC_KEY)
+
+logger = logging.getLogger(__name__)
+
+#: Methods that match whole-image colour statistics; on IHC they rescale the DAB amount, which is the HER2 signal.
+DAB_ALTERING_METHODS = ("reinhard", "histogram")
 
 
 def _given(value: Any) -> bool:
@@ -60,6 +66,13 @@ def stain_references(
     out: dict[str, StainReference | None] = {}
     for stain, value in zip(_STAINS, (reference, reference_ihc)):
         out[stain] = StainReference.resolve(value, method=method, stain=stain) if _given(value) else None
+    if out[IHC_KEY] is not None and method in DAB_ALTERING_METHODS:
+        logger.warning(
+            "stain_normalization '%s' on IHC (--stain_reference_ihc) rescales the DAB amount, which is the HER2 "
+            "signal: in benchmarks/stain_shift.py it brought the demo model to chance level even on its own lab; "
+            "normalise IHC with 'macenko' or 'multitarget' (they keep each pixel's DAB amount), or leave it out",
+            method,
+        )
     return out
 
 
