@@ -28,22 +28,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from bench_inference import matmul_rate  # a sibling script: benchmarks/ is on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
 from her2_monai.engines import CrossModalGANTrainer
 from her2_monai.losses import GANLoss, PyramidL1Loss
 from her2_monai.networks import CrossModalDiscriminators, CrossModalGAN
 from her2_monai.runtime import execution_settings
-
-
-def matmul_rate(n: int = 2048, reps: int = 3) -> float:
-    """Measured GFLOP/s of an ``n x n`` float32 matrix multiply on this CPU (the practical compute ceiling)."""
-    x, y = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(x, y)
-    start = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(x, y)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def _median_time(step, warmup: int, reps: int) -> float:
@@ -128,7 +119,7 @@ def main() -> None:
     ):
         trainer = our_trainer(amp, channels_last)
         rows.append((label, _median_time(lambda t=trainer: t._iteration(t, batch), args.warmup, args.reps) / 2))
-    fp32_rate = matmul_rate()
+    fp32_rate = matmul_rate(torch.float32)
     print(
         f"\ntraining, seconds per direction per step ({args.train_size} px, batch {args.batch}; "
         f"{train_gflop:.0f} GFLOP per direction per step; measured fp32 matmul rate {fp32_rate:.0f} GFLOP/s)"

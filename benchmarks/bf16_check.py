@@ -18,16 +18,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from eval_trust import preprocessing  # a sibling script: benchmarks/ is on sys.path
 from monai.data import DataLoader, Dataset
-from monai.transforms import Compose, Resized, ScaleIntensityRanged
 
 from her2_monai.calibration import collect_scenario_outputs
 from her2_monai.data.datalist import load_datalist_split
 from her2_monai.networks.factory import build_model, model_image_size
 from her2_monai.runtime import execution_settings
-from her2_monai.transforms import FillMissingStainsd, LoadStainsd
 
-KEYS = ("he", "ihc")
 AGREEMENT_BAR = 0.99
 
 
@@ -70,14 +68,7 @@ def main() -> int:
     net = build_model(model_file).eval()
     size = model_image_size(model_file, None)
     records = load_datalist_split(datalist, args.split, require_label=True)
-    transform = Compose(
-        [
-            LoadStainsd(KEYS),
-            Resized(KEYS, spatial_size=(size, size), mode="area", allow_missing_keys=True),
-            ScaleIntensityRanged(KEYS, 0.0, 255.0, -1.0, 1.0, clip=True, allow_missing_keys=True),
-            FillMissingStainsd(KEYS),
-        ]
-    )
+    transform = preprocessing(size)  # the evaluation chain of eval_trust.py: load, resize, scale, fill
     loader = DataLoader(Dataset(records, transform), batch_size=args.batch_size, num_workers=0)
     print(f"{model_file}: {len(records)} {args.split} cases at {size} px; {execution_settings('cpu').reason}")
     timings = {}
