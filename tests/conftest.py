@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@contextmanager
+def scratch_folder(request, tmp_path_factory, name: str) -> Iterator[Path]:
+    """A module fixture's folder, removed when the fixture ends unless a test has failed by then.
+
+    Use it as ``with scratch_folder(...) as root:`` around the fixture's ``yield``; a fixture that raises keeps it.
+
+    The bundle runs of the module fixtures write several 100-500 MB checkpoints each; ``tmp_path_retention_policy``
+    only covers ``tmp_path``, so without this a full session keeps about 10 GB on disk until it ends.
+    """
+    folder = tmp_path_factory.mktemp(name)
+    yield folder
+    if request.session.testsfailed == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 BUNDLE_CONFIGS = REPO_ROOT / "bundle" / "configs"
 
 #: Overrides that shrink the training bundle to seconds: tiny demo set, tiny networks, one epoch per stage.
@@ -49,7 +67,7 @@ TINY_TRAINING = {
     "early_stop_patience": 0,
     "batch_size": 4,
     "shared_backbone": "resnet18",
-    "specific_backbone": "resnet18",
+    "specific_backbone": "resnet10",
     "selector_epochs": 1,
     "selector_steps_per_epoch": 2,
     "selector_batch_size": 4,

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_CONFIGS, REPO_ROOT, bundle_component, tiny_overrides
+from conftest import BUNDLE_CONFIGS, REPO_ROOT, bundle_component, scratch_folder, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -34,32 +34,32 @@ def _cli(overrides: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
+def ddp_run(request, tmp_path_factory):
     """Run ``torchrun --nproc_per_node=2 -m monai.bundle run training`` with the multi-GPU config, CPU only."""
-    root = tmp_path_factory.mktemp("ddp_bundle")
-    overrides = tiny_overrides(root, root / "cache", batch_size=BATCH_SIZE, gan_batch_size=BATCH_SIZE)
-    configs = str([str(BUNDLE_CONFIGS / "train.json"), str(BUNDLE_CONFIGS / "multi_gpu_train.json")])
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={WORLD_SIZE}",
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        configs,
-        *_cli(overrides),
-    ]
-    # CPU + gloo even on a GPU machine; one thread per process (the machine is shared); no outside MLflow server.
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, f"torchrun failed ({result.returncode}):\n{log[-6000:]}"
-    return root, overrides, log
+    with scratch_folder(request, tmp_path_factory, "ddp_bundle") as root:
+        overrides = tiny_overrides(root, root / "cache", batch_size=BATCH_SIZE, gan_batch_size=BATCH_SIZE)
+        configs = str([str(BUNDLE_CONFIGS / "train.json"), str(BUNDLE_CONFIGS / "multi_gpu_train.json")])
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={WORLD_SIZE}",
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            configs,
+            *_cli(overrides),
+        ]
+        # CPU + gloo even on a GPU machine; one thread per process (the machine is shared); no outside MLflow server.
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, f"torchrun failed ({result.returncode}):\n{log[-6000:]}"
+        yield root, overrides, log
 
 
 def test_ddp_training_writes_unwrapped_weights_and_checkpoints_once(ddp_run):

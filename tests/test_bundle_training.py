@@ -41,7 +41,7 @@ def test_training_writes_weights_checkpoints_and_datalist(trained_bundle):
     record = weights.pop("_extra_state")
     assert record["class"] == "HER2FlexibleNet" and record["arguments"]["shared_backbone"] == "resnet18"
     calibration = record["metadata"].pop("calibration")  # fitted on validation when stage 2 ends
-    pretrained = "shared resnet18: random weights; specific resnet18: random weights"
+    pretrained = "shared resnet18: random weights; specific resnet10: random weights"
     expected = {"profile": "demo", "image_size": 32, "dataset": "", "model": "her2net", "pretrained": pretrained}
     assert record["metadata"] == {**expected, "stain_normalization": None}
     assert calibration["temperature"] > 0 and set(calibration["refer_threshold"]) == {"dual", "he_only", "ihc_only"}

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,7 +33,7 @@ pytest.importorskip(
 )
 
 import requests  # noqa: E402  (after the skip: installed with the label extra)
-from conftest import BUNDLE_CONFIGS, TINY_TRAINING  # noqa: E402
+from conftest import BUNDLE_CONFIGS, TINY_TRAINING, scratch_folder  # noqa: E402
 from PIL import Image  # noqa: E402
 from test_bundle_eval_infer import demo_dataset, deployed_bundle  # noqa: E402,F401
 
@@ -218,12 +219,12 @@ def _studies(root: Path, demo: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def label_bundle(tmp_path_factory, deployed_bundle: Path) -> Path:  # noqa: F811
+def label_bundle(request, tmp_path_factory, deployed_bundle: Path) -> Iterator[Path]:  # noqa: F811
     """A complete bundle folder (configs + the tiny trained models), as ``--conf bundle_path`` expects."""
-    bundle = tmp_path_factory.mktemp("label_bundle")
-    shutil.copytree(BUNDLE_CONFIGS, bundle / "configs")
-    shutil.copytree(deployed_bundle / "models", bundle / "models")
-    return bundle
+    with scratch_folder(request, tmp_path_factory, "label_bundle") as bundle:
+        shutil.copytree(BUNDLE_CONFIGS, bundle / "configs")
+        shutil.copytree(deployed_bundle / "models", bundle / "models")
+        yield bundle
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLE_CONFIGS, REPO_ROOT, run_bundle
+from conftest import BUNDLE_CONFIGS, REPO_ROOT, run_bundle, scratch_folder
 from test_bundle_training import CLS_METRICS, CLS_VAL_METRICS, GAN_METRICS, GAN_VAL_METRICS
 
 pytestmark = pytest.mark.slow
@@ -72,19 +72,19 @@ def _bundle(run_id: str, configs: list[str], overrides: dict, env: dict) -> subp
 
 
 @pytest.fixture(scope="module")
-def real_run(shared_data, tmp_path_factory):
+def real_run(request, shared_data, tmp_path_factory):
     """``run training`` with the BCI profile on the six real pairs and the default batch size, then ``evaluating``."""
-    tmp = tmp_path_factory.mktemp("real_bci")
-    names = sorted(p.stem for p in (shared_data / "bci" / "HE" / "test").iterdir())
-    dataset = bci_layout(shared_data, tmp / "bci", train=names, test=list(TEST_PAIRS))
-    overrides = {"dataset_dir": dataset, "bundle_root": tmp / "bundle", **SMOKE}
-    env = _env(tmp)
-    done = _bundle("training", ["train.json"], overrides, env)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-6000:]
-    evaluated = _bundle("evaluating", ["train.json", "evaluate.json"], overrides, env)
-    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-6000:]
-    return tmp, dataset, log, env
+    with scratch_folder(request, tmp_path_factory, "real_bci") as tmp:
+        names = sorted(p.stem for p in (shared_data / "bci" / "HE" / "test").iterdir())
+        dataset = bci_layout(shared_data, tmp / "bci", train=names, test=list(TEST_PAIRS))
+        overrides = {"dataset_dir": dataset, "bundle_root": tmp / "bundle", **SMOKE}
+        env = _env(tmp)
+        done = _bundle("training", ["train.json"], overrides, env)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log[-6000:]
+        evaluated = _bundle("evaluating", ["train.json", "evaluate.json"], overrides, env)
+        assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-6000:]
+        yield tmp, dataset, log, env
 
 
 def test_default_batch_size_on_six_pairs_is_capped_visibly_and_every_model_is_written(real_run):

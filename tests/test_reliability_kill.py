@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLE_CONFIGS, tiny_overrides
+from conftest import BUNDLE_CONFIGS, scratch_folder, tiny_overrides
 from kill_points import BundleRunner, KillPoint
 
 pytestmark = pytest.mark.slow
@@ -155,34 +156,34 @@ class Chain:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> Chain:
-    root = tmp_path_factory.mktemp("kill")
-    cache = root / "cache"
-    reference, resumed = root / "reference", root / "resumed"
-    train_runner = BundleRunner(TRAIN, root / "logs")
-    eval_runner = BundleRunner(EVALUATE, root / "logs")
+def chain(request, tmp_path_factory) -> Iterator[Chain]:
+    with scratch_folder(request, tmp_path_factory, "kill") as root:
+        cache = root / "cache"
+        reference, resumed = root / "reference", root / "resumed"
+        train_runner = BundleRunner(TRAIN, root / "logs")
+        eval_runner = BundleRunner(EVALUATE, root / "logs")
 
-    def overrides(bundle: Path, **extra) -> dict:
-        return tiny_overrides(bundle, cache, **SETTINGS, **extra)
+        def overrides(bundle: Path, **extra) -> dict:
+            return tiny_overrides(bundle, cache, **SETTINGS, **extra)
 
-    train_runner.run("training", overrides(reference))
-    eval_runner.run("evaluating", _data_only(overrides(reference)))
+        train_runner.run("training", overrides(reference))
+        eval_runner.run("evaluating", _data_only(overrides(reference)))
 
-    on_disk, next_logs = {}, {}
-    for steps, runner, run_id, folder, settings in (
-        (TRAINING_STEPS, train_runner, "training", resumed / "models", overrides(resumed)),
-        (EVALUATION_STEPS, eval_runner, "evaluating", resumed / "eval", _data_only(overrides(resumed))),
-    ):
-        resume = {"resume": True} if run_id == "training" else {}
-        run_logs = []
-        for index, step in enumerate(steps):
-            first = index == 0 and run_id == "training"
-            run_logs.append(runner.kill_at(run_id, settings if first else {**settings, **resume}, step.point))
-            on_disk[step.point.name] = {name: _on_disk(folder, name) for name in step.on_disk}
-        run_logs.append(runner.run(run_id, {**settings, **resume}))
-        for step, after in zip(steps, run_logs[1:]):  # the run after a kill is the next one in the chain
-            next_logs[step.point.name] = after.read_text(errors="replace")
-    return Chain(reference, resumed, on_disk, next_logs)
+        on_disk, next_logs = {}, {}
+        for steps, runner, run_id, folder, settings in (
+            (TRAINING_STEPS, train_runner, "training", resumed / "models", overrides(resumed)),
+            (EVALUATION_STEPS, eval_runner, "evaluating", resumed / "eval", _data_only(overrides(resumed))),
+        ):
+            resume = {"resume": True} if run_id == "training" else {}
+            run_logs = []
+            for index, step in enumerate(steps):
+                first = index == 0 and run_id == "training"
+                run_logs.append(runner.kill_at(run_id, settings if first else {**settings, **resume}, step.point))
+                on_disk[step.point.name] = {name: _on_disk(folder, name) for name in step.on_disk}
+            run_logs.append(runner.run(run_id, {**settings, **resume}))
+            for step, after in zip(steps, run_logs[1:]):  # the run after a kill is the next one in the chain
+                next_logs[step.point.name] = after.read_text(errors="replace")
+        yield Chain(reference, resumed, on_disk, next_logs)
 
 
 @pytest.mark.parametrize("step", TRAINING_STEPS + EVALUATION_STEPS, ids=lambda s: s.point.name)
