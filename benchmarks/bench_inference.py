@@ -15,6 +15,10 @@ Usage::
 
     python benchmarks/bench_inference.py                          # 256 and 512 px, H&E-only and dual
     python benchmarks/bench_inference.py --sizes 256 512 1024 --scenarios dual he_only ihc_only
+    python benchmarks/bench_inference.py --sizes 512 --scenarios he_only --profile-ops   # where the time goes
+
+``--profile-ops`` adds, per setting, the ``torch.profiler`` self time by kind of operator (see ``op_profile.py``):
+it shows, for instance, whether bf16 loses its time in the convolutions themselves or in dtype casts around them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import sys
 import time
 
 import torch
+from op_profile import format_kinds, format_top, op_profile  # a sibling script: benchmarks/ is on sys.path
 
 from her2_monai.runtime import execution_settings
 
@@ -99,7 +104,9 @@ def worker(args: argparse.Namespace) -> None:
             run()
         flops = counter.get_total_flops()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": statistics.median(times), "peak_mb": peak_mb, "flops": flops}))
+    kinds, top = op_profile(run) if args.profile_ops else ({}, [])
+    result = {"seconds": statistics.median(times), "peak_mb": peak_mb, "flops": flops, "kinds": kinds, "top": top[:6]}
+    print(json.dumps(result))
 
 
 def main() -> None:
@@ -110,6 +117,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--settings", nargs="+", help="subset of the setting names (default: all)")
+    parser.add_argument("--profile-ops", action="store_true", help="also profile by kind of operator (torch.profiler)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
@@ -133,13 +141,14 @@ def main() -> None:
     chosen = {k: v for k, v in settings().items() if not args.settings or k in args.settings}
     for size in args.sizes:
         for scenario in args.scenarios:
-            baseline, flops = None, 0
+            baseline, flops, profiles = None, 0, {}
             for name, options in chosen.items():
                 command = [
                     sys.executable, __file__, "--worker", "--profile", args.profile, "--size", str(size),
                     "--scenario", scenario, "--batch", str(args.batch), "--reps", str(args.reps),
                 ]  # fmt: skip
                 command += [f"--{k.replace('_', '-')}" for k, v in options.items() if v]
+                command += ["--profile-ops"] if args.profile_ops else []
                 if baseline is None:
                     command.append("--count-flops")
                 done = subprocess.run(command, capture_output=True, text=True)
@@ -157,6 +166,22 @@ def main() -> None:
                     f"{100 * rate / fp32_rate:>9.0f}%",
                     flush=True,
                 )
+                if result["kinds"]:
+                    profiles[name] = result
+            if profiles:
+                _print_profiles(size, scenario, profiles)
+
+
+def _print_profiles(size: int, scenario: str, profiles: dict[str, dict]) -> None:
+    """Seconds per call by kind of operator for each setting, then each setting's longest operators."""
+    print(f"\n  {size} px {scenario}: where the time goes (torch.profiler self CPU time per call)")
+    for line in format_kinds({name.split(" (")[0]: result["kinds"] for name, result in profiles.items()}):
+        print(line)
+    for name, result in profiles.items():
+        print(f"  longest operators, {name}:")
+        for line in format_top([tuple(op) for op in result["top"]]):
+            print(line)
+    print()
 
 
 if __name__ == "__main__":

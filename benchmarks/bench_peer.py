@@ -15,6 +15,11 @@ generator, eval mode, ``no_grad``. Ours runs with the bundle's default execution
 Usage::
 
     python benchmarks/bench_peer.py --peer-dir /path/to/BCI              # 256 px training, 1024 px inference
+    python benchmarks/bench_peer.py --peer-dir /path/to/BCI --profile-ops   # plus where the time goes, by operator
+
+With ``--profile-ops`` it also prints, from ``torch.profiler``, the time per kind of operator for the peer and for
+ours, and the "convolution floor": our time if everything but the convolutions took no time at all, i.e. the best
+ratio against the peer that any change short of faster convolution kernels (or fewer convolution FLOPs) can reach.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from types import SimpleNamespace
 
 import torch
 from bench_inference import matmul_rate  # a sibling script: benchmarks/ is on sys.path
+from op_profile import format_kinds, format_top, op_profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from her2_monai.engines import CrossModalGANTrainer
@@ -85,6 +91,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile-ops", action="store_true", help="also profile by kind of operator (torch.profiler)")
     args = parser.parse_args()
     if not (args.peer_dir / "PyramidPix2pix" / "models" / "pix2pix_model.py").is_file():
         raise SystemExit(f"--peer-dir {args.peer_dir} is not a checkout of bupt-ai-cz/BCI (no PyramidPix2pix/models)")
@@ -112,13 +119,15 @@ def main() -> None:
     train_format = default.memory_format_for(training=True)
     precision, layout = ("bf16" if default.amp else "fp32"), ("channels-last" if train_format else "NCHW")
     default_label = f"ours, default ({precision}, {layout})"
+    steps = {}
     for label, (amp, channels_last) in (
         (default_label, (default.amp, train_format)),
         ("ours, fp32 NCHW (the peer's setting)", (False, False)),
         ("ours, fp32 channels-last", (False, True)),
     ):
         trainer = our_trainer(amp, channels_last)
-        rows.append((label, _median_time(lambda t=trainer: t._iteration(t, batch), args.warmup, args.reps) / 2))
+        steps[label] = lambda t=trainer: t._iteration(t, batch)
+        rows.append((label, _median_time(steps[label], args.warmup, args.reps) / 2))
     fp32_rate = matmul_rate(torch.float32)
     print(
         f"\ntraining, seconds per direction per step ({args.train_size} px, batch {args.batch}; "
@@ -130,6 +139,10 @@ def main() -> None:
         )
     ceiling = train_gflop / fp32_rate
     print(f"  ceiling at the full matmul rate: {ceiling:.2f} s ({rows[0][1] / ceiling:.2f}x vs peer)")
+    if args.profile_ops:
+        # Ours trains both directions per iteration: halve its profile to compare one direction with the peer's.
+        ours = {k: v / 2 for k, v in op_profile(steps[default_label])[0].items()}
+        _print_profile("training", rows[0][1], ours, dict(rows)[default_label], op_profile(peer_step), train_gflop)
 
     x = torch.rand(1, 3, args.infer_size, args.infer_size, generator=gen) * 2 - 1
     peer.netG.eval()
@@ -138,12 +151,16 @@ def main() -> None:
     gflop_1024 = counter.get_total_flops() * (args.infer_size / 256) ** 2 / 1e9
     with torch.no_grad():
         rows = [("peer: BCI netG (fp32, NCHW)", _median_time(lambda: peer.netG(x), args.warmup, args.reps))]
+        steps = {}
         for label, channels_last in (("ours, default", default.channels_last), ("ours, fp32 NCHW", False)):
             gan = CrossModalGAN(ngf=64, n_blocks=9).freeze()
             memory = torch.channels_last if channels_last else torch.contiguous_format
             gan.to(memory_format=memory)
             xin = x.contiguous(memory_format=memory)
-            rows.append((label, _median_time(lambda g=gan, i=xin: g.he_to_ihc(i), args.warmup, args.reps)))
+            steps[label] = lambda g=gan, i=xin: g.he_to_ihc(i)
+            rows.append((label, _median_time(steps[label], args.warmup, args.reps)))
+        if args.profile_ops:
+            peer_profile, ours_profile = op_profile(lambda: peer.netG(x)), op_profile(steps["ours, default"])
     print(f"\ninference, seconds per {args.infer_size} px patch, one generator ({gflop_1024:.0f} GFLOP)")
     for label, seconds in rows:
         print(
@@ -151,6 +168,26 @@ def main() -> None:
         )
     ceiling = gflop_1024 / fp32_rate
     print(f"  ceiling at the full matmul rate: {ceiling:.2f} s ({rows[0][1] / ceiling:.2f}x vs peer)")
+    if args.profile_ops:
+        _print_profile("inference", rows[0][1], ours_profile[0], dict(rows)["ours, default"], peer_profile, gflop_1024)
+
+
+def _print_profile(
+    stage: str, peer_seconds: float, ours: dict[str, float], ours_seconds: float, peer: tuple, gflop: float
+) -> None:
+    """The by-kind table of the peer and ours, the peer's longest operators, and our convolution floor."""
+    print(f"\n{stage}, where the time goes (torch.profiler self CPU time, seconds per direction per step)")
+    for line in format_kinds({"peer": peer[0], "ours, default": ours}):
+        print(line)
+    print("  the peer's longest operators:")
+    for line in format_top(peer[1]):
+        print(line)
+    # Profiling adds its own overhead: take the convolution share from the profile and the time from the timing.
+    floor = ours_seconds * ours["convolution"] / ours["total"]
+    print(
+        f"  convolution floor of ours: {floor:.2f} s = {peer_seconds / floor:.2f}x vs peer at most without faster "
+        f"convolutions; the convolutions run at {gflop / floor:.0f} GFLOP/s"
+    )
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def test_foreign_or_damaged_model_files_get_clear_errors(deployed_bundle: Path, 
         build_model(tmp_path / "absent.pt")
     # The deploy module loads a model file into a network built with another architecture only with a clear error.
     other = HER2Deploy(
-        HER2FlexibleNet(shared_backbone="resnet18", specific_backbone="resnet10", selector=BranchSelector())
+        HER2FlexibleNet(shared_backbone="resnet18", specific_backbone="resnet18", selector=BranchSelector())
     )
-    with pytest.raises(ArchitectureMismatchError, match="specific_backbone='resnet18' in the file"):
+    with pytest.raises(ArchitectureMismatchError, match="specific_backbone='resnet10' in the file, 'resnet18' here"):
         other.load_state_dict(good)
