@@ -81,3 +81,47 @@ def test_ckpt_export_writes_torchscript_with_the_eager_logits(deployed_bundle: P
         assert diff < 1e-4, (shape, diff)
     with pytest.raises(Exception, match="3 channels"):
         scripted(torch.zeros(1, 4, 32, 32))
+
+
+def _predict_batches(deploy: HER2Deploy) -> list[dict]:
+    gen = torch.Generator().manual_seed(2)
+    outputs = []
+    for mask in ([1.0, 1.0], [1.0, 0.0], [0.0, 1.0]):  # dual, H&E only, IHC only: three traced graphs
+        keep = torch.tensor(mask)
+        he = (torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1) * keep[0]
+        ihc = (torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1) * keep[1]
+        outputs.append(deploy.predict_batch(he, ihc, keep.expand(2, 2).contiguous()))
+    return outputs
+
+
+@pytest.mark.slow
+def test_compiled_classifier_answers_as_the_eager_one(deployed_bundle: Path) -> None:  # noqa: F811
+    model = deployed_bundle / "models" / "model.pt"
+    eager = HER2Deploy.from_model_file(model)
+    compiled = HER2Deploy.from_model_file(model, compile_network="true")  # a string, as from the command line
+    assert compiled.compile_network and not eager.compile_network
+    for expected, found in zip(_predict_batches(eager), _predict_batches(compiled)):
+        torch.testing.assert_close(found["pred"], expected["pred"], atol=1e-4, rtol=1e-4)
+        assert torch.equal(found["scenario"], expected["scenario"])
+    assert compiled.compile_network, "compilation failed and fell back to eager"
+    # The compiled callable is no submodule: the state dict (what model.pt and the export hold) is unchanged.
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_network(deployed_bundle: Path, monkeypatch, caplog) -> None:  # noqa: F811
+    model = deployed_bundle / "models" / "model.pt"
+    eager = HER2Deploy.from_model_file(model)
+    deploy = HER2Deploy.from_model_file(model, compile_network=True)
+
+    def broken(*_, **__):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(deploy, "_compiled", broken)
+    with caplog.at_level("WARNING", logger="her2_monai.inference.deploy"):
+        found = _predict_batches(deploy)
+    assert "torch.compile failed (RuntimeError: no C++ compiler found)" in caplog.text
+    assert not deploy.compile_network  # later batches go straight to the eager network
+    for expected, got in zip(_predict_batches(eager), found):
+        torch.testing.assert_close(got["pred"], expected["pred"])
+    with pytest.raises(ValueError, match="compile"):
+        HER2Deploy.from_model_file(model, compile_network="sometimes")

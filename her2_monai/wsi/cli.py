@@ -47,6 +47,7 @@ def wsi(
     stain_reference: str | None = None,
     stain_reference_ihc: str | None = None,
     device: str | None = None,
+    compile: bool = False,
 ) -> None:
     """Score the tissue of a whole slide tile by tile and make a slide-level HER2 call.
 
@@ -78,6 +79,8 @@ def wsi(
         stain_reference: H&E target for --stain_normalization.
         stain_reference_ihc: IHC target for --stain_normalization.
         device: cpu, cuda, cuda:N (default: the bundle's choice).
+        compile: run the classifier through torch.compile (about a minute to compile on 2 CPU cores, then faster:
+            worth it for slides of hundreds of tiles; see docs/performance.md).
     """
     for flag, value in (("slide", slide), ("output", output)):
         if value is None or isinstance(value, bool):
@@ -101,6 +104,8 @@ def wsi(
         overrides["refer_threshold"] = float(refer_threshold)
     if device is not None:
         overrides["device"] = f"$torch.device('{device}')"
+    if as_bool(compile, "--compile"):
+        overrides["compile"] = True
     stain_options = {"stain_normalization": stain_normalization, "stain_reference": stain_reference}
     stain_options["stain_reference_ihc"] = stain_reference_ihc
     overrides.update({k: str(v) for k, v in stain_options.items() if v is not None})
