@@ -125,3 +125,11 @@ def test_a_failing_compiler_falls_back_to_the_eager_network(deployed_bundle: Pat
         torch.testing.assert_close(got["pred"], expected["pred"])
     with pytest.raises(ValueError, match="compile"):
         HER2Deploy.from_model_file(model, compile_network="sometimes")
+
+
+def test_inference_config_turns_compilation_on_by_one_key(deployed_bundle: Path) -> None:  # noqa: F811
+    from her2_monai.inference import load_predictor
+
+    assert not load_predictor(deployed_bundle, INFERENCE).network.compile_network  # off by default
+    # --compile true on the command line reaches the config as the string "true".
+    assert load_predictor(deployed_bundle, INFERENCE, compile="true").network.compile_network
