@@ -154,7 +154,7 @@ class HER2Deploy(nn.Module):
         trace_batch: int = 2,
         mc_dropout_passes: int = 0,
         calibrated: bool = True,
-        compile_network: bool = False,
+        compile_network: bool | str = False,
     ) -> None:
         super().__init__()
         if trace_size < 8 or trace_batch < 1:
@@ -227,9 +227,13 @@ class HER2Deploy(nn.Module):
             net.channels_last = True
             net.to(memory_format=torch.channels_last)
         size = trace_size or int(net.metadata.get("image_size") or 64)
-        deploy = cls(net, trace_size=size, mc_dropout_passes=int(mc_dropout_passes), calibrated=calibrated,
-                     compile_network=as_bool(compile_network, "compile"))  # fmt: skip
-        return deploy.eval()
+        return cls(
+            net,
+            trace_size=size,
+            mc_dropout_passes=int(mc_dropout_passes),
+            calibrated=calibrated,
+            compile_network=compile_network,
+        ).eval()
 
     @property
     def in_channels(self) -> int:

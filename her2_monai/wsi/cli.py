@@ -79,8 +79,8 @@ def wsi(
         stain_reference: H&E target for --stain_normalization.
         stain_reference_ihc: IHC target for --stain_normalization.
         device: cpu, cuda, cuda:N (default: the bundle's choice).
-        compile: run the classifier through torch.compile (about a minute to compile on 2 CPU cores, then faster:
-            worth it for slides of hundreds of tiles; see docs/performance.md).
+        compile: run the classifier through torch.compile: the first batch pays the compilation (minutes on 2 CPU
+            cores), later ones run faster; worth it for slides of hundreds of tiles (see docs/performance.md).
     """
     for flag, value in (("slide", slide), ("output", output)):
         if value is None or isinstance(value, bool):
