@@ -24,6 +24,7 @@ from her2_monai.networks.unfreeze import (
     StateDictMismatchError,
     freeze_resnet_stages,
     load_pretrained_resnet,
+    resolve_hybrid_unfreezing,
 )
 from her2_monai.stain_batch import route_unknown_stains
 
@@ -119,7 +120,11 @@ def test_missing_stain_none_is_accepted():
 
 @pytest.mark.parametrize("strategy", ["cmgan", "feature_substitution"])
 def test_gradients_reach_trainable_params_only(strategy):
-    net = _small_net(strategy, specific_backbone="efficientnet-b0" if strategy == "cmgan" else "resnet10").train()
+    # Forced freezing of random stages (the test needs frozen stages without a weights file): it warns.
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        net = _small_net(
+            strategy, specific_backbone="efficientnet-b0" if strategy == "cmgan" else "resnet10", hybrid_unfreezing=True
+        ).train()
     frozen_before = {
         k: v.clone()
         for k, v in net.encoder.shared.resnet.state_dict().items()
@@ -153,6 +158,24 @@ def test_hybrid_unfreezing_off_trains_everything_and_bad_stage_raises():
     assert all(p.requires_grad for p in net.parameters())
     with pytest.raises(ValueError, match="layer9"):
         freeze_resnet_stages(resnet18(spatial_dims=2), ("conv1", "layer9"))
+
+
+def test_hybrid_unfreezing_auto_freezes_only_pretrained_stages():
+    # The default, "auto", without pretrained weights: a random stem must learn, so nothing is frozen (and no warning).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net = _small_net("feature_substitution")
+    assert net.encoder.hybrid_unfreezing is False
+    assert all(p.requires_grad for p in net.parameters()) and net.encoder.shared.frozen_stages == []
+    # The rule itself, as the bundle's command line passes it (strings).
+    assert resolve_hybrid_unfreezing("auto", pretrained=True) is True
+    assert resolve_hybrid_unfreezing(" AUTO ", pretrained=False) is False
+    assert resolve_hybrid_unfreezing("false", pretrained=True) is False
+    assert resolve_hybrid_unfreezing(True, pretrained=True) is True
+    with pytest.warns(UserWarning, match="hybrid_unfreezing='auto'"):
+        assert resolve_hybrid_unfreezing("true", pretrained=False) is True
+    with pytest.raises(ValueError, match="'auto', true or false, got 'sometimes'"):
+        resolve_hybrid_unfreezing("sometimes", pretrained=True)
 
 
 def test_dao_identical_shared_features_zero_else_positive():
@@ -358,6 +381,27 @@ def test_load_pretrained_resnet_success(tmp_path):
     net = HER2FlexibleNet(shared_backbone="resnet18", pretrained_weights=str(path))
     assert torch.equal(net.encoder.shared.resnet.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
     assert not net.encoder.shared.resnet.layer1[0].conv1.weight.requires_grad
+
+
+def test_train_json_freezes_the_stem_only_when_it_is_pretrained(tmp_path):
+    from conftest import TINY_TRAINING, bundle_component
+
+    architecture = {k: TINY_TRAINING[k] for k in ("image_size", "shared_backbone", "specific_backbone")}
+    architecture["shared_backbone"] = "resnet18"
+    demo = bundle_component("train.json", "network_def", **architecture)
+    assert demo.encoder.shared.frozen_stages == []
+    assert all(p.requires_grad for p in demo.encoder.parameters())
+    state, _ = _torchvision_style_state_dict()
+    path = tmp_path / "resnet18_tv.pth"
+    torch.save(state, path)
+    pretrained = bundle_component("train.json", "network_def", pretrained_weights=str(path), **architecture)
+    assert pretrained.encoder.shared.frozen_stages == list(DEFAULT_FROZEN_STAGES)
+    assert not pretrained.encoder.shared.resnet.layer2[0].conv1.weight.requires_grad
+    assert pretrained.encoder.shared.resnet.layer3[0].conv1.weight.requires_grad
+    forced_off = bundle_component(
+        "train.json", "network_def", pretrained_weights=str(path), hybrid_unfreezing="false", **architecture
+    )
+    assert forced_off.encoder.shared.frozen_stages == []
 
 
 def test_load_pretrained_resnet_errors(tmp_path):

@@ -26,9 +26,11 @@ from her2_monai.constants import STAINS
 from her2_monai.networks.pretrained import load_pretrained_efficientnet
 from her2_monai.networks.unfreeze import (
     DEFAULT_FROZEN_STAGES,
+    HYBRID_UNFREEZING_AUTO,
     freeze_resnet_stages,
     keep_frozen_batchnorm_eval,
     load_pretrained_resnet,
+    resolve_hybrid_unfreezing,
 )
 
 __all__ = [
@@ -298,7 +300,9 @@ class DisentangledEncoder(nn.Module):
         in_channels: image channels.
         stains: stain names, in mask-column order.
         fusion_channels: fused feature width (see :class:`ResidualFusion`); ``None``: the shared width.
-        hybrid_unfreezing: freeze ``frozen_stages`` of the shared ResNet.
+        hybrid_unfreezing: freeze ``frozen_stages`` of the shared ResNet: ``"auto"`` (default) only when
+            ``pretrained_weights`` are given, or ``True``/``False`` (see
+            :func:`~her2_monai.networks.unfreeze.resolve_hybrid_unfreezing`).
         frozen_stages: stages frozen when ``hybrid_unfreezing``.
         pretrained_weights: optional torchvision-style state dict (path or mapping) for the shared ResNet.
         freeze_batchnorm: keep frozen stages' BatchNorm in eval mode.
@@ -315,7 +319,7 @@ class DisentangledEncoder(nn.Module):
         in_channels: int = 3,
         stains: Sequence[str] = STAINS,
         fusion_channels: int | None = 512,
-        hybrid_unfreezing: bool = True,
+        hybrid_unfreezing: bool | str = HYBRID_UNFREEZING_AUTO,
         frozen_stages: Sequence[str] = DEFAULT_FROZEN_STAGES,
         pretrained_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
         freeze_batchnorm: bool = True,
@@ -325,10 +329,12 @@ class DisentangledEncoder(nn.Module):
         if shared_backbone not in RESNET_BACKBONES:
             raise ValueError(f"shared_backbone must be a ResNet, one of {RESNET_BACKBONES}; got '{shared_backbone}'")
         self.stains = tuple(stains)
+        pretrained = pretrained_weights is not None and pretrained_weights != ""
+        self.hybrid_unfreezing = resolve_hybrid_unfreezing(hybrid_unfreezing, pretrained)
         self.shared = ResNetTrunk(
             shared_backbone,
             in_channels=in_channels,
-            frozen_stages=tuple(frozen_stages) if hybrid_unfreezing else (),
+            frozen_stages=tuple(frozen_stages) if self.hybrid_unfreezing else (),
             pretrained_weights=pretrained_weights,
             freeze_batchnorm=freeze_batchnorm,
         )

@@ -19,7 +19,7 @@ from her2_monai.constants import NUM_CLASSES, STAINS
 from her2_monai.networks.attention import ModalitySensitiveAttention
 from her2_monai.networks.encoders import DisentangledEncoder
 from her2_monai.networks.record import RecordedNetwork
-from her2_monai.networks.unfreeze import DEFAULT_FROZEN_STAGES
+from her2_monai.networks.unfreeze import DEFAULT_FROZEN_STAGES, HYBRID_UNFREEZING_AUTO
 from her2_monai.stain_batch import check_stain_inputs, scenario_ids
 
 __all__ = ["MISSING_STRATEGIES", "DualPoolHead", "HER2FlexibleNet"]
@@ -87,8 +87,8 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
 
     **Frozen parts.** The CM-GAN and the selector are frozen (``requires_grad=False``, always eval, synthesis under
     ``no_grad``). Hybrid unfreezing freezes the shared ResNet's stem, ``layer1`` and ``layer2`` (their BatchNorm in
-    eval mode too), see :func:`~her2_monai.networks.unfreeze.freeze_resnet_stages`. Give the optimizer
-    :meth:`trainable_parameters`.
+    eval mode too) when it starts from pretrained weights, see
+    :func:`~her2_monai.networks.unfreeze.freeze_resnet_stages`. Give the optimizer :meth:`trainable_parameters`.
 
     **Record.** The constructor arguments that shape the weights are saved in the state dict
     (:class:`~her2_monai.networks.record.RecordedNetwork`), as are those of the CM-GAN and the selector, so
@@ -109,7 +109,8 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
         modality_attention: the CBAM modality-sensitive attention (``False``: the ablation without it -- the stains'
             compressed fused features are concatenated with equal weight; ``spatial_attention`` is then ignored).
         dropout: dropout before the final linear layer.
-        hybrid_unfreezing: freeze ``frozen_stages`` of the shared ResNet.
+        hybrid_unfreezing: freeze ``frozen_stages`` of the shared ResNet: ``"auto"`` (default) only when it starts
+            from ``pretrained_weights``; ``True`` or ``False`` force it.
         frozen_stages: stages frozen by hybrid unfreezing.
         pretrained_weights: torchvision-style ResNet state dict (path or mapping) for the shared encoder (``None``:
             random); see :class:`~her2_monai.networks.pretrained.PretrainedWeights` for ImageNet weights.
@@ -147,7 +148,7 @@ class HER2FlexibleNet(RecordedNetwork, nn.Module):
         spatial_kernel_size: int = 7,
         modality_attention: bool = True,
         dropout: float = 0.3,
-        hybrid_unfreezing: bool = True,
+        hybrid_unfreezing: bool | str = HYBRID_UNFREEZING_AUTO,
         frozen_stages: Sequence[str] = DEFAULT_FROZEN_STAGES,
         pretrained_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
         cmgan: nn.Module | None = None,

@@ -9,6 +9,7 @@ both the stage names and the state-dict keys below refer to either.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -16,8 +17,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from her2_monai.utils import as_bool
+
 __all__ = [
     "DEFAULT_FROZEN_STAGES",
+    "HYBRID_UNFREEZING_AUTO",
     "RESNET_STAGES",
     "StateDictMismatchError",
     "freeze_resnet_stages",
@@ -25,6 +29,7 @@ __all__ = [
     "list_keys",
     "load_pretrained_resnet",
     "read_state_dict",
+    "resolve_hybrid_unfreezing",
     "torchvision_to_monai_resnet_key",
 ]
 
@@ -33,7 +38,44 @@ RESNET_STAGES: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2", "layer3", 
 #: Stages frozen by hybrid unfreezing: the stem and the first two residual stages.
 DEFAULT_FROZEN_STAGES: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
 
+#: ``hybrid_unfreezing`` value that freezes the early stages only when they start from pretrained weights.
+HYBRID_UNFREEZING_AUTO = "auto"
+
 _MAX_LISTED_KEYS = 12
+
+
+def resolve_hybrid_unfreezing(setting: bool | str | None, pretrained: bool) -> bool:
+    """Decide whether hybrid unfreezing freezes the early ResNet stages.
+
+    Freezing only makes sense for stages that already compute useful features: a randomly initialised stem frozen
+    with the untrained running statistics of its BatchNorm layers (mean 0, variance 1) stays a fixed random filter
+    bank for the whole run, which costs the classifier accuracy and makes it depend on the seed. ``"auto"`` therefore
+    freezes only when the shared ResNet starts from pretrained weights.
+
+    Args:
+        setting: ``"auto"``, ``True``/``False`` or a boolean string from the command line (``"true"``, ``"false"``).
+        pretrained: whether the shared ResNet starts from pretrained weights.
+
+    Returns:
+        Whether to freeze the stages.
+
+    Raises:
+        ValueError: for any other value.
+    """
+    if isinstance(setting, str) and setting.strip().lower() == HYBRID_UNFREEZING_AUTO:
+        return bool(pretrained)
+    try:
+        freeze = as_bool(setting, "hybrid_unfreezing")
+    except ValueError:
+        raise ValueError(f"hybrid_unfreezing must be 'auto', true or false, got '{setting}'") from None
+    if freeze and not pretrained:
+        warnings.warn(
+            "hybrid_unfreezing=true freezes randomly initialised ResNet stages (no pretrained weights were given): "
+            "they stay a fixed random filter bank for the whole run. Use hybrid_unfreezing='auto' (freeze only "
+            "pretrained stages) unless this is intended.",
+            stacklevel=2,
+        )
+    return freeze
 
 
 class StateDictMismatchError(KeyError, ValueError):
