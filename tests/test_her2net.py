@@ -163,7 +163,7 @@ def test_hybrid_unfreezing_off_trains_everything_and_bad_stage_raises():
 def test_hybrid_unfreezing_auto_freezes_only_pretrained_stages():
     # The default, "auto", without pretrained weights: a random stem must learn, so nothing is frozen (and no warning).
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message=".*randomly initialised")
         net = _small_net("feature_substitution")
     assert net.encoder.hybrid_unfreezing is False
     assert all(p.requires_grad for p in net.parameters()) and net.encoder.shared.frozen_stages == []
