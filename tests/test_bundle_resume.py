@@ -230,3 +230,20 @@ def test_resume_past_max_epochs_is_refused(tmp_path):
     loader.attach(fresh)
     with pytest.raises(ValueError, match="max_epochs"):
         loader(fresh)
+
+
+def test_resume_with_an_optimizer_over_other_parameters_names_the_file_and_the_fix(tmp_path):
+    # A run started with some layers frozen, resumed with them trainable (e.g. hybrid_unfreezing true -> auto).
+    path = tmp_path / "classifier_checkpoint.pt"
+    net = torch.nn.Linear(3, 2)
+    frozen_run = torch.optim.AdamW([net.weight], lr=1e-3)
+    saver = CheckpointHandler(path, {"optimizer": frozen_run}, include_engine=True)
+    engine = _engine(epochs_done=1)
+    saver.attach(engine)
+    saver(engine)
+    fresh = Engine(lambda e, b: None)
+    fresh.state.max_epochs = 5
+    loader = ResumeCheckpointLoader(path, {"optimizer": torch.optim.AdamW(net.parameters(), lr=1e-3)})
+    loader.attach(fresh)
+    with pytest.raises(ValueError, match=r"resume from .*classifier_checkpoint\.pt.*different set of parameters"):
+        loader(fresh)

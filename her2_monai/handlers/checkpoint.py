@@ -194,5 +194,16 @@ class ResumeCheckpointLoader(VerifiedCheckpointLoader):
         super().attach(engine)
 
     def __call__(self, engine: Engine) -> None:
-        super().__call__(engine)
+        try:
+            super().__call__(engine)
+        except ValueError as err:
+            # torch's message for an optimizer built over other parameters names neither the file nor the cause.
+            if "parameter group" not in str(err):
+                raise
+            raise ValueError(
+                f"cannot resume from {self.load_path}: the optimizer saved in it trained a different set of parameters "
+                f"than this run's ({err}). Resume with the settings the run started with (the network, and which "
+                "layers train: e.g. --hybrid_unfreezing true for a run started before 'auto' was the default), or "
+                "start afresh without --resume."
+            ) from err
         logger.info("resumed from %s at epoch %d", self.load_path, engine.state.epoch)
