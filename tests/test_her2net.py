@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TRAINING, bundle_component
 from monai.networks.nets import resnet18
 from torch import nn
 
@@ -384,8 +385,6 @@ def test_load_pretrained_resnet_success(tmp_path):
 
 
 def test_train_json_freezes_the_stem_only_when_it_is_pretrained(tmp_path):
-    from conftest import TINY_TRAINING, bundle_component
-
     architecture = {k: TINY_TRAINING[k] for k in ("image_size", "shared_backbone", "specific_backbone")}
     architecture["shared_backbone"] = "resnet18"
     demo = bundle_component("train.json", "network_def", **architecture)

@@ -59,6 +59,11 @@ EFFICIENTNET_BACKBONES: tuple[str, ...] = tuple(f"efficientnet-b{i}" for i in ra
 BACKBONES: tuple[str, ...] = RESNET_BACKBONES + EFFICIENTNET_BACKBONES
 
 
+def _weights_given(weights: str | Path | Mapping[str, torch.Tensor] | None) -> bool:
+    """Whether a ``pretrained_weights`` argument names weights (``None`` and ``""`` mean random initialisation)."""
+    return weights is not None and not (isinstance(weights, str) and not weights)
+
+
 class ResNetTrunk(nn.Module):
     """A MONAI 2D ResNet without pooling and classifier, in torchvision's layout, returning the stride-32 feature map.
 
@@ -110,7 +115,7 @@ class ResNetTrunk(nn.Module):
         #: Output channels of stages 1-4.
         self.stage_channels: tuple[int, ...] = tuple(int(c) * block.expansion for c in block_inplanes)
         self.out_channels: int = self.stage_channels[-1]
-        if pretrained_weights is not None and not (isinstance(pretrained_weights, str) and not pretrained_weights):
+        if _weights_given(pretrained_weights):
             load_pretrained_resnet(self.resnet, pretrained_weights)
         self.freeze_batchnorm = bool(freeze_batchnorm)
         self.frozen_stages = freeze_resnet_stages(self.resnet, frozen_stages) if frozen_stages else []
@@ -329,8 +334,7 @@ class DisentangledEncoder(nn.Module):
         if shared_backbone not in RESNET_BACKBONES:
             raise ValueError(f"shared_backbone must be a ResNet, one of {RESNET_BACKBONES}; got '{shared_backbone}'")
         self.stains = tuple(stains)
-        pretrained = pretrained_weights is not None and pretrained_weights != ""
-        self.hybrid_unfreezing = resolve_hybrid_unfreezing(hybrid_unfreezing, pretrained)
+        self.hybrid_unfreezing = resolve_hybrid_unfreezing(hybrid_unfreezing, _weights_given(pretrained_weights))
         self.shared = ResNetTrunk(
             shared_backbone,
             in_channels=in_channels,
