@@ -28,6 +28,8 @@ __all__ = [
     "RUIFROK_HED_VECTORS",
     "STAIN_FEATURE_SETS",
     "EOSIN_INDEX",
+    "TISSUE_INDEX",
+    "HUE_BINS",
     "StainFeatureExtractor",
     "jitter_optical_density",
     "lab_appearance",
@@ -46,6 +48,15 @@ RUIFROK_HED_VECTORS: tuple[tuple[float, float, float], ...] = (
 #: Column of the eosin index in :class:`StainFeatureExtractor` outputs.
 EOSIN_INDEX = 12
 
+#: Column of the tissue fraction in :class:`StainFeatureExtractor` outputs.
+TISSUE_INDEX = 13
+
+#: Number of hue bins of the chroma-plane histogram (columns 14 to ``14 + HUE_BINS - 1``), 30 degrees each.
+HUE_BINS = 12
+
+#: Column of the chroma saturation (mean chroma magnitude per unit of total OD on tissue).
+SATURATION_INDEX = 14 + HUE_BINS
+
 #: Named subsets of :class:`StainFeatureExtractor` outputs. ``"invariant"``: the stain proportions and the eosin
 #: index, which do not change with stain intensity, tissue amount or illumination (what differs most between labs);
 #: ``"eosin"``: only the eosin proportion and eosin index -- eosin is what H&E always has and IHC never has, whereas
@@ -53,8 +64,14 @@ EOSIN_INDEX = 12
 STAIN_FEATURE_SETS: dict[str, tuple[int, ...]] = {
     "eosin": (7, EOSIN_INDEX),
     "invariant": (6, 7, 8, EOSIN_INDEX),
-    "all": tuple(range(14)),
+    "hue": (*range(14, 14 + HUE_BINS), SATURATION_INDEX),
+    "hue_eosin": (7, EOSIN_INDEX, *range(14, 14 + HUE_BINS), SATURATION_INDEX),
+    "all": tuple(range(15 + HUE_BINS)),
 }
+
+
+#: Concentration of the von Mises kernel of the hue histogram (about 15 degrees wide, half a bin).
+_HUE_KAPPA = 1.0 / math.radians(15.0) ** 2
 
 
 class StainFeatureExtractor(nn.Module):
@@ -75,6 +92,11 @@ class StainFeatureExtractor(nn.Module):
     9-11      mean OD of the R, G, B channels
     12        eosin index: OD-weighted mean of ``(OD_green - OD_blue) / OD_total`` (pink vs brown)
     13        tissue fraction: share of pixels whose total OD exceeds ``tissue_od``
+    14-25     hue histogram: each tissue pixel's OD projected on the chroma plane (orthogonal to the grey
+              direction ``(1, 1, 1)``), its angle from the hematoxylin vector's projection soft-binned into
+              :data:`HUE_BINS` bins of 30 degrees, weighted by its chroma magnitude; sums to 1. Eosin projects
+              at about 56 degrees and DAB at about 138; grey (shading, grey glass, fat) has no chroma and no weight
+    26        chroma saturation: chroma magnitude per unit of total OD over tissue (how much the hue can be trusted)
     ========  ===========================================================================================
 
     Args:
@@ -84,12 +106,14 @@ class StainFeatureExtractor(nn.Module):
         white_pool: side of the average-pooling window used to estimate the white point robustly to noise (inputs
             must be at least this large).
         tissue_od: total-OD threshold that marks a pixel as tissue.
+        chroma_floor: chroma magnitude (OD units) subtracted from every pixel's before it votes in the hue histogram,
+            so the faint tint of glass and fat and JPEG colour noise do not vote.
 
     Raises:
         ValueError: if ``stain_vectors`` is not a non-singular 3x3 matrix or a parameter is out of range.
     """
 
-    num_features: int = 14
+    num_features: int = 15 + HUE_BINS
 
     def __init__(
         self,
@@ -98,6 +122,7 @@ class StainFeatureExtractor(nn.Module):
         white_balance: bool = True,
         white_pool: int = 4,
         tissue_od: float = 0.15,
+        chroma_floor: float = 0.05,
     ) -> None:
         super().__init__()
         vectors = torch.as_tensor(stain_vectors, dtype=torch.float64)
@@ -114,10 +139,22 @@ class StainFeatureExtractor(nn.Module):
             raise ValueError(f"eps must be in (0, 1), got {eps}")
         if white_pool < 1:
             raise ValueError(f"white_pool must be at least 1, got {white_pool}")
+        if chroma_floor < 0:
+            raise ValueError(f"chroma_floor must be non-negative, got {chroma_floor}")
         self.eps = float(eps)
         self.white_balance = bool(white_balance)
         self.white_pool = int(white_pool)
         self.tissue_od = float(tissue_od)
+        self.chroma_floor = float(chroma_floor)
+        # Orthonormal basis of the chroma plane (orthogonal to grey), u along the hematoxylin vector's projection.
+        neutral = torch.full((3,), 1.0 / math.sqrt(3.0), dtype=torch.float64)
+        u = vectors[0] - (vectors[0] @ neutral) * neutral
+        u = u / u.norm().clamp_min(1e-12)
+        self.register_buffer(
+            "chroma_basis", torch.stack([u, torch.linalg.cross(neutral, u)], dim=1).to(torch.float32), persistent=False
+        )
+        centres = torch.arange(HUE_BINS, dtype=torch.float32) * (2 * math.pi / HUE_BINS)
+        self.register_buffer("hue_centres", centres.view(1, -1, 1, 1), persistent=False)
         # od (row vector over RGB) @ stains_from_od = concentrations (H, E, DAB)
         self.register_buffer("stains_from_od", torch.linalg.inv(vectors).to(torch.float32), persistent=False)
         self.register_buffer("od_from_stains", vectors.to(torch.float32), persistent=False)
@@ -175,7 +212,8 @@ class StainFeatureExtractor(nn.Module):
         proportion = (conc * total).sum(dim=(2, 3)) / (total * total).sum(dim=(2, 3)).clamp_min(1e-6)
         eosin_ratio = (od[:, 1:2] - od[:, 2:3]) / total.clamp_min(1e-3)
         eosin_index = (eosin_ratio * total).sum(dim=(2, 3)) / weight_sum
-        tissue = (total > self.tissue_od).to(od.dtype).mean(dim=(2, 3))
+        tissue_mask = (total > self.tissue_od).to(od.dtype)
+        hue, saturation = self.hue_histogram(od, total, tissue_mask)
         return torch.cat(
             [
                 conc.mean(dim=(2, 3)),
@@ -183,10 +221,38 @@ class StainFeatureExtractor(nn.Module):
                 proportion,
                 od.mean(dim=(2, 3)),
                 eosin_index,
-                tissue,
+                tissue_mask.mean(dim=(2, 3)),
+                hue,
+                saturation,
             ],
             dim=1,
         )
+
+    def hue_histogram(self, od: Tensor, total: Tensor, tissue_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Chroma-weighted histogram of the stain hue over tissue, and the tissue's chroma saturation.
+
+        Args:
+            od: ``(B, 3, H, W)`` optical density.
+            total: ``(B, 1, H, W)`` total optical density per pixel.
+            tissue_mask: ``(B, 1, H, W)`` 1 on tissue, 0 on glass.
+
+        Returns:
+            ``(B, HUE_BINS)`` shares summing to 1 (uniform when there is no chroma at all), and ``(B, 1)`` mean chroma
+            magnitude per unit of total OD over tissue.
+        """
+        chroma = torch.einsum("bchw,ck->bkhw", od, self.chroma_basis)  # (B, 2, H, W)
+        radius = chroma.square().sum(dim=1, keepdim=True).clamp_min(1e-12).sqrt() * tissue_mask
+        # Glass and fat carry a little chroma of no stain (a tinted white point, JPEG colour noise); only the chroma
+        # above this floor votes for a hue.
+        radius = (radius - self.chroma_floor).clamp_min(0.0)
+        theta = torch.atan2(chroma[:, 1:2], chroma[:, 0:1])
+        # Von Mises soft binning (neighbouring bins overlap), normalised per pixel so each pixel votes once.
+        member = torch.exp(_HUE_KAPPA * (torch.cos(theta - self.hue_centres) - 1.0))
+        member = member / member.sum(dim=1, keepdim=True)
+        weight = radius.sum(dim=(2, 3))  # (B, 1)
+        hue = ((member * radius).sum(dim=(2, 3)) + 1e-6 / HUE_BINS) / (weight + 1e-6)
+        saturation = weight / (total * tissue_mask).sum(dim=(2, 3)).clamp_min(1e-6)
+        return hue, saturation
 
 
 def jitter_optical_density(od: Tensor, od_map: Tensor, od_shift: Tensor) -> Tensor:
@@ -218,11 +284,29 @@ _HED = _HED / _HED.norm(dim=1, keepdim=True)
 _HED_INV = torch.linalg.inv(_HED)
 
 
+#: Smallest factor on the stain concentrations of a faded image (:func:`lab_appearance`).
+_FADE_MIN = 0.15
+
+
+def _grey_rotation(angle: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, 3)`` rotations about the grey axis ``(1, 1, 1)`` by ``angle`` (``(B, 1, 1)`` radians): a hue change."""
+    eye = torch.eye(3)
+    k = torch.full((3,), 1.0 / math.sqrt(3.0))
+    k_cross = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return eye * torch.cos(angle) + k_cross * torch.sin(angle) + torch.outer(k, k) * (1 - torch.cos(angle))
+
+
 def _uniform(gen: torch.Generator, n: int, low: float, high: float, *shape: int) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, *shape, generator=gen)
 
 
-def lab_appearance(rgb: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+def lab_appearance(
+    rgb: torch.Tensor,
+    generator: torch.Generator,
+    strength: float = 1.0,
+    fade_prob: float = 0.0,
+    eosin_hue: Sequence[float] | None = None,
+) -> torch.Tensor:
     """Simulate other labs' staining and scanning on a batch, keeping each image's stain identity.
 
     Per image, in this order: stain-space jitter (scale and shift of the hematoxylin, eosin and DAB concentrations,
@@ -231,10 +315,19 @@ def lab_appearance(rgb: torch.Tensor, generator: torch.Generator, strength: floa
     blur on about half the images; sensor noise. Shifts and perturbations stay small, so no eosin is painted onto IHC
     nor DAB onto H&E: the stain label stays true.
 
+    With ``fade_prob`` a share of the images is also faded: every stain concentration is scaled by one factor drawn
+    from ``[0.15, 1]``, as in an under-stained or washed-out slide. Without it a pale image would only ever be a pale
+    IHC counterstain, and a selector learns "pale means IHC" -- wrong on the faint H&E of other labs.
+
     Args:
         rgb: ``(B, 3, H, W)`` transmission in ``[0, 1]``.
         generator: the random generator (for determinism).
         strength: scales every perturbation range (0 returns ``rgb``).
+        fade_prob: probability that an image is faded.
+        eosin_hue: ``(low, high)`` range (radians) of a turn of the eosin vector about the grey axis, drawn per
+            image: eosin ranges from orange-pink to magenta between labs, and a faded eosin drifts toward the hue of
+            DAB mixed with hematoxylin. ``(-0.35, 1.0)`` spans about 36 to 113 degrees in the chroma plane
+            (Ruifrok's eosin is at 56, DAB at 138, hematoxylin at 0); ``None`` leaves eosin's hue alone.
 
     Returns:
         ``(B, 3, H, W)`` in ``[0, 1]``.
@@ -246,9 +339,18 @@ def lab_appearance(rgb: torch.Tensor, generator: torch.Generator, strength: floa
     eye = torch.eye(3)
     # od' = od @ inv(S) @ diag(alpha) @ S' + beta @ S': scaled concentrations, re-stained with vectors S'.
     alpha = _uniform(generator, b, 1 - 0.35 * s, 1 + 0.35 * s, 3)
+    if fade_prob > 0:
+        faded = torch.rand(b, 1, generator=generator) < fade_prob
+        alpha = torch.where(faded, alpha * _uniform(generator, b, _FADE_MIN, 1.0, 1), alpha)
     beta = _uniform(generator, b, -0.03 * s, 0.03 * s, 3)
     restain = (_HED + 0.05 * s * torch.randn(b, 3, 3, generator=generator)).abs()
     restain = restain / restain.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    if eosin_hue is not None and eosin_hue[1] > eosin_hue[0]:
+        # Eosin's hue differs between labs more than the small perturbation above: orange-pink to magenta.
+        turn = _uniform(generator, b, float(eosin_hue[0]), float(eosin_hue[1])).view(-1, 1, 1)
+        eosin = (_grey_rotation(turn) @ restain[:, 1:2].transpose(1, 2)).squeeze(-1).abs()
+        eosin = eosin / eosin.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        restain = torch.cat([restain[:, :1], eosin.unsqueeze(1), restain[:, 2:]], dim=1)
     od_map = _HED_INV @ torch.diag_embed(alpha) @ restain
     od_shift = (beta.unsqueeze(1) @ restain).squeeze(1)
     out = torch.exp(-jitter_optical_density(-torch.log(rgb.clamp(1.0 / 255.0, 1.0)), od_map, od_shift))

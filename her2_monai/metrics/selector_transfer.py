@@ -16,11 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from her2_monai.stain_features import StainFeatureExtractor
+from her2_monai.stain_features import TISSUE_INDEX, StainFeatureExtractor
 
 __all__ = ["ScaledView", "ViewScore", "scaled_views", "tissue_fraction", "selector_view_accuracy"]
 
-_TISSUE = StainFeatureExtractor.num_features - 1  # column of the tissue fraction in the stain statistics
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def tissue_fraction(view: torch.Tensor) -> float:
     """Share of pixels of a ``(3, H, W)`` view in ``[-1, 1]`` whose optical density marks them as tissue."""
     extractor = StainFeatureExtractor(white_pool=max(1, min(4, *view.shape[-2:])))
     with torch.no_grad():
-        return float(extractor(view[None])[0, _TISSUE])
+        return float(extractor(view[None])[0, TISSUE_INDEX])
 
 
 def scaled_views(

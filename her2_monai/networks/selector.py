@@ -85,8 +85,8 @@ class BranchSelector(RecordedNetwork, nn.Module):
             raise ValueError(f"cnn_input must be 'rgb' or 'od', got '{cnn_input}'")
         if stain_features not in STAIN_FEATURE_SETS:
             raise ValueError(f"stain_features must be one of {sorted(STAIN_FEATURE_SETS)}, got '{stain_features}'")
-        if len(channels) == 0:
-            raise ValueError("channels must list at least one convolution block")
+        if len(channels) == 0 and not use_stain_features:
+            raise ValueError("channels must list at least one convolution block unless use_stain_features is on")
         for name, p in (("dropout", dropout), ("branch_dropout", branch_dropout)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
@@ -105,7 +105,7 @@ class BranchSelector(RecordedNetwork, nn.Module):
             in_ch = out_ch
         self.features = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        embed = in_ch
+        embed = in_ch if blocks else 0
         self.register_buffer(
             "feature_index", torch.tensor(STAIN_FEATURE_SETS[stain_features], dtype=torch.long), persistent=False
         )
@@ -153,14 +153,17 @@ class BranchSelector(RecordedNetwork, nn.Module):
                     size = (max(1, round(height * scale)), max(1, round(width * scale)))
                     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         od = self.stain.optical_density(x)
-        embedding = self.pool(self.features(x if self.cnn_input == "rgb" else od)).flatten(1)
-        if self.use_stain_features:
-            if self.training and self.branch_dropout > 0:
+        parts = []
+        if len(self.features) > 0:
+            embedding = self.pool(self.features(x if self.cnn_input == "rgb" else od)).flatten(1)
+            if self.use_stain_features and self.training and self.branch_dropout > 0:
                 keep = (torch.rand(embedding.shape[0], 1, device=x.device) >= self.branch_dropout).to(embedding.dtype)
                 embedding = embedding * keep
+            parts.append(embedding)
+        if self.use_stain_features:
             stats = self.stain.pool_features(od).index_select(1, self.feature_index)
-            embedding = torch.cat([embedding, self.stain_mlp(stats)], dim=1)
-        return self.classifier(self.dropout(embedding))
+            parts.append(self.stain_mlp(stats))
+        return self.classifier(self.dropout(torch.cat(parts, dim=1)))
 
     @torch.no_grad()
     def predict_stain(self, x: Tensor) -> Tensor:

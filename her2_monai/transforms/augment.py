@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
@@ -106,14 +108,30 @@ class LabAppearanceBatch:
     Args:
         strength: augmentation strength.
         seed: seed of the augmentation's random generator (the run is deterministic for a given seed).
+        fade_prob: share of images whose stains are also faded (:func:`~her2_monai.stain_features.lab_appearance`).
+        eosin_hue: ``(low, high)`` turn of the eosin hue, radians (:func:`~her2_monai.stain_features.lab_appearance`).
         image_key: batch key of the images (``(B, 3, H, W)`` in ``[0, 255]``).
         label_key: batch key of the labels.
     """
 
     def __init__(
-        self, strength: float = 1.0, seed: int = 0, image_key: str = "image", label_key: str = "label"
+        self,
+        strength: float = 1.0,
+        seed: int = 0,
+        image_key: str = "image",
+        label_key: str = "label",
+        fade_prob: float = 0.0,
+        eosin_hue: Sequence[float] | None = None,
     ) -> None:
+        if not 0.0 <= fade_prob <= 1.0:
+            raise ValueError(f"fade_prob must be in [0, 1], got {fade_prob}")
+        if eosin_hue is not None:
+            eosin_hue = tuple(float(v) for v in eosin_hue)
+            if len(eosin_hue) != 2 or not -math.pi / 2 <= eosin_hue[0] <= eosin_hue[1] <= math.pi / 2:
+                raise ValueError(f"eosin_hue must be (low, high) radians within [-pi/2, pi/2], got {eosin_hue}")
+        self.eosin_hue = eosin_hue
         self.strength = float(strength)
+        self.fade_prob = float(fade_prob)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.image_key = image_key
         self.label_key = label_key
@@ -127,6 +145,6 @@ class LabAppearanceBatch:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment and scale the images; return ``(images, labels)`` on ``device``."""
         image = torch.as_tensor(batchdata[self.image_key]).as_subclass(torch.Tensor).float() / 255.0
-        image = lab_appearance(image, self.generator, self.strength) * 2.0 - 1.0
+        image = lab_appearance(image, self.generator, self.strength, self.fade_prob, self.eosin_hue) * 2.0 - 1.0
         label = torch.as_tensor(batchdata[self.label_key]).as_subclass(torch.Tensor)
         return image.to(device, non_blocking=non_blocking), label.to(device, non_blocking=non_blocking)
