@@ -22,7 +22,8 @@ from her2_monai.stain_batch import (
     scenario_id,
     scenario_ids,
 )
-from her2_monai.stain_features import RUIFROK_HED_VECTORS, StainFeatureExtractor
+from her2_monai.stain_features import HUE_BINS, RUIFROK_HED_VECTORS, StainFeatureExtractor, lab_appearance
+from her2_monai.transforms import LabAppearanceBatch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,6 +97,63 @@ def test_stain_features_separate_eosin_from_dab_and_ignore_illumination() -> Non
     assert not torch.allclose(StainFeatureExtractor(white_balance=False)(dim)[0, 6:9], f_eosin[6:9], atol=1e-2)
 
 
+def _hue(extractor: StainFeatureExtractor, image: torch.Tensor) -> torch.Tensor:
+    return extractor(image)[0, 14 : 14 + HUE_BINS]
+
+
+def test_hue_histogram_places_each_stain_and_gives_grey_no_vote() -> None:
+    extractor = StainFeatureExtractor()
+    pad = torch.ones(1, 3, 16, 16)  # bright glass so the white point is found
+    bins = {}
+    for name, conc in {"h": (0.8, 0.0, 0.0), "e": (0.0, 0.8, 0.0), "dab": (0.0, 0.0, 0.8)}.items():
+        hue = _hue(extractor, torch.cat([_stain_image(conc), pad], dim=3))
+        assert float(hue.sum()) == pytest.approx(1.0, abs=1e-4)
+        bins[name] = int(hue.argmax())
+    # 30-degree bins from the hematoxylin direction: H at 0, eosin at 56 (bin 2), DAB at 138 (bin 5).
+    assert bins == {"h": 0, "e": 2, "dab": 5}
+    # Grey (shading, grey glass, fat) has OD but no chroma: no hue vote, whereas deconvolution reads it as H + DAB.
+    grey = torch.cat([torch.full((1, 3, 16, 16), 0.2), pad], dim=3)
+    features = extractor(grey)[0]
+    assert float(features[13]) > 0.4  # it is "tissue" by optical density
+    assert float(features[14 + HUE_BINS]) == pytest.approx(0.0, abs=1e-3)  # no saturation
+    torch.testing.assert_close(_hue(extractor, grey), torch.full((HUE_BINS,), 1.0 / HUE_BINS), atol=1e-3, rtol=0)
+    # Grey mixed into pink tissue leaves the pink hue histogram as it was.
+    pink = torch.cat([_stain_image((0.1, 0.7, 0.0)), pad], dim=3)
+    greyed = torch.cat([_stain_image((0.1, 0.7, 0.0)), torch.full((1, 3, 16, 16), 0.2), pad], dim=3)
+    torch.testing.assert_close(_hue(extractor, greyed), _hue(extractor, pink), atol=0.02, rtol=0)
+
+
+def test_stain_only_selector_has_no_cnn_and_needs_stain_features() -> None:
+    model = BranchSelector(channels=[], stain_features="hue").eval()
+    assert len(model.features) == 0 and model.classifier.in_features == model.stain_mlp[1].out_features
+    x = torch.rand(3, 3, 40, 40) * 2 - 1
+    assert model(x).shape == (3, 2)
+    # Texture-free: shuffling the pixels of an image hardly changes its logits (only the white point, a maximum over
+    # 4x4 local means, sees the arrangement).
+    shuffled = x.flatten(2)[:, :, torch.randperm(40 * 40)].view_as(x)
+    torch.testing.assert_close(model(shuffled), model(x), atol=0.02, rtol=0)
+    with pytest.raises(ValueError, match="use_stain_features"):
+        BranchSelector(channels=[], use_stain_features=False)
+
+
+def test_lab_appearance_fades_stains_and_turns_the_eosin_hue() -> None:
+    extractor = StainFeatureExtractor()
+    pad = torch.ones(1, 3, 16, 16)
+    pink = ((torch.cat([_stain_image((0.1, 0.9, 0.0)), pad], dim=3) + 1) * 0.5).expand(8, 3, 16, 32)
+    od = lambda rgb: float(-torch.log(rgb.clamp_min(1e-4)).mean())  # noqa: E731
+    kept = lab_appearance(pink, torch.Generator().manual_seed(0), strength=0.0 + 1e-6)
+    faded = lab_appearance(pink, torch.Generator().manual_seed(0), strength=1e-6, fade_prob=1.0)
+    assert od(faded) < 0.8 * od(kept)
+    turned = lab_appearance(pink, torch.Generator().manual_seed(0), strength=1e-6, eosin_hue=(0.9, 1.0))
+    hue_before = extractor(kept * 2 - 1)[:, 14 : 14 + HUE_BINS].mean(0)
+    hue_after = extractor(turned * 2 - 1)[:, 14 : 14 + HUE_BINS].mean(0)
+    assert int(hue_before.argmax()) == 2 and int(hue_after.argmax()) in (3, 4)  # pink (56 deg) to magenta (90-120)
+    with pytest.raises(ValueError, match="fade_prob"):
+        LabAppearanceBatch(fade_prob=1.5)
+    with pytest.raises(ValueError, match="eosin_hue"):
+        LabAppearanceBatch(eosin_hue=(1.0, 0.0))
+
+
 def test_stain_feature_extractor_validation() -> None:
     with pytest.raises(ValueError, match="linearly dependent"):
         StainFeatureExtractor(stain_vectors=((1, 0, 0), (1, 0, 0), (0, 0, 1)))
@@ -103,6 +161,8 @@ def test_stain_feature_extractor_validation() -> None:
         StainFeatureExtractor(stain_vectors=((1, 0, 0), (0, 1, 0)))
     with pytest.raises(ValueError, match="eps"):
         StainFeatureExtractor(eps=0)
+    with pytest.raises(ValueError, match="chroma_floor"):
+        StainFeatureExtractor(chroma_floor=-0.1)
 
 
 def test_scenario_rules() -> None:
