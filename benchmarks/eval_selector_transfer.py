@@ -16,6 +16,8 @@ Usage::
     python benchmarks/eval_selector_transfer.py --seeds 0 1 2 3 4
     python benchmarks/eval_selector_transfer.py --selector bundle/models/selector.pt
     python benchmarks/eval_selector_transfer.py --scales 1 0.5 0.25 --crop-sizes 96 128 256 512
+    python benchmarks/eval_selector_transfer.py --seeds 0 1 --scales 1 0.5 0.25 --demo
+    python benchmarks/eval_selector_transfer.py --set selector_cnn_channels=[16,32,64,64] --scales 1 0.5 0.25 --demo
 """
 
 from __future__ import annotations
@@ -123,6 +125,26 @@ def evaluate_scales(
     return selector_view_accuracy(model, views, uncertain_below), dropped
 
 
+#: Held-out demo renders for ``--demo``: (render seed, lab-appearance strength); training uses seed 0 (and 1000
+#: for validation, at strength 1).
+DEMO_SETS = ((1000, 1.0), (1001, 1.0), (2000, 1.0), (3000, 0.0), (3001, 0.5))
+
+
+@torch.no_grad()
+def demo_accuracy(model: BranchSelector, per_class: int = 2, image_size: int = 128) -> list[tuple[int, float, float]]:
+    """Accuracy on held-out demo renders of labs A-C: ``[(seed, appearance strength, accuracy)]``."""
+    from her2_monai.data.stain_renders import stain_render_records
+
+    model.eval()
+    rows = []
+    for seed, strength in DEMO_SETS:
+        records = stain_render_records(("A", "B", "C"), per_class, image_size, seed=seed, appearance_strength=strength)
+        x = torch.stack([r["image"] for r in records]) / 127.5 - 1.0
+        labels = torch.tensor([r["label"] for r in records])
+        rows.append((seed, strength, float((model(x).argmax(dim=1) == labels).float().mean())))
+    return rows
+
+
 def print_scales(scores: dict, dropped: int, verbose: bool) -> None:
     """The per-(scale, crop) table."""
     print(f"  multi-scale views ({dropped} tissue-poor crops dropped); uncertain = top probability below threshold")
@@ -175,6 +197,7 @@ def main() -> None:
     parser.add_argument("--crop-sizes", type=int, nargs="+", default=[96, 128, 256], help="crop sides for --scales")
     parser.add_argument("--per-axis", type=int, default=2, help="crops per axis per image, scale and crop size")
     parser.add_argument("--uncertain-below", type=float, default=0.8, help="top probability below = uncertain")
+    parser.add_argument("--demo", action="store_true", help="also report accuracy on held-out demo renders")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON", help="extra train.json overrides")
     args = parser.parse_args()
     if not DATA.exists():
@@ -214,6 +237,9 @@ def main() -> None:
             print_scales(
                 *evaluate_scales(model, args.scales, args.crop_sizes, args.per_axis, args.uncertain_below), args.verbose
             )
+        if args.demo:
+            for render_seed, strength, accuracy in demo_accuracy(model):
+                print(f"  demo renders (seed {render_seed}, appearance {strength}): {100 * accuracy:.1f}%")
         if args.selector is not None:
             break
 

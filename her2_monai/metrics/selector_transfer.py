@@ -21,7 +21,6 @@ from her2_monai.stain_features import TISSUE_INDEX, StainFeatureExtractor
 __all__ = ["ScaledView", "ViewScore", "scaled_views", "tissue_fraction", "selector_view_accuracy"]
 
 
-
 @dataclass(frozen=True)
 class ScaledView:
     """One crop of a real image at one scale.

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import math
-
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
