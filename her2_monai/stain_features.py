@@ -30,6 +30,7 @@ __all__ = [
     "EOSIN_INDEX",
     "TISSUE_INDEX",
     "HUE_BINS",
+    "SATURATION_INDEX",
     "StainFeatureExtractor",
     "jitter_optical_density",
     "lab_appearance",
@@ -60,7 +61,9 @@ SATURATION_INDEX = 14 + HUE_BINS
 #: Named subsets of :class:`StainFeatureExtractor` outputs. ``"invariant"``: the stain proportions and the eosin
 #: index, which do not change with stain intensity, tissue amount or illumination (what differs most between labs);
 #: ``"eosin"``: only the eosin proportion and eosin index -- eosin is what H&E always has and IHC never has, whereas
-#: DAB is absent from HER2-0 IHC and hematoxylin is in both; ``"all"``: every statistic.
+#: DAB is absent from HER2-0 IHC and hematoxylin is in both; ``"hue"``: the stain-hue histogram and the chroma
+#: saturation, which grey (glass, shading, fat) does not move, unlike the deconvolution; ``"hue_eosin"``: both;
+#: ``"all"``: every statistic.
 STAIN_FEATURE_SETS: dict[str, tuple[int, ...]] = {
     "eosin": (7, EOSIN_INDEX),
     "invariant": (6, 7, 8, EOSIN_INDEX),
@@ -326,8 +329,8 @@ def lab_appearance(
         fade_prob: probability that an image is faded.
         eosin_hue: ``(low, high)`` range (radians) of a turn of the eosin vector about the grey axis, drawn per
             image: eosin ranges from orange-pink to magenta between labs, and a faded eosin drifts toward the hue of
-            DAB mixed with hematoxylin. ``(-0.35, 1.0)`` spans about 36 to 113 degrees in the chroma plane
-            (Ruifrok's eosin is at 56, DAB at 138, hematoxylin at 0); ``None`` leaves eosin's hue alone.
+            DAB mixed with hematoxylin. ``(0, 1)`` spans 56 to about 113 degrees in the chroma plane (Ruifrok's
+            eosin is at 56, DAB at 138, hematoxylin at 0); ``None`` leaves eosin's hue alone.
 
     Returns:
         ``(B, 3, H, W)`` in ``[0, 1]``.
@@ -361,9 +364,7 @@ def lab_appearance(
     sat = _uniform(generator, b, 1 - 0.6 * s, 1 + 0.3 * s).view(-1, 1, 1)
     saturation = sat * eye + (1 - sat) * torch.ones(3, 1) * luma
     angle = _uniform(generator, b, -0.1 * s, 0.1 * s).view(-1, 1, 1)
-    k = torch.full((3,), 1.0 / math.sqrt(3.0))
-    k_cross = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    rotation = eye * torch.cos(angle) + k_cross * torch.sin(angle) + torch.outer(k, k) * (1 - torch.cos(angle))
+    rotation = _grey_rotation(angle)
     colour = rotation @ saturation @ torch.diag_embed(gain)
     out = torch.einsum("bij,bjhw->bihw", colour, out).clamp(1e-4, 1.0)
     out = out ** torch.exp(_uniform(generator, b, -0.3 * s, 0.3 * s, 1, 1, 1))

@@ -4,7 +4,9 @@ The MM'25 framework routes each incoming image to the right path (H&E encoder, I
 the missing stain). :class:`BranchSelector` is the small CNN that makes that call. Because it is trained on the
 procedural demo data but must label slides from other laboratories, it fuses the CNN with stain statistics computed
 in-graph by colour deconvolution (:class:`~her2_monai.stain_features.StainFeatureExtractor`): eosin (pink) is present
-in H&E and absent in IHC, DAB (brown) the other way round, and those facts do not depend on the lab. Its training is
+in H&E and absent in IHC, DAB (brown) the other way round, and those facts do not depend on the lab. The bundle
+trains it without the CNN, on the stain-hue histogram alone: texture learned from renders did not transfer to real
+slides at other magnifications, colour did. Its training is
 a bundle stage (``run train_selector``); the routing of the images it labels is
 :func:`~her2_monai.stain_batch.route_unknown_stains`.
 """
@@ -43,7 +45,8 @@ class BranchSelector(RecordedNetwork, nn.Module):
     lab-independent stain statistics alone. Any input size of at least ``2 ** len(channels)`` pixels works.
 
     Args:
-        channels: output channels of the convolution blocks (each halves the resolution).
+        channels: output channels of the convolution blocks (each halves the resolution); empty for no CNN, so the
+            stain statistics alone decide (needs ``use_stain_features``; what ``train.json`` trains by default).
         use_stain_features: fuse the stain statistics (recommended for images from other labs).
         stain_features: which statistics to fuse, a key of :data:`~her2_monai.stain_features.STAIN_FEATURE_SETS`.
         stain_hidden: width of the stain-feature MLP.
