@@ -26,11 +26,14 @@ from her2_monai.networks.record import ArchitectureMismatchError
 def trained_network(deployed_bundle: Path) -> HER2FlexibleNet:  # noqa: F811
     """The trained network, built by hand with the training overrides and loaded with plain PyTorch."""
     torch.manual_seed(0)
+    train = json.loads((BUNDLE_CONFIGS / "train.json").read_text())
     net = HER2FlexibleNet(
         shared_backbone=TINY_TRAINING["shared_backbone"],
         specific_backbone=TINY_TRAINING["specific_backbone"],
         cmgan=CrossModalGAN(ngf=TINY_TRAINING["gan_ngf"], n_blocks=TINY_TRAINING["gan_n_blocks"]),
-        selector=BranchSelector(),
+        selector=BranchSelector(
+            channels=train["selector_cnn_channels"], stain_features=train["selector_stain_features"]
+        ),
     )
     net.load_state_dict(torch.load(deployed_bundle / "models" / "model.pt", weights_only=True))
     return net.eval()
