@@ -200,14 +200,16 @@ class StainFeatureExtractor(nn.Module):
         """
         return self.pool_features(self.optical_density(x))
 
-    def pool_features(self, od: Tensor) -> Tensor:
+    def pool_features(self, od: Tensor, hue: bool = True) -> Tensor:
         """Pool the statistics from an optical-density batch (lets callers reuse an OD they already computed).
 
         Args:
             od: ``(B, 3, H, W)`` from :meth:`optical_density`.
+            hue: also compute the hue histogram and saturation (columns 14 on), most of the cost; callers that read
+                only the first 14 columns skip it.
 
         Returns:
-            ``(B, num_features)`` stain statistics.
+            ``(B, num_features)`` stain statistics, or ``(B, 14)`` without ``hue``.
         """
         conc = self.concentrations(od)
         total = od.sum(dim=1, keepdim=True)  # (B, 1, H, W)
@@ -216,20 +218,17 @@ class StainFeatureExtractor(nn.Module):
         eosin_ratio = (od[:, 1:2] - od[:, 2:3]) / total.clamp_min(1e-3)
         eosin_index = (eosin_ratio * total).sum(dim=(2, 3)) / weight_sum
         tissue_mask = (total > self.tissue_od).to(od.dtype)
-        hue, saturation = self.hue_histogram(od, total, tissue_mask)
-        return torch.cat(
-            [
-                conc.mean(dim=(2, 3)),
-                conc.std(dim=(2, 3)),
-                proportion,
-                od.mean(dim=(2, 3)),
-                eosin_index,
-                tissue_mask.mean(dim=(2, 3)),
-                hue,
-                saturation,
-            ],
-            dim=1,
-        )
+        columns = [
+            conc.mean(dim=(2, 3)),
+            conc.std(dim=(2, 3)),
+            proportion,
+            od.mean(dim=(2, 3)),
+            eosin_index,
+            tissue_mask.mean(dim=(2, 3)),
+        ]
+        if hue:
+            columns.extend(self.hue_histogram(od, total, tissue_mask))
+        return torch.cat(columns, dim=1)
 
     def hue_histogram(self, od: Tensor, total: Tensor, tissue_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Chroma-weighted histogram of the stain hue over tissue, and the tissue's chroma saturation.
@@ -401,7 +400,7 @@ def eosin_index(rgb: np.ndarray, max_side: int = 256) -> float:
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     extractor = StainFeatureExtractor(white_pool=max(1, min(4, *x.shape[-2:])))
     with torch.no_grad():
-        return float(extractor(x)[0, EOSIN_INDEX])
+        return float(extractor.pool_features(extractor.optical_density(x), hue=False)[0, EOSIN_INDEX])
 
 
 def order_he_ihc(first: np.ndarray, second: np.ndarray, margin: float = 0.03) -> tuple[bool, float]:

@@ -56,7 +56,7 @@ def tissue_fraction(view: torch.Tensor) -> float:
     """Share of pixels of a ``(3, H, W)`` view in ``[-1, 1]`` whose optical density marks them as tissue."""
     extractor = StainFeatureExtractor(white_pool=max(1, min(4, *view.shape[-2:])))
     with torch.no_grad():
-        return float(extractor(view[None])[0, TISSUE_INDEX])
+        return float(extractor.pool_features(extractor.optical_density(view[None]), hue=False)[0, TISSUE_INDEX])
 
 
 def scaled_views(

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from her2_monai.constants import STAIN_CLASS_NAMES
 from her2_monai.networks.record import RecordedNetwork
-from her2_monai.stain_features import STAIN_FEATURE_SETS, StainFeatureExtractor
+from her2_monai.stain_features import STAIN_FEATURE_SETS, TISSUE_INDEX, StainFeatureExtractor
 
 __all__ = ["BranchSelector"]
 
@@ -112,6 +112,8 @@ class BranchSelector(RecordedNetwork, nn.Module):
         self.register_buffer(
             "feature_index", torch.tensor(STAIN_FEATURE_SETS[stain_features], dtype=torch.long), persistent=False
         )
+        # The hue histogram is most of the statistics' cost; sets that do not read it skip it.
+        self.uses_hue = max(STAIN_FEATURE_SETS[stain_features]) >= TISSUE_INDEX + 1
         if self.use_stain_features:
             n_features = len(STAIN_FEATURE_SETS[stain_features])
             self.stain_mlp = nn.Sequential(
@@ -164,7 +166,7 @@ class BranchSelector(RecordedNetwork, nn.Module):
                 embedding = embedding * keep
             parts.append(embedding)
         if self.use_stain_features:
-            stats = self.stain.pool_features(od).index_select(1, self.feature_index)
+            stats = self.stain.pool_features(od, hue=self.uses_hue).index_select(1, self.feature_index)
             parts.append(self.stain_mlp(stats))
         return self.classifier(self.dropout(torch.cat(parts, dim=1)))
 
