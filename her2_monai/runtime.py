@@ -6,12 +6,18 @@ is emulated and 6x *slower*, while fp32 with channels-last is the fastest for in
 tensors for training steps (the backward convolutions of the CM-GAN and the classifier lose 10-40% to the format
 there); on CUDA, float16 autocast (AMP) with channels-last is the standard fast path. :func:`execution_settings` picks
 accordingly, per use (training or inference), and logs the choice once.
+
+The environment variable ``HER2_CPU_PRECISION`` overrides the CPU's choice for a whole process and its children:
+``bf16`` takes the bfloat16 autocast path on any CPU (only slow, not wrong, where bf16 is emulated: CI uses it to
+check the bf16 path on AVX2 machines), ``fp32`` the float32 path of CPUs without bf16 hardware, ``auto`` (or unset)
+the hardware's choice. A ``--amp``/``--channels_last`` override of a bundle config still wins over all three.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +30,16 @@ __all__ = [
     "execution_settings",
     "default_amp",
     "default_channels_last",
+    "PRECISION_ENV",
+    "cpu_precision",
 ]
 
 logger = logging.getLogger(__name__)
 
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+#: Environment variable forcing the CPU arithmetic: ``auto`` (default), ``bf16`` or ``fp32``.
+PRECISION_ENV = "HER2_CPU_PRECISION"
+_PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -87,20 +98,41 @@ def cpu_bf16_support() -> str | None:
     return None
 
 
+def cpu_precision() -> str:
+    """The CPU arithmetic asked for by ``$HER2_CPU_PRECISION``: ``"auto"``, ``"bf16"`` or ``"fp32"``.
+
+    Raises:
+        ValueError: naming the variable, for any other value.
+    """
+    value = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    if value not in _PRECISIONS:
+        raise ValueError(f"{PRECISION_ENV}={value!r} is not one of {', '.join(_PRECISIONS)}")
+    return value
+
+
 @functools.lru_cache(maxsize=8)
-def _settings(device_type: str) -> ExecutionSettings:
+def _settings(device_type: str, precision: str = "auto") -> ExecutionSettings:
     if device_type == "cuda":
         settings = ExecutionSettings(True, True, "CUDA: float16 autocast (AMP) with channels-last")
     elif device_type == "cpu":
         hardware = cpu_bf16_support()
-        if hardware:
+        if precision == "bf16":
+            settings = ExecutionSettings(
+                True,
+                True,
+                f"CPU ({hardware or 'no bf16 hardware: emulated, slow'}): bfloat16 autocast with "
+                f"channels-last, forced by {PRECISION_ENV}=bf16",
+            )
+        elif hardware and precision == "auto":
             settings = ExecutionSettings(True, True, f"CPU with {hardware}: bfloat16 autocast with channels-last")
         else:
+            why = (
+                f"forced by {PRECISION_ENV}=fp32" if hardware else "CPU without bfloat16 hardware (no AMX/AVX-512 BF16)"
+            )
             settings = ExecutionSettings(
                 False,
                 True,
-                "CPU without bfloat16 hardware (no AMX/AVX-512 BF16): float32; channels-last for inference, "
-                "contiguous tensors for training",
+                f"{why}: float32; channels-last for inference, contiguous tensors for training",
                 train_channels_last=False,
             )
     else:
@@ -117,8 +149,12 @@ def execution_settings(device: torch.device | str) -> ExecutionSettings:
 
     Returns:
         The settings.
+
+    Raises:
+        ValueError: for a bad ``$HER2_CPU_PRECISION``.
     """
-    return _settings(torch.device(device).type)
+    device_type = torch.device(device).type
+    return _settings(device_type, cpu_precision() if device_type == "cpu" else "auto")
 
 
 def default_amp(device: torch.device | str) -> bool:

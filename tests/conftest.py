@@ -1,9 +1,25 @@
-"""Shared fixtures: location of the real-image fixtures in ../shared/data."""
+"""Shared fixtures: location of the real-image fixtures in ../shared/data, tiny bundle runs, and the suite's rules.
+
+Two rules hold for every test (README command 2 must pass on any machine, after README command 1):
+
+* **The user's bundle state is out of bounds.** No test reads or writes the repository's own ``bundle/models``,
+  ``bundle/eval`` or ``.cache`` (README command 1 trains into them): each test gets its bundle root under a temporary
+  folder. An audit hook records every file this process opens, lists, creates or removes there, and the test that did
+  it fails with the path; a snapshot taken at the start of the session catches subprocesses that wrote there, and
+  ``tests/test_suite_isolation.py`` runs a sample of the suite beside a decoy ``model.pt``.
+* **Results must not depend on the CPU's arithmetic.** The bundle picks bfloat16 autocast on CPUs with bf16 hardware
+  (``her2_monai.runtime``) and float32 elsewhere; oneDNN's kernels also change with the thread count, the batch size and
+  the memory format. A test that compares two paths runs both under the same execution settings or pins float32 for
+  the comparison (:func:`pinned_fp32`); a test that checks the default path takes its tolerance from the arithmetic
+  (:func:`probability_tolerance`) and is marked ``arithmetic``. ``.ci/run`` runs the ``arithmetic`` tests a second
+  time with ``HER2_CPU_PRECISION=bf16``, so the bf16 path is checked whatever CPU CI has.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +28,123 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+#: The user's own bundle state (README command 1 writes it); no test may touch it.
+USER_STATE = tuple(REPO_ROOT / part for part in ("bundle/models", "bundle/eval", ".cache"))
+_USER_PREFIXES = tuple(str(p) for p in USER_STATE)
+#: Audited events that name a path as their first argument (``os.rename`` names two).
+_PATH_EVENTS = frozenset(
+    {"open", "os.listdir", "os.scandir", "os.mkdir", "os.remove", "os.rmdir", "os.rename", "shutil.rmtree",
+     "sqlite3.connect", "os.chmod", "os.utime", "os.truncate"}
+)  # fmt: skip
+_touched: list[str] = []
+
+
+_auditing = [True]  # off while the session's own snapshot lists the folders
+
+
+def _user_state_path(path) -> str | None:
+    """``path`` made absolute when it lies in the user's bundle state, else ``None``."""
+    if path is None or isinstance(path, int):
+        return None
+    try:
+        name = os.fsdecode(path)
+    except TypeError:
+        return None
+    if os.sep not in name:
+        # A bare name is relative to a folder descriptor as often as to the working folder (shutil.rmtree walks a
+        # tree with dir_fd, and the "open" event does not say which); the user's state is never reached by a bare
+        # name anyway: its files lie one or more folders down.
+        return None
+    full = os.path.abspath(name)
+    return full if any(full == p or full.startswith(p + os.sep) for p in _USER_PREFIXES) else None
+
+
+def _audit_user_state(event: str, args: tuple) -> None:
+    if _auditing[0] and event in _PATH_EVENTS and args:
+        for path in args[:2] if event == "os.rename" else args[:1]:
+            if (full := _user_state_path(path)) is not None:
+                _touched.append(f"{event} {full}")
+
+
+sys.addaudithook(_audit_user_state)
+
+
+@pytest.fixture(autouse=True)
+def _user_state_untouched() -> Iterator[None]:
+    """Fail the test that read or wrote the repository's own ``bundle/models``, ``bundle/eval`` or ``.cache``."""
+    start = len(_touched)
+    yield
+    used = sorted(set(_touched[start:]))
+    if used:
+        pytest.fail(
+            f"the test used the user's own bundle state ({', '.join(used[:5])}); give it a bundle_root (and "
+            "demo_cache_dir) under tmp_path",
+            pytrace=False,
+        )
+
+
+def _snapshot() -> dict[str, tuple[int, int]]:
+    _auditing[0] = False
+    try:
+        return {
+            str(f.relative_to(REPO_ROOT)): (f.stat().st_size, f.stat().st_mtime_ns)
+            for root in USER_STATE
+            if root.is_dir()
+            for f in sorted(root.rglob("*"))
+            if f.is_file()
+        }
+    finally:
+        _auditing[0] = True
+
+
+def pytest_sessionstart(session) -> None:
+    session.config._her2_user_state = _snapshot()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    before = getattr(session.config, "_her2_user_state", None)
+    if before is None:
+        return
+    after = _snapshot()
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if changed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = (
+            f"the suite changed the user's own bundle state ({len(changed)} files, e.g. {', '.join(changed[:5])}): "
+            "a test (or a subprocess it started) wrote under bundle/models, bundle/eval or .cache"
+        )
+        if reporter is not None:
+            reporter.write_line("ERROR: " + message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def probability_tolerance(fp32: float, device: str = "cpu") -> float:
+    """Tolerance for comparing the bundle's default path with a float32 reference on this machine.
+
+    Args:
+        fp32: the tolerance when the default path is float32 (only summation order differs).
+        device: the device the default path runs on.
+
+    Returns:
+        ``fp32`` under float32 arithmetic; under bfloat16 autocast 2e-2: bf16 keeps 8 bits of mantissa (a relative
+        rounding of 2**-9 per operation), and through a small ResNet the class probabilities move by up to ~1e-3
+        measured (AMX and AVX-512 BF16 CPUs), ~1e-2 in the worst cases; the bound leaves room for that and no more.
+    """
+    from her2_monai.runtime import execution_settings
+
+    return 2e-2 if execution_settings(device).amp else fp32
+
+
+@contextmanager
+def pinned_fp32(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Float32 execution settings for the code run inside (``HER2_CPU_PRECISION=fp32``), e.g. for a comparison of two
+    paths whose difference must be that of the paths, not of the arithmetic."""
+    from her2_monai import runtime
+
+    with monkeypatch.context() as patch:
+        patch.setenv(runtime.PRECISION_ENV, "fp32")
+        yield
 
 
 @pytest.fixture(scope="module")

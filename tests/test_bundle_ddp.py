@@ -54,7 +54,9 @@ def ddp_run(request, tmp_path_factory):
             *_cli(overrides),
         ]
         # CPU + gloo even on a GPU machine; one thread per process (the machine is shared); no outside MLflow server.
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+        # Float32: the logged metrics are compared with a float32 evaluation in this process, and bf16 results would
+        # differ with the batch split between the ranks (conftest: results must not depend on the CPU arithmetic).
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HER2_CPU_PRECISION": "fp32"}
         env.pop("MLFLOW_TRACKING_URI", None)
         result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
         log = result.stdout + result.stderr

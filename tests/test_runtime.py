@@ -42,6 +42,23 @@ def test_cpu_without_bf16_gets_fp32_channels_last_for_inference_only(cpu_with):
     assert "float32" in settings.reason
 
 
+@pytest.mark.parametrize("flag", [None, "avx512_bf16", "amx_bf16"])
+def test_precision_can_be_forced_whatever_the_hardware(cpu_with, monkeypatch, flag):
+    monkeypatch.setenv(runtime.PRECISION_ENV, "bf16")
+    forced = cpu_with(flag)
+    assert forced.amp is True and forced.memory_format_for(True) and "HER2_CPU_PRECISION=bf16" in forced.reason
+    monkeypatch.setenv(runtime.PRECISION_ENV, "fp32")
+    pinned = runtime.execution_settings("cpu")  # the variable is read on every call; no cache to clear
+    assert pinned.amp is False and runtime.default_amp("cpu") is False
+    assert runtime.default_channels_last("cpu", training=True) is False
+    monkeypatch.setenv(runtime.PRECISION_ENV, "auto")
+    assert runtime.execution_settings("cpu").amp is (flag is not None)
+    monkeypatch.setenv(runtime.PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match="HER2_CPU_PRECISION='fp16' is not one of auto, bf16, fp32"):
+        runtime.execution_settings("cpu")
+    assert runtime.execution_settings("cuda").amp is True  # the variable is about the CPU only
+
+
 def test_cuda_gets_amp_and_channels_last():
     runtime._settings.cache_clear()
     settings = runtime.execution_settings(torch.device("cuda", 0))  # decided from the device type alone
