@@ -27,6 +27,7 @@ def _datalist(tmp_path: Path, content, name: str = "datalist.json") -> Path:
 
 
 def _patch(path: Path, seed: int = 0, size: int = 40) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(tissue(size, size, seed)).save(path, format="PNG")
     return str(path)
 
@@ -99,6 +100,40 @@ def test_relative_paths_are_read_from_the_datalist_folder(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)  # not the datalist's folder
     assert load_datalist_split(path, "validation")[0]["he"] == str(folder / "images" / "he.png")
     assert collect_records(datalist=path, split="test")[0]["image"] == str(folder / "images" / "he.png")
+
+
+def test_datalist_images_outside_its_folder_are_refused_unless_allowed(tmp_path):
+    folder = tmp_path / "lists"
+    inside = _patch(folder / "images" / "in.png")
+    above = _patch(tmp_path / "above.png")
+    elsewhere = _patch(tmp_path / "store" / "x.png")
+    records = [{"he": "images/in.png"}, {"he": "../above.png"}, {"ihc": str(elsewhere)}, {"image": "images/../in2.png"}]
+    _patch(folder / "in2.png")
+    path = _datalist(folder, records)
+    with pytest.raises(DatalistError) as err:
+        collect_records(datalist=path)
+    outside = [where for where, reason in err.value.problems if "lies outside the dataset folder" in reason]
+    assert len(outside) == 2 and "record 1" in outside[0] and "record 2" in outside[1]  # every one, not the first
+    assert "--datalist_allow_outside_root true" in str(err.value)
+    allowed = collect_records(datalist=path, allow_outside_root=True)
+    assert [r.get("he") or r.get("ihc") or r.get("image") for r in allowed] == [
+        str(inside),
+        str(above),
+        str(elsewhere),
+        str(folder / "in2.png"),
+    ]
+
+
+def test_missing_image_files_are_all_named_when_the_datalist_loads(tmp_path):
+    he = _patch(tmp_path / "he.png")
+    records = [{"he": str(he), "label": 0}, {"he": "gone.png", "label": 1}, {"ihc": "also/gone.png", "label": 2}]
+    path = _datalist(tmp_path, {"training": records})
+    for load in (lambda: load_datalist_split(path, "training"), lambda: collect_records(datalist=path)):
+        with pytest.raises(DatalistError) as err:
+            load()
+        missing = [reason for _, reason in err.value.problems if "file not found" in reason]
+        assert len(missing) == 2, err.value.problems
+        assert str(tmp_path / "gone.png") in missing[0] and str(tmp_path / "also" / "gone.png") in missing[1]
 
 
 def test_ids_that_would_write_outside_the_prediction_folder_are_refused(tmp_path):

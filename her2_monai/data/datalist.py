@@ -427,7 +427,8 @@ def load_datalist_split(
     Raises:
         FileNotFoundError: if the file does not exist.
         KeyError: if the split is not in the file.
-        DatalistError: if records are malformed (see :func:`her2_monai.data.validate.check_records`).
+        DatalistError: if records are malformed or name image files that do not exist, every one listed (see
+            :func:`her2_monai.data.validate.check_records`).
         ValueError: if the file is not a datalist or no record is left.
     """
     from her2_monai.data.validate import check_records
@@ -437,7 +438,7 @@ def load_datalist_split(
     if not isinstance(content, dict) or split not in content:
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise KeyError(f"datalist '{path}' has no '{split}' list (found {found})")
-    records = check_records(content[split], f"{path} ['{split}']", base_dir=path.parent)
+    records = check_records(content[split], f"{path} ['{split}']", base_dir=path.parent, require_files=True)
     records = select_records(records, require_label=require_label, require_both=require_both)
     if not records:
         wanted = " labelled" * require_label + " dual-stain" * require_both

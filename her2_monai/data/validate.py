@@ -5,6 +5,12 @@ against the format the bundle uses -- each record an object with at least one st
 inference ``image``), ``label`` an integer 0..3 or null, ``id`` a plain name unique in the list -- and raises one
 :class:`~her2_monai.data.datalist.DatalistError` listing every problem with the record it is in. Relative paths are
 taken from the datalist's folder (MONAI's convention for decathlon datalists) and returned absolute.
+
+Two checks on the files themselves, both listing every offending record at once: ``require_files`` names each image
+that does not exist (a training run would otherwise stop at the first one, deep in a data loader), and ``root``
+confines the images to a dataset folder: a path that leads outside it (absolute, or with ``..``) is refused unless
+the caller allows it. The folder is compared without resolving symbolic links, so a dataset folder of links into an
+image store stays usable.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ def check_records(
     stain_keys: Sequence[str] = (HE_KEY, IHC_KEY),
     unique_ids: bool = True,
     base_dir: str | os.PathLike | None = None,
+    require_files: bool = False,
+    root: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Check datalist records and return them with absolute paths.
 
@@ -63,6 +71,8 @@ def check_records(
         stain_keys: keys holding image paths; each record needs at least one of them (a path or null).
         unique_ids: two records with the same ``id`` are a problem (inference renames them instead).
         base_dir: folder that relative paths are taken from (default: the folder of ``source``).
+        require_files: every image path must name an existing file.
+        root: dataset folder every image must lie in (``None``: no confinement).
 
     Returns:
         Copies of the records; relative paths made absolute.
@@ -73,6 +83,7 @@ def check_records(
     if not isinstance(records, list):
         raise DatalistError([(str(source), f"expected a list of records, got {type(records).__name__}")])
     base = Path(base_dir) if base_dir is not None else Path(source).parent
+    inside = None if root is None else os.path.normpath(Path(root).expanduser().absolute())
     problems: list[tuple[str, str]] = []
     checked: list[dict] = []
     ids = Counter(str(r.get("id")) for r in records if isinstance(r, dict) and r.get("id") is not None)
@@ -98,8 +109,12 @@ def check_records(
                 problems.append((where, f"'{key}' must be an image path or null, got {value!r:.60}"))
                 continue
             path = Path(value).expanduser()
-            out[key] = str(path if path.is_absolute() else (base / path).absolute())
+            out[key] = os.path.normpath(path if path.is_absolute() else (base / path).absolute())
             given += 1
+            if inside is not None and os.path.commonpath([inside, out[key]]) != inside:
+                problems.append((where, f"'{key}' {value!r:.200} lies outside the dataset folder '{inside}'"))
+            elif require_files and not os.path.isfile(out[key]):
+                problems.append((where, f"'{key}' file not found: {out[key]}"))
         if not given and not any(record.get(k) is not None for k in stain_keys):
             names = ", ".join(repr(k) for k in stain_keys)
             problems.append((where, f"none of {names} is given; at least one is needed"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from monai.transforms import MapTransform
 
 from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, STAIN_KNOWN_KEY
-from her2_monai.data.datalist import IMAGE_SUFFIXES, read_datalist_json, scan_dataset
+from her2_monai.data.datalist import IMAGE_SUFFIXES, DatalistError, read_datalist_json, scan_dataset
 from her2_monai.data.image_reader import probe_image
 from her2_monai.data.validate import check_record_id, check_records
 
@@ -31,6 +31,8 @@ IMAGE_KEY = "image"
 #: Batch keys keeping the input paths (``""`` when absent) for the prediction files.
 SOURCE_KEYS: dict[str, str] = {HE_KEY: "he_path", IHC_KEY: "ihc_path", IMAGE_KEY: "image_path"}
 _SPLITS = ("training", "validation", "test")
+#: The fix named when a datalist's images lie outside its folder.
+OUTSIDE_ROOT_FIX = "write the datalist in the folder that holds its images (relative paths are read from there)"
 
 
 class AssignUnknownStaind(MapTransform):
@@ -87,22 +89,42 @@ def _with_id(record: dict, index: int, used: set[str]) -> dict:
     return record
 
 
-def _from_datalist(path: Path, split: str) -> list[dict]:
+def _from_datalist(path: Path, split: str, allow_outside_root: bool = False) -> list[dict]:
     content = read_datalist_json(path)
     if isinstance(content, list):
-        return _checked(content, str(path), path)
+        return _checked(content, str(path), path, allow_outside_root)
     if not isinstance(content, dict):
         raise ValueError(f"datalist '{path}' must be a list of records or a dict of splits")
     if split == "all":
-        return [r for s in _SPLITS for r in _checked(content.get(s, []), f"{path} ['{s}']", path)]
+        return [r for s in _SPLITS for r in _checked(content.get(s, []), f"{path} ['{s}']", path, allow_outside_root)]
     if split not in content:
         raise KeyError(f"datalist '{path}' has no '{split}' list (found {sorted(content)}); set datalist_split")
-    return _checked(content[split], f"{path} ['{split}']", path)
+    return _checked(content[split], f"{path} ['{split}']", path, allow_outside_root)
 
 
-def _checked(records: object, source: str, path: Path) -> list[dict]:
-    """Records checked as :func:`~her2_monai.data.validate.check_records` does (duplicate ids are renamed later)."""
-    return check_records(records, source, stain_keys=tuple(SOURCE_KEYS), unique_ids=False, base_dir=path.parent)
+def _checked(records: object, source: str, path: Path, allow_outside_root: bool = False) -> list[dict]:
+    """Records checked as :func:`~her2_monai.data.validate.check_records` does (duplicate ids are renamed later):
+    every image must exist and, unless allowed, lie in the datalist's folder."""
+    try:
+        return check_records(
+            records,
+            source,
+            stain_keys=tuple(SOURCE_KEYS),
+            unique_ids=False,
+            base_dir=path.parent,
+            require_files=True,
+            root=None if allow_outside_root else path.parent,
+        )
+    except DatalistError as err:
+        if any("outside the dataset folder" in reason for _, reason in err.problems):
+            err.problems.append(
+                (
+                    str(path),
+                    f"{OUTSIDE_ROOT_FIX} (or set --datalist_allow_outside_root true to read them where they are)",
+                )
+            )
+            raise DatalistError(err.problems) from None
+        raise
 
 
 def _from_folder(folder: Path, split: str) -> list[dict]:
@@ -126,6 +148,7 @@ def collect_records(
     datalist: str | os.PathLike = "",
     split: str = "all",
     allow_empty: bool = False,
+    allow_outside_root: bool = False,
 ) -> list:
     """Gather the cases to predict.
 
@@ -139,6 +162,9 @@ def collect_records(
         split: ``"training"``, ``"validation"``, ``"test"`` or ``"all"``.
         allow_empty: return ``[]`` when no source is given (the bundle builds its workflow before the inputs are
             set, e.g. for MONAI's property checks); :func:`require_records` then fails at run time.
+        allow_outside_root: read a datalist's images wherever they are; by default every image of a datalist must
+            lie in the datalist's folder (or below it), so a datalist from elsewhere cannot make the bundle read,
+            and write predictions about, files outside the dataset it describes.
 
     Returns:
         The records.
@@ -146,6 +172,7 @@ def collect_records(
     Raises:
         ValueError: if both or neither source is given, the split is unknown, or nothing was found.
         FileNotFoundError: if the source does not exist.
+        DatalistError: listing every record whose image is missing or, unless allowed, outside the datalist's folder.
     """
     if split not in (*_SPLITS, "all"):
         raise ValueError(f"split must be one of {(*_SPLITS, 'all')}, got '{split}'")
@@ -154,7 +181,7 @@ def collect_records(
     if bool(dataset_dir) == bool(datalist):
         raise ValueError(f"{_NO_INPUT}; got dataset_dir='{dataset_dir}', datalist='{datalist}'")
     source = Path(datalist or dataset_dir).expanduser()
-    records = _from_datalist(source, split) if datalist else _from_folder(source, split)
+    records = _from_datalist(source, split, allow_outside_root) if datalist else _from_folder(source, split)
     if not records:
         raise ValueError(f"no images to predict in '{source}' (split '{split}')")
     used: set[str] = set()
