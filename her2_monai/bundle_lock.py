@@ -1,8 +1,9 @@
 """One training at a time per bundle folder.
 
 Two trainings writing the same ``models/`` and ``eval/`` would overwrite each other's checkpoints and datalist. The
-training workflows therefore take an exclusive lock on ``<bundle_root>/.training.lock`` when they start (``flock``,
-released by the operating system when the process ends, however it ends) and a second training on the same folder
+training workflows therefore take an exclusive lock on ``<bundle_root>/.training.lock`` when they start (the
+``filelock`` package's operating-system lock: ``flock`` on POSIX, ``msvcrt`` on Windows, released when the process
+ends, however it ends) and a second training on the same folder
 stops at once with :class:`BundleLockedError`, naming the process that holds it. The holder's pid, host, start time
 and command are kept beside the lock in ``.training.lock.owner`` (JSON); a lock left by a process that was killed
 (``kill -9``, power cut) holds no ``flock`` any more and is taken over with a warning.
@@ -10,7 +11,6 @@ and command are kept beside the lock in ``.training.lock.owner`` (JSON); a lock 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -18,6 +18,8 @@ import socket
 import sys
 import time
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from her2_monai.fileio import write_json_atomic
 from her2_monai.utils import as_bool
@@ -30,8 +32,8 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".training.lock"
 _OWNER_SUFFIX = ".owner"
 
-#: Locks this process holds: lock path -> open file descriptor (the lock lives as long as the descriptor).
-_HELD: dict[str, int] = {}
+#: Locks this process holds: lock path -> the held lock (it lives as long as its open file).
+_HELD: dict[str, FileLock] = {}
 
 
 class BundleLockedError(RuntimeError):
@@ -79,11 +81,12 @@ def lock_bundle(bundle_root: str | os.PathLike, enabled: bool | str = True) -> P
     lock = root / LOCK_NAME
     if str(lock) in _HELD:
         return lock
-    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    # An operating-system lock only (no soft-lock fallback: a soft lock outlives a killed process), and the file
+    # stays on release: its owner record sits beside it.
+    held = FileLock(lock, mode=0o644, thread_local=False, fallback_to_soft=False, preserve_lock_file=True)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(descriptor)
+        held.acquire(timeout=0)
+    except Timeout:
         raise BundleLockedError(
             f"another training is running on the bundle folder '{root}' ({_describe(_read_owner(lock))}); wait for "
             "it to finish, or train into another folder with --bundle_root DIR"
@@ -97,15 +100,15 @@ def lock_bundle(bundle_root: str | os.PathLike, enabled: bool | str = True) -> P
         )
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": " ".join(sys.argv)}
     write_json_atomic(owner, _owner_file(lock))
-    _HELD[str(lock)] = descriptor
+    _HELD[str(lock)] = held
     return lock
 
 
 def unlock_bundle(bundle_root: str | os.PathLike) -> None:
     """Release the training lock of a bundle folder if this process holds it (the lock file itself stays)."""
     lock = Path(bundle_root).expanduser().resolve() / LOCK_NAME
-    descriptor = _HELD.pop(str(lock), None)
-    if descriptor is None:
+    held = _HELD.pop(str(lock), None)
+    if held is None:
         return
     _owner_file(lock).unlink(missing_ok=True)
-    os.close(descriptor)
+    held.release(force=True)
