@@ -1,7 +1,8 @@
 """Calibration metrics of a classifier: expected calibration error (top label and class-wise) and reliability bins.
 
-The binning is MONAI's :func:`monai.metrics.calibration_binning` (equal-width bins over ``[0, 1]``, left-closed); a
-classification output ``(N, C)`` is laid out as its ``(batch=1, channel, spatial=N)`` input.
+The binning and the ECE are MONAI's (:func:`monai.metrics.calibration_binning` and
+:class:`monai.metrics.CalibrationErrorMetric`: equal-width bins over ``[0, 1]``, left-closed); a classification output
+``(N, C)`` is laid out as their ``(batch=1, channel, spatial=N)`` input.
 
 * **ECE** (Guo et al., ICML 2017): bin the top-label confidence; the weighted mean over bins of
   ``|accuracy - mean confidence|``, the weights being the share of samples in each bin.
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import calibration_binning
+from monai.metrics import CalibrationErrorMetric, calibration_binning
 
 from her2_monai.constants import CLASS_NAMES
 
@@ -66,9 +67,10 @@ def reliability_bins(
 def _ece(confidence: np.ndarray, outcome: np.ndarray, num_bins: int) -> float:
     if confidence.size == 0:
         return float("nan")
-    mean_p, mean_y, count = reliability_bins(confidence, outcome, num_bins)
-    filled = count > 0
-    return float(np.sum(np.abs(mean_p[filled] - mean_y[filled]) * count[filled]) / count.sum())
+    metric = CalibrationErrorMetric(num_bins=num_bins, include_background=True, calibration_reduction="expected")
+    p = torch.as_tensor(np.asarray(confidence, dtype=np.float32).reshape(1, 1, -1))
+    y = torch.as_tensor(np.asarray(outcome, dtype=np.float32).reshape(1, 1, -1))
+    return float(metric(p, y).reshape(-1)[0])
 
 
 def expected_calibration_error(probabilities: Any, labels: Any, num_bins: int = NUM_BINS) -> float:
