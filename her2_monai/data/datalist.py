@@ -33,6 +33,7 @@ import numpy as np
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY, LABEL_KEY, SCENARIOS, label_from_score
 from her2_monai.data.image_reader import ImageReadError, probe_image, read_rgb
 from her2_monai.data.splits import SplitBy, describe_split, group_split, parse_split_by, record_groups, split_coverage
+from her2_monai.data.validate import DatalistError, check_records
 from her2_monai.fileio import save_image_atomic, write_json_atomic
 from her2_monai.stain_batch import scenario_id
 from her2_monai.stain_features import order_he_ihc
@@ -53,15 +54,6 @@ __all__ = [
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 _BCI_NAME = re.compile(r"^(?P<index>\d+)_(?P<split>train|test|val)_(?P<score>[^.]+)$")
 _SPLIT_FOLDERS = {"train": "training", "val": "validation", "test": "test"}
-
-
-class DatalistError(ValueError):
-    """A scan found problems and could not produce a datalist; ``problems`` lists ``(path, reason)``."""
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        lines = "\n".join(f"  {path}: {reason}" for path, reason in problems)
-        super().__init__(f"{len(problems)} problem(s) in the dataset:\n{lines}")
 
 
 @dataclass
@@ -431,8 +423,6 @@ def load_datalist_split(
             :func:`her2_monai.data.validate.check_records`).
         ValueError: if the file is not a datalist or no record is left.
     """
-    from her2_monai.data.validate import check_records
-
     path = Path(path)
     content = read_datalist_json(path)
     if not isinstance(content, dict) or split not in content:

@@ -22,11 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY, LABEL_KEY
-from her2_monai.data.datalist import DatalistError
 
-__all__ = ["check_records", "check_record_id"]
+__all__ = ["DatalistError", "check_records", "check_record_id"]
 
 _NUM_CLASSES = len(CLASS_NAMES)
+
+
+class DatalistError(ValueError):
+    """A scan or a datalist has problems; ``problems`` lists ``(path or record, reason)``, every one of them."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in problems)
+        super().__init__(f"{len(problems)} problem(s) in the dataset:\n{lines}")
 
 
 def check_record_id(value: Any) -> str | None:

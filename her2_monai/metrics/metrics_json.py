@@ -1,4 +1,5 @@
-"""The evaluation report ``eval/metrics.json``: per-scenario classification and stain-translation quality."""
+"""The evaluation metrics file ``eval/metrics.json``: per-scenario classification and stain-translation quality (the HTML
+report built from it is :mod:`her2_monai.report`)."""
 
 from __future__ import annotations
 
