@@ -35,7 +35,8 @@ def test_datalist_register_lists_the_registered_copy(shared_data: Path, tmp_path
             Image.fromarray(image).save(source / stain / "train" / name)
     output = tmp_path / "datalist.json"
     args = ["datalist", "--dataset_dir", str(source), "--output", str(output), "--val_fraction", "0"]
-    assert main([*args, "--register", "true"]) == 0
+    # the verdict is conservative (docs/registration.md): keep the pairs it refers to a person, this test checks them
+    assert main([*args, "--register", "true", "--register_keep_flagged", "true"]) == 0
     printed = capsys.readouterr().out
     registered = tmp_path / "lab-registered"
     assert f"registered copy written to {registered}" in printed and "registered 2" in printed
@@ -58,3 +59,34 @@ def test_datalist_register_lists_the_registered_copy(shared_data: Path, tmp_path
     # The registered copy is never overwritten: a second run stops with one line and exit status 2.
     assert main([*args, "--register", "true"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_datalist_register_leaves_out_flagged_pairs_unless_asked(shared_data: Path, tmp_path: Path, capsys) -> None:
+    """A pair whose IHC is another section's (nothing to align) is marked and kept out of training by default.
+
+    The trusted pair is an IHC against a displaced copy of itself: one stain, so every start of the search agrees.
+    """
+    source = tmp_path / "lab"
+    ihc = _load(shared_data / PAIRS["00052_test_3+.png"][1])
+    other_he = _load(shared_data / PAIRS["15M2102762_15_26_test_2+.png"][0])
+    displaced = warp_rgb(ihc, RegistrationResult("rigid", KNOWN, KNOWN, 1.0, (SIZE,) * 2, (SIZE,) * 2, (SIZE,) * 2))
+    for name, he in (("good_test_3+.png", ihc), ("wrong_test_3+.png", other_he)):
+        for stain, image in (("HE", he), ("IHC", displaced)):
+            (source / stain / "train").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(source / stain / "train" / name)
+    output = tmp_path / "datalist.json"
+    args = ["datalist", "--dataset_dir", str(source), "--output", str(output), "--val_fraction", "0", "--register"]
+    args.append("true")
+    assert main([*args, "--register_dir", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "a" / "registration.json").read_text())
+    (flagged,) = summary["flagged"]
+    assert Path(flagged["file"]).name == "wrong_test_3+.png" and flagged["verdict"] in ("uncertain", "failed")
+    assert flagged["reasons"] and (tmp_path / "a" / "flagged" / "IHC" / "train" / "wrong_test_3+.png").is_file()
+    assert "wrong_test_3+.png: left out" in printed, printed
+    records = json.loads(output.read_text())["training"]
+    assert [Path(r["he"]).name for r in records] == ["good_test_3+.png"]
+    # --register_keep_flagged true keeps it (and still lists it)
+    assert main([*args, "--register_dir", str(tmp_path / "b"), "--register_keep_flagged", "true"]) == 0
+    assert "wrong_test_3+.png: kept" in capsys.readouterr().out
+    assert len(json.loads(output.read_text())["training"]) == 2

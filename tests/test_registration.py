@@ -79,6 +79,7 @@ def test_same_stain_displacement_is_recovered_exactly(data, registration):
     assert _point_error(KNOWN @ result.matrix, np.eye(3)) < 0.5
     assert abs(result.angle_deg + 8.0) < 0.2
     assert result.status == "registered" and result.quality["ncc_after"] > 0.95
+    assert result.verdict == "registered" and result.details["verdict_measures"]["support"] >= 0.6
 
 
 @pytest.mark.parametrize("pair", sorted(PAIRS))
@@ -221,3 +222,32 @@ def test_register_folder_writes_a_registered_copy(data, tmp_path):
         register_folder(source, out)
     with pytest.raises(ValueError, match="expected the BCI layout"):
         register_folder(tmp_path / "nowhere", tmp_path / "x")
+
+
+def test_black_fill_and_verdict_of_a_good_registration(data, registration):
+    """A black fill around the displaced IHC reads as glass, like white: the pair is recovered."""
+    he, ihc = (_load(data / p) for p in PAIRS["bci"])
+    original = registration(he, ihc)
+    displaced = warp_rgb(
+        ihc, RegistrationResult("rigid", KNOWN, KNOWN, 1.0, (SIZE,) * 2, (SIZE,) * 2, (SIZE,) * 2), 0.0
+    )
+    result = registration(he, displaced)
+    assert _point_error(KNOWN @ result.matrix, original.matrix) < MAX_ERROR_PX
+    # cross-stain starts often converge a few px apart: the (conservative) verdict may refer it, and then says why
+    assert (result.verdict == "registered") == (result.verdict_reasons == [])
+    description = result.to_dict()
+    assert (
+        description["verdict"] == result.verdict
+        and len(description["starts"]) == result.details["verdict_measures"]["starts"]
+    )
+    assert {"margin", "support", "tissue_dice"} <= set(description["verdict_measures"])
+
+
+def test_unrelated_sections_and_blank_images_are_not_trusted(data, registration):
+    """An IHC of another tissue has nothing to align: the verdict says so; a blank IHC is refused."""
+    he = _load(data / PAIRS["mist"][0])
+    other = _displace(_load(data / PAIRS["bci"][1]), KNOWN)
+    result = registration(he, other)
+    assert result.verdict in ("uncertain", "failed") and result.verdict_reasons, result.details["verdict_measures"]
+    with pytest.raises(ValueError, match="no structure"):
+        registration(he, np.full_like(he, 245))

@@ -19,7 +19,8 @@ def register(
     """Register an IHC image to its H&E (consecutive sections) and write the aligned IHC at full resolution.
 
     Writes into OUTPUT: ihc_registered.png, he.png, checkerboard.png (before | after) and registration.json
-    (transform parameters, NCC and NMI before and after).
+    (transform parameters, NCC and NMI before and after, and the verdict: registered, uncertain or failed, with the
+    reasons).
 
     Args:
         he: H&E image file (the fixed reference).
@@ -52,3 +53,7 @@ def register(
         f"NCC {q['ncc_before']:.3f} -> {q['ncc_after']:.3f}, NMI {q['nmi_before']:.4f} -> {q['nmi_after']:.4f}; "
         f"written to {Path(paths['json']).parent}"
     )
+    verdict = f"verdict: {result.verdict}"
+    if result.verdict_reasons:
+        verdict += " (" + "; ".join(result.verdict_reasons) + "): check checkerboard.png before using this pair"
+    print(verdict)

@@ -114,6 +114,7 @@ def register_folder(
     channel: str = "tissue",
     max_side: int = 256,
     overwrite: bool = False,
+    set_aside_flagged: bool = False,
 ) -> dict[str, Any]:
     """Write a registered copy of a BCI-layout folder: each ``IHC/<path>`` aligned to ``HE/<path>``.
 
@@ -130,10 +131,15 @@ def register_folder(
         channel: registration channel (see :data:`~her2_monai.registration.channels.CHANNELS`).
         max_side: registration resolution.
         overwrite: allow writing into a non-empty ``output_dir``.
+        set_aside_flagged: write the pairs whose verdict is ``uncertain`` or ``failed`` under
+            ``output_dir/flagged/HE`` and ``output_dir/flagged/IHC`` instead of ``HE/`` and ``IHC/``, so a datalist
+            of ``output_dir`` leaves them out while a person can still review them.
 
     Returns:
-        Summary: counts (``registered``, ``identity``, ``unpaired``, ``failed``), mean NCC/NMI before and after,
-        seconds, and ``problems`` (file and reason for every skipped file).
+        Summary: counts (``registered``, ``identity``, ``unpaired``, ``failed``; ``failed`` = unreadable), verdict
+        counts (``registered``, ``uncertain``, ``failed``), ``flagged`` (file, verdict, reasons and where it was
+        written for every pair not marked ``registered``), mean NCC/NMI before and after, seconds, and ``problems``
+        (file and reason for every skipped file).
 
     Raises:
         ValueError: if ``dataset_dir`` is not in the BCI layout.
@@ -147,6 +153,7 @@ def register_folder(
     start = time.perf_counter()
     records, problems = [], []
     counts = {"registered": 0, "identity": 0, "unpaired": 0, "failed": 0}
+    verdicts, flagged = {"registered": 0, "uncertain": 0, "failed": 0}, []
     for he, ihc, rel in pairs:
         he_out, ihc_out = output_dir / "HE" / rel, output_dir / "IHC" / rel
         if ihc is None:
@@ -162,6 +169,13 @@ def register_folder(
             counts["failed"] += 1
             logger.warning("skipped %s: %s", rel, err)
             continue
+        verdicts[result.verdict] += 1
+        if result.verdict != "registered":
+            if set_aside_flagged:
+                he_out, ihc_out = output_dir / "flagged" / "HE" / rel, output_dir / "flagged" / "IHC" / rel
+            flagged.append(
+                {"file": str(rel), "verdict": result.verdict, "reasons": result.verdict_reasons, "ihc": str(ihc_out)}
+            )
         atomic_write(he_out, lambda tmp, src=he: shutil.copyfile(src, tmp))
         write_image(ihc_out, aligned)
         counts[result.status] += 1
@@ -182,6 +196,8 @@ def register_folder(
         "transform": transform,
         "bspline": bspline,
         "counts": counts,
+        "verdicts": verdicts,
+        "flagged": flagged,
         "quality": {k: mean(k) for k in ("ncc_before", "ncc_after", "nmi_before", "nmi_after")},
         "seconds": time.perf_counter() - start,
         "problems": problems,

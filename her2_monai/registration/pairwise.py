@@ -6,11 +6,13 @@ Steps (:class:`PairRegistration`):
 1. both images are reduced by one common factor so the longer side is ``max_side`` (the sections are assumed to be
    scanned at the same pixel size), and turned into a stain-robust grey channel
    (:func:`~her2_monai.registration.channels.registration_channel`);
-2. a coarse global search: every rotation in ``[-max_angle, max_angle]`` (2 degree steps) is tried, each with the
-   translation that maximises the masked normalised cross-correlation of the rotated moving image with the fixed image
-   (computed for all translations at once with FFTs, at half resolution, up to ``max_shift`` of the side), with a
-   small handicap for large rotations and shifts (``prior_weight``);
-3. the best candidate starts ITK's ``ImageRegistrationMethodv4`` with Mattes mutual information (multi-modal, 32
+2. a coarse global search (black fill read as white glass first): every rotation in ``[-max_angle, max_angle]``
+   (2 degree steps) is tried, each with the translation that maximises the masked normalised cross-correlation of the
+   rotated moving image with the fixed image (computed for all translations at once with FFTs, at half resolution, up
+   to ``max_shift`` of the side), with a small handicap for large rotations and shifts (``prior_weight``); the best
+   ``starts`` distinct candidates are kept, on the main channel and on ``second_channel``;
+3. each candidate is refined (rigid) at half the registration resolution and scored by the NMI of both channels; the
+   best starts ITK's ``ImageRegistrationMethodv4`` with Mattes mutual information (multi-modal, 32
    bins), a regular-step gradient descent with physical-shift parameter scales, at the registration resolution, on an
    ``Euler2DTransform`` (rigid) and then, for ``affine``, an ``AffineTransform`` started from the rigid result;
 4. optionally a cubic ``BSplineTransform`` (``bspline_grid`` control cells a side) refines the linearly aligned image;
@@ -18,7 +20,9 @@ Steps (:class:`PairRegistration`):
    reduction factor) and each RGB channel of the full-resolution IHC is resampled on the H&E's grid, with white fill;
 6. the alignment quality (NCC and normalised MI on the channel, over the overlap) is measured before and after each
    stage; affine and B-spline stages are kept only if they raise NMI, and when registration did not improve NMI at
-   all, the identity is kept and a warning says so.
+   all, the identity is kept and a warning says so;
+7. a verdict (``registered``, ``uncertain`` or ``failed``) from how many starts converged to the chosen alignment
+   (:func:`_measures`, :data:`VERDICT_THRESHOLDS`).
 
 Transforms map H&E (fixed) pixel coordinates ``(x = column, y = row)`` to IHC (moving) pixel coordinates, the ITK
 convention; ``output(x) = moving(T(x))``.
@@ -99,6 +103,9 @@ class RegistrationResult:
             sampled every ``displacement_step`` pixels on the fixed low-resolution grid (applied before ``matrix``).
         quality: NCC and NMI on the registration channel before and after.
         status: ``"registered"`` or ``"identity"`` (registration did not improve NMI).
+        verdict: ``"registered"`` (trust it), ``"uncertain"`` (refer to a person) or ``"failed"``, from measurements
+            that predict a large error (see :func:`_verdict`).
+        verdict_reasons: why the verdict is not ``registered`` (empty when it is).
         details: parameters and timings for ``registration.json``.
     """
 
@@ -114,6 +121,8 @@ class RegistrationResult:
     quality: dict[str, float] = field(default_factory=dict)
     status: str = "registered"
     details: dict[str, Any] = field(default_factory=dict)
+    verdict: str = "registered"
+    verdict_reasons: list[str] = field(default_factory=list)
 
     @property
     def angle_deg(self) -> float:
@@ -143,6 +152,8 @@ class RegistrationResult:
             "convention": "maps H&E (fixed) pixel (x=column, y=row) to IHC (moving) pixel; aligned(x) = IHC(T(x))",
             "transform": self.transform,
             "status": self.status,
+            "verdict": self.verdict,
+            "verdict_reasons": list(self.verdict_reasons),
             "angle_deg": self.angle_deg,
             "matrix": m.tolist(),
             "matrix_registration_resolution": self.matrix_low.tolist(),
@@ -213,6 +224,10 @@ class PairRegistration:
         levels: multi-resolution levels of the refinement (shrink factors 2^(levels-1) ... 1).
         prior_weight: NCC handicap of the largest searched rotation and shift (half each) in the global search: pairs
             of a dataset are usually roughly aligned already, and repetitive tissue (fat) gives near-ties elsewhere.
+        starts: distinct global-search candidates (rotation and shift) refined per channel; the best refined result
+            wins, and the spread of the others feeds the verdict.
+        second_channel: another channel whose global search adds starts and whose NMI adds to the score of each
+            refined start (``None``: the main channel only).
 
     Raises:
         ValueError: on an unknown transform or channel.
@@ -230,7 +245,9 @@ class PairRegistration:
         iterations: int = 200,
         learning_rate: float = 0.5,
         levels: int = 1,
-        prior_weight: float = 0.1,
+        prior_weight: float = 0.02,
+        starts: int = 3,
+        second_channel: str | None = "od",
     ) -> None:
         if transform not in TRANSFORMS:
             raise ValueError(f"unknown transform '{transform}'; expected one of {list(TRANSFORMS)}")
@@ -249,6 +266,10 @@ class PairRegistration:
         self.learning_rate = float(learning_rate)
         self.levels = int(levels)
         self.prior_weight = float(prior_weight)
+        if second_channel is not None and second_channel not in CHANNELS:
+            raise ValueError(f"unknown registration channel '{second_channel}'; expected one of {list(CHANNELS)}")
+        self.starts = max(1, int(starts))
+        self.second_channel = None if second_channel == channel else second_channel
 
     # -- preparation ---------------------------------------------------------------------------------------------------
 
@@ -263,21 +284,38 @@ class PairRegistration:
                 f"more than {_MAX_SIZE_RATIO}x apart, probably another magnification; resample one of them first"
             )
         scale = min(1.0, self.max_side / max(*fixed.shape[:2], *moving.shape[:2]))
+        channels = self._channels(fixed, moving, scale, [self.channel])
+        return scale, *channels[self.channel]
 
-        def channel(image: np.ndarray) -> np.ndarray:
-            grey = registration_channel(image, self.channel, sigma=0)
-            if scale < 1.0:
-                grey = ndimage.zoom(
-                    ndimage.gaussian_filter(grey, 0.5 / scale), scale, order=1, grid_mode=True, mode="nearest"
-                )
-            return ndimage.gaussian_filter(grey, 1.0).astype(np.float32)
-
-        return scale, channel(fixed), channel(moving)
+    @staticmethod
+    def _channels(
+        fixed: np.ndarray, moving: np.ndarray, scale: float, names: list[str]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each named channel of both images, reduced by ``scale``; black fill (e.g. around a rotated scan) reads as
+        glass, like white fill."""
+        out: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for image in (fixed, moving):
+            image = np.where((np.asarray(image).max(axis=-1) < 16)[..., None], 255, image)
+            for name in names:
+                grey = registration_channel(image, name, sigma=0)
+                if scale < 1.0:
+                    grey = ndimage.zoom(
+                        ndimage.gaussian_filter(grey, 0.5 / scale), scale, order=1, grid_mode=True, mode="nearest"
+                    )
+                out[name].append(ndimage.gaussian_filter(grey, 1.0).astype(np.float32))
+        return {name: (pair[0], pair[1]) for name, pair in out.items()}
 
     # -- global search ------------------------------------------------------------------------------------------------
 
     def _global_search(self, fixed: np.ndarray, moving: np.ndarray) -> tuple[float, np.ndarray, float]:
-        """Best ``(angle_deg, translation, ncc)`` over a grid of rotations about the fixed image centre.
+        """Best ``(angle_deg, translation, ncc)`` over a grid of rotations about the fixed image centre."""
+        return self._candidates(fixed, moving, 1)[0]
+
+    def _candidates(self, fixed: np.ndarray, moving: np.ndarray, count: int) -> list[tuple[float, np.ndarray, float]]:
+        """Up to ``count`` distinct ``(angle_deg, translation, ncc)`` starts, best first, over a grid of rotations.
+
+        The best translation of each rotation is a candidate; candidates closer than 6 degrees and 5% of the side to
+        a better one are dropped.
 
         For each rotation, the masked normalised cross-correlation of every translation is computed at once with FFTs
         (Padfield, "Masked object registration in the Fourier domain", 2012), so only the overlap counts and the
@@ -286,7 +324,7 @@ class PairRegistration:
         f = fixed[::2, ::2].astype(np.float64)
         center = (np.asarray(fixed.shape[::-1], float) - 1) / 2
         limit = np.array([self.max_shift * fixed.shape[1], self.max_shift * fixed.shape[0]]) / 2  # (x, y), half res
-        best = (-2.0, 0.0, np.zeros(2))
+        per_angle: list[tuple[float, float, np.ndarray]] = []
         angles = np.arange(-self.max_angle, self.max_angle + 1e-9, 2.0) if self.max_angle > 0 else np.zeros(1)
         for angle in angles:
             rotation = euler_matrix(angle, (0, 0), center)
@@ -298,12 +336,18 @@ class PairRegistration:
             handicap = self.prior_weight * (abs(angle) / max(self.max_angle, 1.0) + distance) / 2
             scores = np.where(inside, scores - handicap, -2.0)
             index = np.unravel_index(int(np.argmax(scores)), scores.shape)
-            if scores[index] > best[0]:
-                shift = np.array([shifts[0][index], shifts[1][index]], float) * 2.0
-                # fixed(x) ~ rotated(x - shift) = moving(R (x - shift - c) + c): Euler translation = -R shift
-                best = (float(scores[index]), float(angle), -rotation[:2, :2] @ shift)
-        score, angle, translation = best
-        return angle, translation, score
+            shift = np.array([shifts[0][index], shifts[1][index]], float) * 2.0
+            # fixed(x) ~ rotated(x - shift) = moving(R (x - shift - c) + c): Euler translation = -R shift
+            per_angle.append((float(scores[index]), float(angle), -rotation[:2, :2] @ shift))
+        per_angle.sort(key=lambda c: -c[0])
+        chosen: list[tuple[float, float, np.ndarray]] = []
+        separation = 0.05 * max(fixed.shape)
+        for candidate in per_angle:
+            if all(abs(candidate[1] - c[1]) >= 6 or np.hypot(*(candidate[2] - c[2])) > separation for c in chosen):
+                chosen.append(candidate)
+            if len(chosen) == count:
+                break
+        return [(angle, translation, score) for score, angle, translation in chosen]
 
     # -- ITK ---------------------------------------------------------------------------------------------------------
 
@@ -350,8 +394,11 @@ class PairRegistration:
         registration.Update()
         return initial
 
-    def _linear(self, fixed: np.ndarray, moving: np.ndarray, angle: float, translation: np.ndarray) -> list[np.ndarray]:
-        """Rigid (and affine) ITK refinements of the global-search start: their ``(3, 3)`` matrices, rigid first."""
+    def _linear(
+        self, fixed: np.ndarray, moving: np.ndarray, angle: float, translation: np.ndarray, affine: bool = True
+    ) -> list[np.ndarray]:
+        """Rigid (and, when ``affine`` and the transform is affine, affine) ITK refinements of a global-search start:
+        their ``(3, 3)`` matrices, rigid first."""
         import itk
 
         def as_matrix(transform: Any) -> np.ndarray:
@@ -366,7 +413,7 @@ class PairRegistration:
         rigid.SetAngle(math.radians(angle))
         rigid.SetTranslation([float(t) for t in translation])
         matrices = [as_matrix(self._itk_register(fixed, moving, rigid))]
-        if self.transform == "affine":
+        if affine and self.transform == "affine":
             affine = itk.AffineTransform[itk.D, 2].New()
             affine.SetCenter(rigid.GetCenter())
             affine.SetMatrix(rigid.GetMatrix())
@@ -416,21 +463,57 @@ class PairRegistration:
             The registration; apply it with :func:`warp_rgb`.
 
         Raises:
-            ValueError: if an image is not RGB, too small, or the two sizes are more than 1.5x apart.
+            ValueError: if an image is not RGB, too small, blank, or the two sizes are more than 1.5x apart.
         """
         start = time.perf_counter()
         scale, f, m = self._reduce(fixed, moving)
-        angle, translation, score = self._global_search(f, m)
+        for name, image in (("H&E", f), ("IHC", m)):
+            if float(np.ptp(image)) < 1e-3:
+                raise ValueError(f"the {name} image has no structure to register (blank or flat)")
+        names = [self.channel] + ([self.second_channel] if self.second_channel else [])
+        channels = {self.channel: (f, m)}
+        if self.second_channel:
+            channels.update(self._channels(fixed, moving, scale, [self.second_channel]))
+        starts = [
+            {"channel": name, "angle_deg": angle, "translation": translation, "ncc": ncc}
+            for name in names
+            for angle, translation, ncc in self._candidates(*channels[name], self.starts)
+        ]
+        angle, translation, score = starts[0]["angle_deg"], starts[0]["translation"], starts[0]["ncc"]
         searched = time.perf_counter()
         identity = np.eye(3)
         before = _quality(f, m, identity, None)
         stages = {"identity": before["nmi"]}
-        best_matrix, best_nmi = identity, before["nmi"]
-        for name, matrix in zip(("rigid", "affine"), self._linear(f, m, angle, translation)):
-            nmi = _quality(f, m, matrix, None)["nmi"]
-            stages[name] = nmi
-            if name == "rigid" or nmi > best_nmi:
-                best_matrix, best_nmi = matrix, max(nmi, best_nmi) if name != "rigid" else nmi
+
+        def combined(matrix: np.ndarray) -> float:
+            """Sum over the channels of NMI - 1 on the overlap (0 when the overlap is implausibly small)."""
+            return float(sum(_quality(*channels[name], matrix, None)["nmi"] - 1.0 for name in names))
+
+        # every start is refined (rigid) at half the registration resolution, where it is 4x cheaper; the best one
+        # is then refined at the registration resolution
+        half = _scale_matrix(0.5)
+
+        def shrink(image: np.ndarray) -> np.ndarray:
+            return ndimage.zoom(ndimage.gaussian_filter(image, 1.0), 0.5, order=1, grid_mode=True, mode="nearest")
+
+        f2, m2 = shrink(f), shrink(m)
+        refined = []
+        for candidate in starts:
+            matrix = euler_matrix(candidate["angle_deg"], tuple(candidate["translation"]), _center(f.shape))
+            angle2, translation2 = _euler_parameters(half @ matrix @ np.linalg.inv(half), f2.shape)
+            matrix = np.linalg.inv(half) @ self._linear(f2, m2, angle2, translation2, False)[0] @ half
+            refined.append((combined(matrix), matrix, candidate))
+        refined.sort(key=lambda r: -r[0])
+        best_score, best_matrix, best_start = refined[0]
+        matrices = self._linear(f, m, *_euler_parameters(best_matrix, f.shape))
+        best_matrix = matrices[0]
+        best_nmi = _quality(f, m, best_matrix, None)["nmi"]
+        stages["rigid"] = best_nmi
+        if len(matrices) > 1:
+            stages[self.transform] = _quality(f, m, matrices[1], None)["nmi"]
+            if stages[self.transform] > best_nmi:
+                best_matrix, best_nmi = matrices[1], stages[self.transform]
+        measures = _measures(channels, names, f, m, best_matrix, refined, combined(identity))
         displacement, bspline_details, step = None, {}, 8
         if self.bspline:
             candidate, bspline_details = self._bspline(f, _warp_channel(m, best_matrix, f.shape), step)
@@ -469,6 +552,18 @@ class PairRegistration:
                 "iterations": self.iterations,
             },
             "global_search": {"angle_deg": angle, "translation_px": (translation / scale).tolist(), "ncc": score},
+            "starts": [
+                {
+                    "channel": c["channel"],
+                    "angle_deg": c["angle_deg"],
+                    "ncc": c["ncc"],
+                    "score": float(value),
+                    "distance_to_best_px": _grid_distance(matrix, best_matrix, f.shape) / scale,
+                }
+                for value, matrix, c in refined
+            ],
+            "chosen_start": {"channel": best_start["channel"], "angle_deg": best_start["angle_deg"]},
+            "verdict_measures": measures,
             "stages_nmi": stages,
             "bspline": {**bspline_details, "kept": displacement is not None} if self.bspline else {},
             "seconds": {"search": searched - start, "total": time.perf_counter() - start},
@@ -483,6 +578,7 @@ class PairRegistration:
             result.matrix, result.matrix_low, result.displacement_low = identity, identity, None
             result.status = "identity"
             result.quality["ncc_after"], result.quality["nmi_after"] = before["ncc"], before["nmi"]
+        result.verdict, result.verdict_reasons = _verdict(measures, result.status)
         return result
 
 
@@ -530,3 +626,83 @@ def _masked_ncc(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, min_ove
     height, width = fixed.shape
     sy, sx = np.mgrid[-(height - 1) : height, -(width - 1) : width]
     return scores, (sx, sy)
+
+
+def _grid_distance(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Mean distance (px) between where two ``(3, 3)`` matrices send a 5x5 grid over the central 60% of ``shape``."""
+    height, width = shape[:2]
+    xs, ys = np.meshgrid(np.linspace(0.2, 0.8, 5) * (width - 1), np.linspace(0.2, 0.8, 5) * (height - 1))
+    points = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+    return float(np.linalg.norm((a @ points - b @ points)[:2], axis=0).mean())
+
+
+def _measures(
+    channels: dict[str, tuple[np.ndarray, np.ndarray]],
+    names: list[str],
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    matrix: np.ndarray,
+    refined: list[tuple[float, np.ndarray, dict[str, Any]]],
+    identity_score: float,
+) -> dict[str, float]:
+    """Measurements of a registration that predict a large error.
+
+    - ``margin``: how much better the best refined start scores than the best start that converged elsewhere (more
+      than 2 registration-resolution px away), relative to the best's gain over the unregistered pair (1 when every
+      start converged to the same place);
+    - ``support``: the fraction of starts that converged to the chosen alignment;
+    - ``tissue_dice``: Dice overlap of the two tissue masks (each image's Otsu threshold on the main channel) where
+      both images have data, after warping.
+    """
+    best_score, best_matrix = refined[0][0], refined[0][1]
+    distances = [_grid_distance(m, best_matrix, fixed.shape) for _, m, _ in refined]
+    others = [score for (score, _, _), d in zip(refined, distances) if d > 2.0]
+    gain = max(best_score - identity_score, 1e-6)
+    margin = 1.0 if not others else float(np.clip((best_score - max(others)) / gain, 0.0, 1.0))
+    support = float(np.mean([d <= 2.0 for d in distances]))
+    shape = fixed.shape
+    result = RegistrationResult("rigid", matrix, matrix, 1.0, shape, moving.shape, shape)
+    coordinates = result.coordinates()[::-1]
+    warped = ndimage.map_coordinates(moving, coordinates, order=1, cval=0.0)
+    inside = ndimage.map_coordinates(np.ones_like(moving), coordinates, order=1, cval=0.0) > 0.99
+    dice = 0.0
+    if inside.sum() > 16 and np.ptp(fixed) > 1e-6 and np.ptp(moving) > 1e-6:
+        from skimage.filters import threshold_otsu
+
+        a = (fixed > threshold_otsu(fixed)) & inside
+        b = (warped > threshold_otsu(moving)) & inside
+        dice = float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+    return {"margin": margin, "support": support, "tissue_dice": dice, "starts": float(len(refined))}
+
+
+#: Verdict thresholds, chosen on the tune part of the sealed split (docs/registration.md).
+VERDICT_THRESHOLDS = {"support": 0.6}
+
+
+def _verdict(measures: dict[str, float], status: str) -> tuple[str, list[str]]:
+    """``(verdict, reasons)`` of a registration from its :func:`_measures` and status.
+
+    ``failed`` when registration kept the identity; ``uncertain`` when any measure is under its threshold in
+    :data:`VERDICT_THRESHOLDS`; ``registered`` otherwise.
+    """
+    if status == "identity":
+        return "failed", ["no alignment beat the unregistered pair"]
+    reasons = [
+        f"{name} {measures[name]:.3f} < {threshold}"
+        for name, threshold in VERDICT_THRESHOLDS.items()
+        if measures[name] < threshold
+    ]
+    return ("uncertain", reasons) if reasons else ("registered", [])
+
+
+def _center(shape: tuple[int, ...]) -> tuple[float, float]:
+    """``(cx, cy)`` pixel centre of an image of ``shape`` (rows, columns)."""
+    return ((shape[1] - 1) / 2, (shape[0] - 1) / 2)
+
+
+def _euler_parameters(matrix: np.ndarray, shape: tuple[int, ...]) -> tuple[float, np.ndarray]:
+    """``(angle_deg, translation)`` of the rigid transform about the image centre closest to ``matrix``'s rotation
+    (the same offset, the rotation angle of its linear part)."""
+    angle = math.degrees(math.atan2(matrix[1, 0] - matrix[0, 1], matrix[0, 0] + matrix[1, 1]))
+    rotation = euler_matrix(angle, (0.0, 0.0), _center(shape))
+    return angle, matrix[:2, 2] - rotation[:2, 2]

@@ -1,0 +1,203 @@
+"""Registration robustness and verdict on the sealed split: real pairs displaced by known random affine transforms.
+
+Every real H&E / IHC pair of one part of ``benchmarks/sealed_split.py`` (tune: BCI; report: MIST) is resized to each
+``--sizes`` side, and its IHC is displaced ``--per_pair`` times (fixed seed) by a random affine transform about the
+centre: rotation up to ``--max_angle`` degrees, translation up to ``--max_shift`` of the side, scale 0.95-1.05, shear
+up to 0.03, with a white or black fill (alternating). The displaced IHC is registered back to the H&E.
+
+``error`` is the mean distance (px at that size) over a 5x5 grid spanning the central 60% of the image between ``T``
+(the registration of the displaced pair) and ``D^-1`` (``D`` the known displacement), as in issue 24. Consecutive
+sections are not perfectly aligned to begin with, so this includes the pair's own misalignment; ``ref offset`` is the
+rigid registration of the undisplaced pair (its distance from the identity, a rough estimate of that misalignment) and
+``vs reference`` compares ``T`` with ``D^-1 R0`` (``R0`` that registration).
+
+The verdict (``registered`` / ``uncertain`` / ``failed``) is scored against the error: large errors (> 20 px) it
+catches (marked uncertain or failed) and good registrations (< 5 px) it wrongly flags.
+
+Run (choose on tune, score report once)::
+
+    python benchmarks/registration_robustness.py --part tune [--sizes 1024 512] [--per_pair 3] [--transform affine]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sealed_split import real_pairs  # noqa: E402
+
+from her2_monai.registration import PairRegistration, RegistrationResult, RegistrationWarning, warp_rgb  # noqa: E402
+from her2_monai.registration.pairwise import _verdict  # noqa: E402
+
+
+def random_displacement(rng: np.random.Generator, size: int, max_angle: float, max_shift: float) -> np.ndarray:
+    """A random ``(3, 3)`` affine displacement about the image centre: ``displaced(x) = ihc(D x)``.
+
+    Args:
+        rng: random generator.
+        size: image side in pixels.
+        max_angle: largest rotation in degrees.
+        max_shift: largest translation as a fraction of the side.
+
+    Returns:
+        The matrix ``D``.
+    """
+    angle = math.radians(rng.uniform(-max_angle, max_angle))
+    scale = rng.uniform(0.95, 1.05)
+    shear = rng.uniform(-0.03, 0.03)
+    shift = rng.uniform(-max_shift, max_shift, 2) * size
+    linear = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    linear = scale * linear @ np.array([[1.0, shear], [0.0, 1.0]])
+    center = np.full(2, (size - 1) / 2)
+    matrix = np.eye(3)
+    matrix[:2, :2] = linear
+    matrix[:2, 2] = center - linear @ center + shift
+    return matrix
+
+
+def grid_error(a: np.ndarray, b: np.ndarray, size: int) -> float:
+    """Mean distance (px) between where two matrices send a 5x5 grid over the central 60% of the image.
+
+    Args:
+        a: ``(3, 3)`` matrix.
+        b: ``(3, 3)`` matrix.
+        size: image side in pixels.
+
+    Returns:
+        The mean distance.
+    """
+    ticks = np.linspace(0.2 * (size - 1), 0.8 * (size - 1), 5)
+    xs, ys = np.meshgrid(ticks, ticks)
+    points = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+    return float(np.linalg.norm((a @ points - b @ points)[:2], axis=0).mean())
+
+
+def displace(image: np.ndarray, matrix: np.ndarray, fill: float) -> np.ndarray:
+    """``out(x) = image(matrix @ x)`` with a constant fill."""
+    shape = image.shape[:2]
+    return warp_rgb(image, RegistrationResult("affine", matrix, matrix, 1.0, shape, shape, shape), fill=fill)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Register every displaced pair of the part; one row per displaced pair."""
+    second = None if args.second_channel == "none" else args.second_channel
+    registration = PairRegistration(
+        transform=args.transform,
+        channel=args.channel,
+        max_side=args.max_side,
+        starts=args.starts,
+        second_channel=second,
+    )
+    rigid = PairRegistration(transform="rigid", channel=args.channel, max_side=args.max_side)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for pair in real_pairs(args.part):
+        for size in args.sizes:
+            he = np.asarray(Image.fromarray(pair.he).resize((size, size), Image.BILINEAR))
+            ihc = np.asarray(Image.fromarray(pair.ihc).resize((size, size), Image.BILINEAR))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RegistrationWarning)
+                reference = rigid(he, ihc)
+                for k in range(args.per_pair):
+                    known = random_displacement(rng, size, args.max_angle, args.max_shift)
+                    fill = 255.0 if k % 2 == 0 else 0.0
+                    start = time.perf_counter()
+                    result = registration(he, displace(ihc, known, fill))
+                    seconds = time.perf_counter() - start
+                    target = np.linalg.inv(known) @ reference.matrix
+                    rows.append(
+                        {
+                            "pair": pair.id,
+                            "source": pair.source,
+                            "size": size,
+                            "fill": "white" if fill else "black",
+                            "angle": math.degrees(math.atan2(known[1, 0], known[0, 0])),
+                            "error": grid_error(result.matrix, np.linalg.inv(known), size),
+                            "error_vs_reference": grid_error(result.matrix, target, size),
+                            "reference_offset": grid_error(reference.matrix, np.eye(3), size),
+                            "reference_verdict": reference.verdict,
+                            "verdict": result.verdict,
+                            "reasons": ",".join(result.verdict_reasons),
+                            **result.details["verdict_measures"],
+                            "seconds": seconds,
+                        }
+                    )
+                    r = rows[-1]
+                    print(
+                        f"{r['pair']:28s} {size:5d} {r['fill']:5s} angle {r['angle']:6.1f}  error {r['error']:7.2f} px"
+                        f"  (vs reference {r['error_vs_reference']:6.2f}, ref offset {r['reference_offset']:5.2f} "
+                        f"{r['reference_verdict']})  margin {r['margin']:.3f} support {r['support']:.2f} "
+                        f"dice {r['tissue_dice']:.3f}  {r['verdict']:10s} {r['reasons']}  {seconds:.1f} s",
+                        flush=True,
+                    )
+    return rows
+
+
+def summarise(rows: list[dict]) -> None:
+    """Print the error distribution and verdict counts per source and size, and how the verdict predicts errors."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["source"], row["size"])].append(row)
+        groups[("all", row["size"])].append(row)
+    print("\n| source | size | n | median px | p90 px | max px | < 5 px | > 20 px | registered / uncertain / failed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (source, size), group in sorted(groups.items()):
+        e = np.array([r["error"] for r in group])
+        verdicts = [r["verdict"] for r in group]
+        counts = " / ".join(str(verdicts.count(v)) for v in ("registered", "uncertain", "failed"))
+        print(
+            f"| {source} | {size} | {len(e)} | {np.median(e):.2f} | {np.percentile(e, 90):.2f} | {e.max():.2f} | "
+            f"{(e < 5).sum()} ({100 * (e < 5).mean():.0f}%) | {(e > 20).sum()} | {counts} |"
+        )
+    errors = np.array([r["error"] for r in rows])
+    flagged = np.array([r["verdict"] != "registered" for r in rows])
+    large, good = errors > 20, errors < 5
+    print(
+        f"\nlarge errors (> 20 px) caught: {int((flagged & large).sum())} of {int(large.sum())}; "
+        f"good registrations (< 5 px) flagged: {int((flagged & good).sum())} of {int(good.sum())}; "
+        f"mean {np.mean([r['seconds'] for r in rows]):.1f} s per registration"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("tune", "report"), default="tune")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
+    parser.add_argument("--per_pair", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_angle", type=float, default=15.0)
+    parser.add_argument("--max_shift", type=float, default=0.1)
+    parser.add_argument("--transform", default="rigid")
+    parser.add_argument("--channel", default="tissue")
+    parser.add_argument("--max_side", type=int, default=256)
+    parser.add_argument("--starts", type=int, default=3, help="global-search starts per channel")
+    parser.add_argument("--second_channel", default="od", help="second channel, or none")
+    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    parser.add_argument("--rescore", default="", help="summarise the rows of this JSON file with the current verdict")
+    args = parser.parse_args()
+    if args.rescore:
+        rows = json.loads(Path(args.rescore).read_text())
+        for row in rows:  # the verdict of the current thresholds, from the stored measurements
+            status = "identity" if row["reasons"].startswith("no alignment") else "registered"
+            row["verdict"], reasons = _verdict(row, status)
+            row["reasons"] = ",".join(reasons)
+    else:
+        rows = run(args)
+    summarise(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
