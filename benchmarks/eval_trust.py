@@ -8,6 +8,9 @@ softmax, energy, Mahalanobis on the pooled embedding (several PCA sizes, statist
 MC-dropout mutual information / entropy -- it prints the AUROC of separating the two, and the share of real images
 refused at the threshold that lets 95% of the validation cases pass (what the bundle stores).
 
+The sealed-protocol comparison that chose the bundle's default (``image_stats``), with tune and report parts and
+more candidate families, is ``benchmarks/trust_ood.py``.
+
 Usage::
 
     python benchmarks/eval_trust.py --bundle_root bundle [--passes 20] [--json out.json]

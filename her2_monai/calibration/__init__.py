@@ -3,7 +3,9 @@
 * :mod:`~her2_monai.calibration.metrics`: ECE (15 bins, top label and class-wise), NLL, reliability bins;
 * :mod:`~her2_monai.calibration.temperature`: temperature scaling;
 * :mod:`~her2_monai.calibration.referral`: coverage-accuracy curve and the referral threshold with a target;
-* :mod:`~her2_monai.calibration.ood`: out-of-distribution scores (Mahalanobis, energy, max-softmax) and thresholds;
+* :mod:`~her2_monai.calibration.ood`: out-of-distribution scores (image statistics -- the default --, embedding
+  Mahalanobis and k-NN, encoder-stage statistics, CM-GAN cycle error, unions, energy, max-softmax) and thresholds;
+* :mod:`~her2_monai.calibration.ood_features`: the per-image inputs of those scores, taken from one classifier call;
 * :mod:`~her2_monai.calibration.uncertainty`: MC-dropout predictive entropy and mutual information;
 * :mod:`~her2_monai.calibration.record`: the calibration record stored in ``models/model.pt``;
 * :mod:`~her2_monai.calibration.fit`: fitting it (end of training, ``run calibrating``);
@@ -25,6 +27,7 @@ from her2_monai.calibration.metrics import (
 from her2_monai.calibration.ood import (
     OOD_METHODS,
     EnergyScore,
+    ImageStatisticsScore,
     MahalanobisScore,
     MaxSoftmaxScore,
     build_ood,
@@ -53,6 +56,7 @@ __all__ = [
     "reliability_bins",
     "OOD_METHODS",
     "EnergyScore",
+    "ImageStatisticsScore",
     "MahalanobisScore",
     "MaxSoftmaxScore",
     "build_ood",

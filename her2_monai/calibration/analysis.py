@@ -50,6 +50,7 @@ def scenario_trust(
     head: nn.Module | None = None,
     mc_dropout_passes: int = 0,
     seed: int = 0,
+    ood_inputs: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Calibration, referral, OOD and MC-dropout results of one scenario's test outputs.
 
@@ -62,6 +63,8 @@ def scenario_trust(
         head: the classifier head (for MC dropout).
         mc_dropout_passes: MC-dropout samples (0 = off).
         seed: seed of the dropout masks.
+        ood_inputs: the further inputs the recorded OOD score reads (``image_he``, ...; see
+            :mod:`~her2_monai.calibration.ood_features`), ``(N, D)`` each.
 
     Returns:
         ``{"ece", "ece_per_class", "ece_uncalibrated", "ece_per_class_uncalibrated", "nll", "nll_uncalibrated",
@@ -96,17 +99,22 @@ def scenario_trust(
         "referral": referral,
     }
     ood: dict[str, Any] = {"available": scorer.has_ood, "method": scorer.ood_method}
-    if scorer.has_ood and embedding is not None and len(labels):
-        scores = scorer.ood_scores(logits, embedding)
-        ood_threshold = scorer.ood_threshold(scenario)
-        ood.update(
-            {
-                "threshold": ood_threshold,
-                "pass_rate": float(np.mean(scores <= ood_threshold)),
-                "score_mean": float(scores.mean()),
-                "score_median": float(np.median(scores)),
-            }
-        )
+    if scorer.has_ood and len(labels):
+        try:
+            scores = scorer.ood_scores(logits, embedding, ood_inputs)
+        except KeyError as err:  # an evaluation that did not collect what the score reads
+            ood["note"] = f"not scored: {err.args[0]}"
+        else:
+            ood_threshold = scorer.ood_threshold(scenario)
+            ood.update(
+                {
+                    "threshold": ood_threshold,
+                    # NaN (no evidence) passes, as at inference.
+                    "pass_rate": float(np.mean(~(scores > ood_threshold))),
+                    "score_mean": float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan"),
+                    "score_median": float(np.nanmedian(scores)) if np.isfinite(scores).any() else float("nan"),
+                }
+            )
     section["ood"] = ood
     uncertainty: dict[str, Any] = {"mc_dropout_passes": int(mc_dropout_passes)}
     if mc_dropout_passes > 0 and head is not None and embedding is not None and len(labels):

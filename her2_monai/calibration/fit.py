@@ -10,9 +10,12 @@ What is fitted on what:
 * temperature: validation logits of all three scenarios pooled (NLL);
 * referral threshold per scenario: calibrated validation confidences, the lowest threshold whose kept cases reach
   ``target_accuracy``;
-* OOD score statistics: training cases (without augmentation; at most ``max_train_samples``) in all scenarios;
-  its threshold per scenario: the ``ood_pass_rate`` quantile of the validation scores, so that share of
-  in-distribution validation cases passes.
+* OOD score statistics: training cases (without augmentation; at most ``max_train_samples``) in all scenarios
+  (for the per-stain image statistics of the default ``image_stats`` score, each training image of each stain);
+  its threshold per scenario from the validation scores alone (:func:`~her2_monai.calibration.ood.ood_threshold`):
+  the split-conformal ``ood_pass_rate`` rank, widened by ``ood_margin`` -- so at least that share of in-distribution
+  validation cases passes, and new in-distribution cases are not refused for landing just past a tail quantile that
+  a few dozen cases estimate poorly.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from monai.data import DataLoader, Dataset
 from torch import nn
 
 from her2_monai.calibration.metrics import calibration_summary
-from her2_monai.calibration.ood import build_ood, ood_threshold
+from her2_monai.calibration.ood import build_ood, ood_rank_capped, ood_threshold
+from her2_monai.calibration.ood_features import BASE_INPUTS, ImageStatistics, classify_with_ood_inputs
 from her2_monai.calibration.record import CALIBRATION_VERSION, write_calibration
 from her2_monai.calibration.referral import choose_refer_threshold
 from her2_monai.calibration.temperature import apply_temperature, fit_temperature, scaled_nll
@@ -55,6 +59,7 @@ def collect_scenario_outputs(
     scenarios: Sequence[str] = SCENARIOS,
     keys: Sequence[str] = ("logits", "embedding"),
     amp: bool = False,
+    ood_inputs: Sequence[str] = (),
 ) -> ScenarioOutputs:
     """Run a classifier over labelled batches once per scenario and keep the named outputs.
 
@@ -65,11 +70,15 @@ def collect_scenario_outputs(
         scenarios: scenarios to simulate.
         keys: network outputs to keep.
         amp: mixed precision.
+        ood_inputs: further OOD inputs to compute per call (``image_he``, ``stages_ihc``, ...; see
+            :mod:`~her2_monai.calibration.ood_features`).
 
     Returns:
         :data:`ScenarioOutputs` (``label`` included).
     """
-    parts: dict[str, dict[str, list[np.ndarray]]] = {s: {k: [] for k in (*keys, LABEL_KEY)} for s in scenarios}
+    extra = [name for name in ood_inputs if name not in keys]
+    parts: dict[str, dict[str, list[np.ndarray]]] = {s: {k: [] for k in (*keys, *extra, LABEL_KEY)} for s in scenarios}
+    statistics = ImageStatistics()
     network.eval()
     for batchdata in loader:
         batch = prepare_stain_batch(batchdata, device)
@@ -81,9 +90,11 @@ def collect_scenario_outputs(
                 )
                 if not bool(selected.any()):
                     continue
-                out = network(he, ihc, mask)
+                out, inputs = classify_with_ood_inputs(network, he, ihc, mask, extra, image_statistics=statistics)
                 for key in keys:
                     parts[scenario][key].append(out[key].float().cpu().numpy())
+                for key in extra:
+                    parts[scenario][key].append(inputs[key])
                 parts[scenario][LABEL_KEY].append(batch[LABEL_KEY][selected].cpu().numpy())
     return {
         s: {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in part.items()}
@@ -103,16 +114,21 @@ def fit_calibration(
     ood_method: str = "mahalanobis",
     ood_pass_rate: float = 0.95,
     ood_options: Mapping[str, Any] | None = None,
+    ood_margin: float = 0.0,
+    ood_finite_sample: bool = False,
 ) -> dict[str, Any]:
     """The calibration record (see :mod:`her2_monai.calibration.record`) from collected outputs.
 
     Args:
-        validation: validation outputs per scenario (``logits``, ``label``, ``embedding``).
-        training: training outputs per scenario (``logits``, ``label``, ``embedding``), for the OOD statistics.
+        validation: validation outputs per scenario (``logits``, ``label``, ``embedding`` and the OOD inputs the
+            score reads).
+        training: training outputs per scenario (the same keys), for the OOD statistics.
         target_accuracy: accuracy the non-referred validation cases must reach.
-        ood_method: ``mahalanobis``, ``energy`` or ``msp`` (``none``: no OOD score).
+        ood_method: a name of :data:`~her2_monai.calibration.ood.OOD_METHODS` (``none``: no OOD score).
         ood_pass_rate: share of in-distribution validation cases that pass the OOD threshold.
         ood_options: keyword arguments of the OOD score (e.g. ``components``).
+        ood_margin: widening of each threshold (see :func:`~her2_monai.calibration.ood.ood_threshold`).
+        ood_finite_sample: the split-conformal rank of the threshold (see the same).
 
     Returns:
         The record.
@@ -152,15 +168,28 @@ def fit_calibration(
     if ood_method != "none":
         scorer = build_ood(ood_method, **dict(ood_options or {}))
         if training:
-            scorer.fit(_pooled(training, "logits"), _pooled(training, "embedding"), _pooled(training, LABEL_KEY))
+            pooled = {key: _pooled(training, key) for key in scorer.requires if key in next(iter(training.values()))}
+            scorer.fit_inputs(pooled, _pooled(training, LABEL_KEY))
         thresholds, pass_rates = {}, {}
         for scenario, part in validation.items():
-            scores = scorer.score(part["logits"], part["embedding"])
-            thresholds[scenario] = ood_threshold(scores, ood_pass_rate)
-            pass_rates[scenario] = float(np.mean(scores <= thresholds[scenario]))
+            scores = scorer.score_inputs(part)
+            thresholds[scenario] = ood_threshold(scores, ood_pass_rate, ood_margin, ood_finite_sample)
+            if ood_rank_capped(int(np.isfinite(scores).sum()), ood_pass_rate, ood_finite_sample):
+                logger.warning(
+                    "out of distribution %s: %d validation cases cannot promise a pass rate of %.2f; the threshold "
+                    "is the largest validation score%s",
+                    scenario,
+                    int(np.isfinite(scores).sum()),
+                    ood_pass_rate,
+                    f" widened by the margin {ood_margin}" if ood_margin else "",
+                )
+            # NaN (no evidence, e.g. a stain training never had) passes, as at inference.
+            pass_rates[scenario] = float(np.mean(~(scores > thresholds[scenario])))
         record["ood"] = {
             "method": scorer.name,
             "pass_rate": float(ood_pass_rate),
+            "margin": float(ood_margin),
+            "finite_sample": bool(ood_finite_sample),
             "thresholds": thresholds,
             "validation_pass_rate": pass_rates,
             "state": scorer.state(),
@@ -191,9 +220,13 @@ class CalibrationFitter:
         batch_size: records per forward pass.
         num_workers: data-loader workers.
         target_accuracy: accuracy of the non-referred validation cases.
-        ood_method: ``mahalanobis``, ``energy``, ``msp`` or ``none``.
+        ood_method: a name of :data:`~her2_monai.calibration.ood.OOD_METHODS`, or ``none`` (default: the bundle's,
+            ``image_stats``, chosen in ``docs/ood.md``).
         ood_pass_rate: share of in-distribution validation cases that pass.
-        ood_components: principal components of the Mahalanobis score.
+        ood_components: principal components of the ``mahalanobis`` score.
+        ood_margin: widening of each OOD threshold (see :func:`~her2_monai.calibration.ood.ood_threshold`).
+        ood_finite_sample: the split-conformal rank of the OOD threshold (see the same).
+        ood_options: further keyword arguments of the OOD score (e.g. ``{"members": [...]}`` of a ``union``).
         max_train_samples: training records used for the OOD statistics (a seeded subsample above it).
         amp: mixed precision.
         summary_file: optional JSON copy of the record's summary (without the OOD statistics), for MLflow.
@@ -211,10 +244,13 @@ class CalibrationFitter:
         batch_size: int = 16,
         num_workers: int = 0,
         target_accuracy: float = 0.95,
-        ood_method: str = "mahalanobis",
+        ood_method: str = "image_stats",
         ood_pass_rate: float = 0.95,
         ood_components: int = 64,
         max_train_samples: int | None = 2000,
+        ood_margin: float = 1.0,
+        ood_finite_sample: bool = True,
+        ood_options: Mapping[str, Any] | None = None,
         amp: bool = False,
         summary_file: str | os.PathLike | None = None,
         seed: int = 0,
@@ -233,6 +269,15 @@ class CalibrationFitter:
         self.ood_method = ood_method
         self.ood_pass_rate = float(ood_pass_rate)
         self.ood_components = int(ood_components)
+        self.ood_margin = float(ood_margin)
+        self.ood_finite_sample = bool(ood_finite_sample)
+        self.ood_options = dict(ood_options or {})
+        if self.ood_method == "mahalanobis":
+            self.ood_options.setdefault("components", self.ood_components)
+        # Built once here so a wrong method or option fails before any data is read.
+        self._ood_requires: tuple[str, ...] = ()
+        if self.ood_method != "none":
+            self._ood_requires = tuple(build_ood(self.ood_method, **self.ood_options).requires)
         self.amp = bool(amp)
         self.summary_file = Path(summary_file) if summary_file else None
         self.network_builder = network_builder or (lambda path: build_model(path))
@@ -257,7 +302,8 @@ class CalibrationFitter:
         loader = DataLoader(
             Dataset(list(records), self.preprocessing), batch_size=self.batch_size, num_workers=self.num_workers
         )
-        return collect_scenario_outputs(network, loader, self.device, amp=self.amp)
+        extra = [name for name in self._ood_requires if name not in BASE_INPUTS]
+        return collect_scenario_outputs(network, loader, self.device, amp=self.amp, ood_inputs=extra)
 
     def run(self) -> dict[str, Any]:
         """Collect, fit and store.
@@ -273,12 +319,17 @@ class CalibrationFitter:
             raise ValueError("calibration needs labelled validation records (the datalist's 'validation' split)")
         network = self.network_builder(self.model_file).to(self.device)
         validation = self._outputs(network, self.val_records)
-        training = (
-            self._outputs(network, self.train_records) if self.ood_method not in ("none", "msp", "energy") else {}
-        )
-        options = {"components": self.ood_components} if self.ood_method == "mahalanobis" else {}
+        fits_statistics = self.ood_method not in ("none", "msp", "energy")
+        training = self._outputs(network, self.train_records) if fits_statistics else {}
         record = fit_calibration(
-            validation, training, self.target_accuracy, self.ood_method, self.ood_pass_rate, options
+            validation,
+            training,
+            self.target_accuracy,
+            self.ood_method,
+            self.ood_pass_rate,
+            self.ood_options,
+            self.ood_margin,
+            self.ood_finite_sample,
         )
         write_calibration(self.model_file, record)
         self.record = record
@@ -303,6 +354,16 @@ class CalibrationFitter:
                     self.target_accuracy,
                     "" if choice["target_met"] else ", not reachable: every case referred",
                 )
+        ood = record.get("ood") or {}
+        for scenario, threshold in (ood.get("thresholds") or {}).items():
+            logger.info(
+                "out of distribution %-8s (%s): threshold %.4g, validation pass rate %.2f%s",
+                scenario,
+                ood["method"],
+                threshold,
+                ood["validation_pass_rate"][scenario],
+                "" if np.isfinite(threshold) else " (no validation score: no refusal)",
+            )
         if self.summary_file is not None:
             summary = {k: v for k, v in record.items() if k != "ood"}
             if "ood" in record:

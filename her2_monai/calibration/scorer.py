@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from her2_monai.calibration.ood import OOD_METHODS, OODScore
+from her2_monai.calibration.ood import OOD_METHODS, OODScore, ood_from_state
+from her2_monai.calibration.ood_features import OODInputs
 from her2_monai.calibration.record import CALIBRATION_KEY
 from her2_monai.constants import SCENARIOS
 
@@ -39,7 +40,7 @@ class TrustScorer:
         self.ood_method = ood.get("method")
         self._ood: OODScore | None = None
         if self.ood_method in OOD_METHODS and ood.get("state") is not None:
-            self._ood = OOD_METHODS[self.ood_method].from_state(ood["state"])
+            self._ood = ood_from_state({**ood["state"], "method": self.ood_method})
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any] | None) -> TrustScorer:
@@ -67,9 +68,29 @@ class TrustScorer:
         value = self._ood_thresholds.get(name)
         return float(value) if value is not None and self.has_ood else math.nan
 
-    def ood_scores(self, logits: Any, embedding: Any) -> np.ndarray:
-        """``(N,)`` OOD scores of raw logits and embeddings (NaN without an OOD score)."""
+    @property
+    def ood_inputs(self) -> tuple[str, ...]:
+        """The OOD inputs the recorded score reads (:mod:`~her2_monai.calibration.ood_features`; empty without one)."""
+        return tuple(self._ood.requires) if self._ood is not None else ()
+
+    def ood_scores(self, logits: Any, embedding: Any, inputs: OODInputs | None = None) -> np.ndarray:
+        """``(N,)`` OOD scores (NaN without an OOD score, or where the score has no evidence).
+
+        Args:
+            logits: ``(N, C)`` raw logits.
+            embedding: ``(N, D)`` pooled embeddings (or ``None`` when the score does not read them).
+            inputs: the further inputs of :attr:`ood_inputs` (``image_he``, ...).
+
+        Raises:
+            KeyError: naming an input the score reads that was not given.
+        """
         n = np.asarray(logits).shape[0]
         if self._ood is None:
             return np.full(n, np.nan)
-        return self._ood.score(np.asarray(logits, dtype=np.float64), np.asarray(embedding, dtype=np.float64))
+        given: dict[str, Any] = {"logits": np.asarray(logits, dtype=np.float64), **dict(inputs or {})}
+        if embedding is not None:
+            given["embedding"] = np.asarray(embedding, dtype=np.float64)
+        missing = [name for name in self._ood.requires if name not in given]
+        if missing:
+            raise KeyError(f"the '{self.ood_method}' OOD score needs the inputs {missing}")
+        return self._ood.score_inputs(given)

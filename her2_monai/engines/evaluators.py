@@ -10,6 +10,7 @@ import torch.nn as nn
 from monai.engines import Evaluator
 from monai.inferers import Inferer, SimpleInferer
 
+from her2_monai.calibration.ood_features import BASE_INPUTS, ImageStatistics, classify_with_ood_inputs
 from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, SCENARIOS, UNLABELLED
 from her2_monai.stain_batch import autocast, prepare_stain_batch, scenario_inputs
 from her2_monai.utils import as_bool
@@ -24,7 +25,9 @@ class ScenarioEvaluator(Evaluator):
     or feature substitution) as it would in the clinic. ``engine.state.output`` per iteration is
     ``{"logits": {scenario: (N, 4)}, "label": {scenario: (N,)}}`` for metrics such as
     :class:`~her2_monai.metrics.classification.ScenarioClassificationMetric`, plus one such dict per name in
-    ``output_keys`` (other network outputs, e.g. ``embedding`` and ``stain_attention`` for calibration and reports).
+    ``output_keys`` (other network outputs, e.g. ``embedding`` and ``stain_attention`` for calibration and reports)
+    and per name in ``ood_inputs`` (the per-stain inputs of the model's out-of-distribution score, e.g. ``image_he``:
+    :mod:`~her2_monai.calibration.ood_features`).
 
     Args:
         device: device to run on.
@@ -35,6 +38,8 @@ class ScenarioEvaluator(Evaluator):
         amp: mixed precision (float16 on CUDA, bfloat16 on CPU).
         channels_last: channels-last memory format for inputs.
         output_keys: further network outputs to return per scenario (as float tensors).
+        ood_inputs: OOD inputs to compute and return per scenario (``logits`` and ``embedding`` are outputs; a name
+            the network cannot give, e.g. ``cycle_he`` without a CM-GAN, raises on the first batch).
         kwargs: passed on to :class:`monai.engines.Evaluator` (``key_val_metric``, ``val_handlers``...).
     """
 
@@ -48,12 +53,15 @@ class ScenarioEvaluator(Evaluator):
         amp: bool = False,
         channels_last: bool = False,
         output_keys: Sequence[str] = (),
+        ood_inputs: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)
         super().__init__(device=device, val_data_loader=val_data_loader, amp=as_bool(amp, "amp"), **kwargs)
         self.inferer = inferer if inferer is not None else SimpleInferer()
         self.output_keys = tuple(k for k in output_keys if k not in ("logits", "label"))
+        self.ood_inputs = tuple(k for k in ood_inputs if k not in BASE_INPUTS and k not in self.output_keys)
+        self._statistics = ImageStatistics()
         unknown = [s for s in scenarios if s not in SCENARIOS]
         if unknown:
             raise ValueError(f"unknown scenarios {unknown}; expected a subset of {SCENARIOS}")
@@ -65,7 +73,8 @@ class ScenarioEvaluator(Evaluator):
         batch = prepare_stain_batch(batchdata, engine.state.device, self.channels_last, engine.non_blocking)
         labelled = batch.get(LABEL_KEY, torch.full((batch[MASK_KEY].shape[0],), UNLABELLED)) >= 0
         self.network.eval()
-        outputs: dict[str, dict[str, torch.Tensor]] = {k: {} for k in ("logits", "label", *self.output_keys)}
+        keys = ("logits", "label", *self.output_keys, *self.ood_inputs)
+        outputs: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
         with torch.no_grad(), autocast(engine.state.device, self.amp):
             for scenario in self.scenarios:
                 selected, he, ihc, mask = scenario_inputs(
@@ -73,7 +82,17 @@ class ScenarioEvaluator(Evaluator):
                 )
                 if not bool(selected.any()):
                     continue
-                out = self.inferer(he, self.network, ihc, mask)
+                out, extra = classify_with_ood_inputs(
+                    self.network,
+                    he,
+                    ihc,
+                    mask,
+                    self.ood_inputs,
+                    forward=lambda *args: self.inferer(args[0], self.network, *args[1:]),
+                    image_statistics=self._statistics,
+                )
+                for key, values in extra.items():
+                    outputs[key][scenario] = torch.as_tensor(values, dtype=torch.float32)
                 outputs["label"][scenario] = batch[LABEL_KEY][selected]
                 for key in ("logits", *self.output_keys):
                     if key in out:  # e.g. stain_attention: only networks with stain attention have it
