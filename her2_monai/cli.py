@@ -70,12 +70,15 @@ def datalist(
     register: bool = False,
     register_dir: str | None = None,
     register_transform: str = "rigid",
+    register_keep_flagged: bool = False,
     split_by: str = "",
 ) -> None:
     """Scan a BCI-layout folder (or side-by-side AB images) into a MONAI datalist JSON.
 
     With --register, the pairs are first registered (each IHC aligned to its H&E with ITK, as the register command
-    does) into a copy of the folder, and the datalist points at the registered copy.
+    does) into a copy of the folder, and the datalist points at the registered copy. Pairs whose registration is
+    marked uncertain or failed are set aside (under <copy>/flagged/, listed with the reason) and left out of the
+    datalist unless --register_keep_flagged true.
 
     Args:
         dataset_dir: dataset root holding HE/ and IHC/ (optionally with train/ and test/), and/or AB/.
@@ -88,6 +91,7 @@ def datalist(
         register: register every IHC to its H&E first (BCI layout: HE/ and IHC/ with the same file names).
         register_dir: where the registered copy goes (default: <dataset_dir>-registered beside it; must be empty).
         register_transform: rigid or affine.
+        register_keep_flagged: keep pairs whose registration is marked uncertain or failed in the datalist.
         split_by: how validation is drawn: "" (patch by patch), id_block:N (blocks of N consecutive ids stay
             together, e.g. id_block:8) or csv:PATH (a CSV with columns id and slide).
     """
@@ -99,15 +103,30 @@ def datalist(
 
         source = Path(dataset_dir).expanduser()
         target = Path(register_dir) if register_dir else source.parent / f"{source.name}-registered"
-        summary = register_folder(source, target, transform=str(register_transform))
+        keep_flagged = as_bool(register_keep_flagged, "--register_keep_flagged")
+        summary = register_folder(source, target, transform=str(register_transform), set_aside_flagged=not keep_flagged)
         q, counts = summary["quality"], summary["counts"]
         quality = ""
         if q["ncc_before"] is not None:
             quality = f"; mean NCC {q['ncc_before']:.3f} -> {q['ncc_after']:.3f}, NMI {q['nmi_before']:.4f} -> "
             quality += f"{q['nmi_after']:.4f}"
-        print(f"registered copy written to {target}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + quality)
+        verdicts = ", ".join(f"{k} {v}" for k, v in summary["verdicts"].items())
+        print(
+            f"registered copy written to {target}: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + quality
+            + f"; verdicts: {verdicts}"
+        )
         for problem in summary["problems"]:
             print(f"  skipped {problem['file']}: {problem['reason']}")
+        for pair in summary["flagged"]:
+            action = "kept (--register_keep_flagged)" if keep_flagged else "left out, set aside in flagged/"
+            print(f"  {pair['verdict']} {pair['file']}: {action}; {'; '.join(pair['reasons'])}")
+        if summary["flagged"] and not keep_flagged and not summary["verdicts"]["registered"]:
+            raise CommandError(
+                f"every registered pair was marked uncertain or failed (set aside in {target / 'flagged'}); check "
+                "them and rerun with --register_keep_flagged true to keep them"
+            )
         dataset_dir = str(target)
     records, report = build_datalist(dataset_dir, val_fraction, seed, strict, require_labels, pairs_dir, split_by)
     path = write_datalist(records, output)
@@ -135,9 +154,13 @@ def predict(
     Give the H&E and/or the IHC image (declared stains), or one --image of unknown stain (the branch selector decides).
     The output holds score ("0", "1+", "2+", "3+"), probabilities (4 floats, calibrated with the model's temperature),
     confidence (the top probability), refer (true: refer to a pathologist) with refer_reasons (no_tissue,
-    out_of_distribution, stain_mismatch, low_confidence), ood_score, scenario (dual, he_only, ihc_only),
-    detected_stains (the selector's call for each given image) and warnings. An image without stained tissue
-    (blank, background, transparent, greyscale, too small) gets no score: score null, refer_reasons ["no_tissue"].
+    insufficient_tissue, pen_ink, wrong_marker, out_of_distribution, stain_mismatch, stain_uncertain,
+    low_confidence), ood_score, scenario (dual, he_only, ihc_only),
+    detected_stains (the selector's call for each given image), warnings and provenance (what the model was trained
+    on: a model trained on the synthetic demo data warns on every answer that its scores are not valid for real
+    tissue). An image without stained tissue (blank, background, transparent, greyscale, too small), with too little
+    tissue, marked with pen ink, or an IHC of another marker than HER2 gets no score: score null, refer_reasons
+    ["no_tissue"], ["insufficient_tissue"], ["pen_ink"] or ["wrong_marker"] (docs/input_checks.md).
 
     Args:
         he: H&E patch file.
@@ -201,7 +224,10 @@ def predict(
         print(f"warning: no HER2 score: {'; '.join(result['warnings'])}", file=sys.stderr)
     if explain is not None:
         if result["score"] is None:
-            raise CommandError(f"no explanation written to {explain}: the input has no stained tissue to explain")
+            reasons = ", ".join(result["refer_reasons"])
+            raise CommandError(
+                f"no explanation written to {explain}: the input was refused ({reasons}), no stained tissue to explain"
+            )
         path = predictor.explain(he=he, ihc=ihc, image=image, output=explain, methods=cam)
         print(f"explanation written to {path}", file=sys.stderr)
 

@@ -26,6 +26,7 @@ from her2_monai.calibration.analysis import calibration_section, scenario_trust
 from her2_monai.calibration.scorer import TrustScorer
 from her2_monai.calibration.uncertainty import dropout_head
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY, SCENARIOS
+from her2_monai.data.provenance import TRAINING_DATA_KEY, model_provenance, provenance_warnings
 from her2_monai.explain.attention import attention_summary
 from her2_monai.explain.cam import StainCAM
 from her2_monai.explain.figures import save_cam_gallery
@@ -101,11 +102,14 @@ class EvaluationReport:
         reports = self.collector.reports()
         logits, labels = self.collector.logits, self.collector.labels
         embedding = self._collected("embedding")
+        # The further inputs the model's OOD score reads (e.g. image statistics), as the evaluator collected them.
+        extra = {name: self._collected(name) for name in self.scorer.ood_inputs if name not in ("logits", "embedding")}
         head = dropout_head(self.network)
         for scenario, report in reports.items():
             if not report.get("n"):
                 continue
             emb = embedding[scenario] if embedding is not None else None
+            ood_inputs = {k: v[scenario] for k, v in extra.items() if v is not None and scenario in v}
             report.update(
                 scenario_trust(
                     scenario,
@@ -116,17 +120,29 @@ class EvaluationReport:
                     head,
                     self.mc_dropout_passes,
                     self.seed,
+                    ood_inputs,
                 )
             )
         attention = self._collected("stain_attention")
-        self._sections = {"calibration": calibration_section(logits, labels, self.scorer)}
+        self._sections = {
+            "calibration": calibration_section(logits, labels, self.scorer),
+            "provenance": self.provenance(),
+        }
         if attention is not None:
             self._sections["stain_attention"] = attention_summary(attention)
         self._scenarios = reports
         return reports
 
+    def provenance(self) -> dict[str, Any]:
+        """What the evaluated model was trained on: :func:`~her2_monai.data.provenance.model_provenance`, its
+        ``warnings`` and the full ``training_data`` record (null for a model file without one)."""
+        metadata = getattr(self.network, "metadata", None) or {}
+        summary = model_provenance(metadata)
+        record = metadata.get(TRAINING_DATA_KEY)
+        return {**summary, "warnings": provenance_warnings(summary), "training_data": record}
+
     def sections(self) -> dict[str, Any]:
-        """Top-level report entries besides the scenarios: ``calibration`` and ``stain_attention``."""
+        """Top-level report entries besides the scenarios: ``calibration``, ``provenance`` and ``stain_attention``."""
         self.scenarios()
         return dict(self._sections)
 
@@ -325,6 +341,31 @@ def _attention_text(attention: Mapping[str, Any] | None) -> str:
     )
 
 
+def _provenance_text(provenance: Mapping[str, Any] | None) -> tuple[str, str]:
+    """The warning notes (top of the page) and the "Training data" section of the report's ``provenance``."""
+    if not provenance:
+        return "", "<p>Not recorded in this report.</p>"
+    notes = "".join(f"<p class='warning'>{html.escape(str(w))}</p>" for w in provenance.get("warnings") or [])
+    record = provenance.get("training_data") or {}
+    folder = record.get("dataset_dir") or "(built-in synthetic demo data)"
+    lines = (
+        f"<p>Source <b>{_fmt(provenance.get('source'))}</b>, dataset {_fmt(provenance.get('dataset'))} (folder "
+        f"<code>{_fmt(folder)}</code>), datalist SHA-256 <code>{_fmt(record.get('datalist_sha256'))}</code>.</p>"
+    )
+    splits = record.get("splits") or {}
+    if not splits:
+        return notes, lines
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in (*CLASS_NAMES, "unlabelled", *SCENARIOS))
+    rows = "".join(
+        f"<tr><td>{html.escape(str(split))}</td><td>{counts.get('records', 0)}</td>"
+        + "".join(f"<td>{v}</td>" for v in (counts.get("classes") or {}).values())
+        + "".join(f"<td>{v}</td>" for v in (counts.get("stains") or {}).values())
+        + "</tr>"
+        for split, counts in splits.items()
+    )
+    return notes, f"{lines}<table><tr><th>split</th><th>records</th>{header}</tr>{rows}</table>"
+
+
 _STYLE = """
 body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1150px;
        color: #222; line-height: 1.45; }
@@ -334,6 +375,7 @@ th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; } th { 
 td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #ddd; margin: .4em 0; }
 .note { background: #fff6e0; border-left: 4px solid #e0a800; padding: .5em 1em; }
+.warning { background: #fde8e8; border-left: 4px solid #c62828; padding: .5em 1em; font-weight: bold; }
 .missing { color: #888; font-style: italic; }
 """
 
@@ -374,11 +416,13 @@ def write_html_report(
             f"{_fmt(translation['ihc_to_he']['psnr'], digits=2)} dB, SSIM {_fmt(translation['ihc_to_he']['ssim'])}.</p>"
         )
     note = f"<p class='note'>{html.escape(calibration['note'])}</p>" if calibration.get("note") else ""
+    provenance_notes, provenance_text = _provenance_text(report.get("provenance"))
     validation = calibration.get("validation") or {}
     body = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>HER2 evaluation report</title><style>{_STYLE}</style></head>
 <body>
 <h1>HER2 scoring: evaluation report</h1>
+{provenance_notes}
 <p>Model <code>{html.escape(str(report.get("checkpoint", "")))}</code>
 (profile {html.escape(str(report.get("profile")))},
 {report.get("image_size")} px), test split of <code>{html.escape(str(report.get("datalist", "")))}</code>:
@@ -388,6 +432,8 @@ CM-GAN).</p>
 A case is referred to a pathologist when its calibrated confidence is below the scenario's threshold, when it is
 out of distribution, when a declared stain looks like the other stain, or when it has no stained tissue.</p>
 {note}
+<h2>Training data</h2>
+{provenance_text}
 <h2>Summary per scenario</h2>
 <table><tr><th>scenario</th><th>n</th><th>accuracy</th><th>macro-F1</th><th>AUC 0 vs 1+</th>
 <th>ECE raw &rarr; calibrated</th><th>class-wise ECE 1+</th><th>refer threshold</th><th>coverage</th>

@@ -41,8 +41,9 @@ def test_training_writes_weights_checkpoints_and_datalist(trained_bundle):
     record = weights.pop("_extra_state")
     assert record["class"] == "HER2FlexibleNet" and record["arguments"]["shared_backbone"] == "resnet18"
     calibration = record["metadata"].pop("calibration")  # fitted on validation when stage 2 ends
+    assert record["metadata"].pop("training_data")["source"] == "demo"  # tests/test_provenance.py checks the rest
     pretrained = "shared resnet18: random weights; specific resnet10: random weights"
-    expected = {"profile": "demo", "image_size": 32, "dataset": "", "model": "her2net", "pretrained": pretrained}
+    expected = {"profile": "demo", "image_size": 32, "model": "her2net", "pretrained": pretrained}
     assert record["metadata"] == {**expected, "stain_normalization": None}
     assert calibration["temperature"] > 0 and set(calibration["refer_threshold"]) == {"dual", "he_only", "ihc_only"}
     assert weights["cmgan._extra_state"]["class"] == "CrossModalGAN"

@@ -387,6 +387,7 @@ def test_load_pretrained_resnet_success(tmp_path):
 def test_train_json_freezes_the_stem_only_when_it_is_pretrained(tmp_path):
     architecture = {k: TINY_TRAINING[k] for k in ("image_size", "shared_backbone", "specific_backbone")}
     architecture["shared_backbone"] = "resnet18"
+    architecture["bundle_root"] = str(tmp_path)  # the network's record reads the datalist: not the user's
     demo = bundle_component("train.json", "network_def", **architecture)
     assert demo.encoder.shared.frozen_stages == []
     assert all(p.requires_grad for p in demo.encoder.parameters())

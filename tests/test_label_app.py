@@ -38,6 +38,7 @@ from PIL import Image  # noqa: E402
 from test_bundle_eval_infer import demo_dataset, deployed_bundle  # noqa: E402,F401
 
 from her2_monai.constants import CLASS_NAMES  # noqa: E402
+from her2_monai.data.provenance import DEMO_WARNING  # noqa: E402
 from her2_monai.label_app import APP_DIR  # noqa: E402
 from her2_monai.label_app.config import AppConfig, ConfigError  # noqa: E402
 from her2_monai.label_app.datalist import build_train_datalist, parse_image_id  # noqa: E402
@@ -435,6 +436,9 @@ def test_info_lists_the_tasks(server: LabelServer) -> None:
     assert info["models"]["her2_score"]["type"] == "classification"
     assert info["models"]["her2_score"]["labels"] == list(CLASS_NAMES)
     assert set(info["trainers"]) == {"her2_score"}
+    # The tiny model was trained on the synthetic demo data: the info and every model's description say so.
+    assert info["provenance"]["source"] == "demo" and info["warnings"] == [DEMO_WARNING]
+    assert all(DEMO_WARNING in model["description"] for model in info["models"].values())
     _assert_clean(server, response.text)
 
 
@@ -549,6 +553,7 @@ def test_region_of_a_real_slide_in_the_datastore(server: LabelServer, tmp_path: 
     _assert_clean(server, response.text)
     assert answer["image"] == SLIDE_ID and answer["region"] == {"location": [700, 1000], "size": [900, 800], "level": 0}
     assert answer["score"] in (*CLASS_NAMES, None) and isinstance(answer["refer"], bool)
+    assert answer["provenance"]["source"] == "demo" and answer["warnings"] == [DEMO_WARNING]
     assert answer["tissue_tiles"] == len(answer["tiles"]) > 0
     assert sum(answer["tile_counts"].values()) + answer["referred_tiles"] == answer["tissue_tiles"]
     for tile in answer["tiles"]:

@@ -88,7 +88,7 @@ def real_run(request, shared_data, tmp_path_factory):
 
 
 def test_default_batch_size_on_six_pairs_is_capped_visibly_and_every_model_is_written(real_run):
-    tmp, _, log, _ = real_run
+    tmp, dataset, log, _ = real_run
     models = tmp / "bundle" / "models"
     for name in ("selector.pt", "cmgan.pt", "model.pt"):
         assert (models / name).is_file(), name
@@ -104,8 +104,13 @@ def test_default_batch_size_on_six_pairs_is_capped_visibly_and_every_model_is_wr
     record = torch.load(models / "model.pt", weights_only=True)["_extra_state"]
     assert record["metadata"]["profile"] == "bci" and record["metadata"]["image_size"] == 64
     assert record["metadata"]["pretrained"].startswith("shared resnet18: random weights:")
+    # Trained on a dataset folder, not the demo: recorded so, and the evaluation carries no demo warning.
+    training_data = record["metadata"]["training_data"]
+    assert training_data["source"] == "dataset" and training_data["dataset_dir"] == str(dataset)
+    assert training_data["splits"]["training"]["records"] == 4 and training_data["splits"]["test"]["records"] == 2
     metrics = json.loads((tmp / "bundle" / "eval" / "metrics.json").read_text())
     assert metrics and (tmp / "bundle" / "eval" / "confusion_matrices.png").is_file()
+    assert metrics["provenance"]["source"] == "dataset" and metrics["provenance"]["warnings"] == []
 
 
 def test_predict_answers_on_a_real_pair(real_run, shared_data, capsys):

@@ -91,7 +91,7 @@ def _train_with_tracking(uri: str, root: Path) -> tuple[TrackingHandler, Trackin
     """Two epochs of a toy trainer and its validator, each with a tracking handler for the same run."""
     trainer_handler = TrackingHandler(
         fallback_dir=str(root), tracking_uri=uri, experiment_name="e", run_name="stage", close_on_complete=True,
-        experiment_param={"lr": 0.1}, output_transform=lambda out: out,
+        experiment_param={"lr": 0.1}, output_transform=lambda out: out, tags={"her2_monai.warning": "demo data"},
     )  # fmt: skip
     val_handler = TrackingHandler(
         fallback_dir=str(root), tracking_uri=uri, experiment_name="e", run_name="stage", iteration_log=False
@@ -127,6 +127,7 @@ def _check_kept_locally(root: Path, caplog, store: str) -> None:
     assert [float(r[2]) for r in rows if r[0] == "val_f1"] == pytest.approx([0.6, 0.7])
     params = json.loads((root / "mlflow_offline" / "stage.params.json").read_text())["params"]
     assert params["lr"] == "0.1" and params["max_epochs"] == "2"
+    assert params["tag.her2_monai.warning"] == "demo data"  # tags are kept with the parameters
 
 
 def test_an_unreachable_tracking_server_gives_one_warning_and_local_metrics(tmp_path, caplog, fresh_tracking_state):
@@ -171,6 +172,7 @@ def test_a_working_store_gets_everything_and_no_local_files(tmp_path, caplog, fr
     client = mlflow.MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("e").experiment_id])[0]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "val_f1")] == pytest.approx([0.6, 0.7])
+    assert run.data.tags["her2_monai.warning"] == "demo data"
 
 
 def test_a_file_store_uri_is_still_a_configuration_error(tmp_path, fresh_tracking_state):

@@ -17,6 +17,7 @@ from test_bundle_eval_infer import demo_dataset, deployed_bundle  # noqa: F401  
 from her2_monai.calibration import read_calibration
 from her2_monai.cli import main
 from her2_monai.constants import CLASS_NAMES, SCENARIOS
+from her2_monai.data.provenance import DEMO_WARNING
 from her2_monai.inference.predictor import REFER_REASONS
 
 pytestmark = pytest.mark.slow  # whole-bundle runs: evaluation, predictions, CAMs (seconds each on 2 CPU cores)
@@ -43,7 +44,7 @@ def test_training_stores_a_calibration_record_with_the_model(deployed_bundle: Pa
         assert choice["threshold"] == record["refer_threshold"][scenario]
         assert not choice["target_met"] or choice["accuracy"] >= record["refer"]["target_accuracy"]
         assert record["ood"]["validation_pass_rate"][scenario] >= 0.95  # >= 95% of validation cases pass
-    assert record["ood"]["method"] == "mahalanobis" and record["ood"]["state"]["components"] >= 2
+    assert record["ood"]["method"] == "image_stats" and set(record["ood"]["state"]["stains"]) == {"he", "ihc"}
     summary = json.loads((deployed_bundle / "eval" / "calibration.json").read_text())
     assert summary["temperature"] == record["temperature"] and "state" not in summary["ood"]
     # The weights still load with weights_only=True and the deployed model applies the temperature.
@@ -128,6 +129,10 @@ def test_evaluation_writes_metrics_report_and_an_mlflow_run(deployed_bundle: Pat
     assert metrics["scenarios.dual.accuracy"] == pytest.approx(report["scenarios"]["dual"]["accuracy"])
     assert metrics["calibration.temperature"] == pytest.approx(record["temperature"])
     assert "scenarios.dual.ece_per_class.1plus" in metrics
+    # What the model was trained on: tags of the run, not metrics.
+    assert evaluation.data.tags["her2_monai.training_data.source"] == "demo"
+    assert evaluation.data.tags["her2_monai.warning"] == DEMO_WARNING
+    assert not any(name.startswith("provenance") for name in metrics)
     artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id)}
     assert {"metrics.json", "report.html", "reliability_diagrams.png", "run_config_evaluation.json"} <= artifacts
     config = json.loads(

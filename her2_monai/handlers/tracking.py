@@ -5,7 +5,8 @@ network disk that another process keeps locked, a read-only folder. MONAI's hand
 training. :class:`TrackingHandler` catches the first failure, logs ONE warning per store and process, and from then
 on keeps the run's parameters and metrics in local files beside the run (see :class:`LocalRunLog`); every handler of
 the process that uses the same store goes straight to its local files. Nothing else changes: a working store gets
-exactly what MONAI's handler sends.
+exactly what MONAI's handler sends, plus the run's ``tags`` and the experiment tag ``mlflow.experimentKind`` =
+``custom_model_development`` (MLflow 3's UI then opens the experiment on its runs, not on the GenAI overview).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from monai.utils import flatten_dict
 
 from her2_monai.fileio import write_json_atomic
 
-__all__ = ["TrackingHandler", "LocalRunLog", "OFFLINE_FOLDER"]
+__all__ = ["TrackingHandler", "LocalRunLog", "OFFLINE_FOLDER", "store_failed"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ PROBE_TIMEOUT_S = 5.0
 
 #: Stores that failed in this process: tracking URI -> the reason (every handler then goes offline at once).
 _FAILED_STORES: dict[str, str] = {}
+
+
+def store_failed(tracking_uri: str) -> bool:
+    """Whether a tracking store failed earlier in this process (its runs went to local files)."""
+    store = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or ""
+    return str(store) in _FAILED_STORES
 
 
 class LocalRunLog:
@@ -146,21 +153,27 @@ def _first_line(err: BaseException) -> str:
 class TrackingHandler(MLFlowHandler):
     """MONAI's :class:`~monai.handlers.MLFlowHandler` that keeps training when the tracking store fails.
 
-    Arguments are MONAI's, plus ``fallback_dir``. A configuration error (a plain folder or ``file://`` URI, which
-    MLflow 3 refuses) still raises when the handler is built; any failure of the store itself -- at construction,
-    when the run starts, when metrics, parameters or artifacts are logged, or when the run is closed -- switches the
-    handler to :class:`LocalRunLog` files in ``<fallback_dir>/mlflow_offline/``, with one warning per store.
+    Arguments are MONAI's, plus ``fallback_dir`` and ``tags``. A configuration error (a plain folder or ``file://``
+    URI, which MLflow 3 refuses) still raises when the handler is built; any failure of the store itself -- at
+    construction, when the run starts, when metrics, parameters or artifacts are logged, or when the run is closed --
+    switches the handler to :class:`LocalRunLog` files in ``<fallback_dir>/mlflow_offline/``, with one warning per
+    store.
 
     Args:
         fallback_dir: where the local files go (default: the folder of an SQLite store, else the working folder).
+        tags: MLflow tags set on the run when it starts (e.g. what the model is trained on,
+            :func:`~her2_monai.data.provenance.provenance_tags`); offline, kept with the parameters as ``tag.<name>``.
         kwargs: :class:`~monai.handlers.MLFlowHandler` arguments.
     """
 
-    def __init__(self, fallback_dir: str | os.PathLike | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, fallback_dir: str | os.PathLike | None = None, tags: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or kwargs.get("tracking_uri") or ""
         self.store = str(uri)
         self.local: LocalRunLog | None = None
         self._fallback_dir = fallback_dir
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         try:
             with _quiet_store_errors():
                 super().__init__(**kwargs)
@@ -225,11 +238,19 @@ class TrackingHandler(MLFlowHandler):
                 with _quiet_store_errors():
                     _probe(self.store)
                     super().start(engine)
+                    if self.experiment is not None:
+                        from her2_monai.serving.mlflow_model import set_experiment_kind
+
+                        set_experiment_kind(self.client, self.experiment.experiment_id)
+                    for key, value in self.tags.items():
+                        self.client.set_tag(self.cur_run.info.run_id, key, value)
                 return
             except Exception as err:
                 self._go_offline(err)
         if self.experiment_param:
             self._log_params(self.experiment_param)
+        if self.tags:
+            self._log_params({f"tag.{k}": v for k, v in self.tags.items()})
         self._log_params({attr: getattr(engine.state, attr, None) for attr in self.default_tracking_params})
 
     def epoch_completed(self, engine: Engine) -> None:

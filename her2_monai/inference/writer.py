@@ -20,8 +20,9 @@ class PredictionWriter:
     """Ignite handler: after each iteration, write one ``<id>.json`` per case of the decollated engine output.
 
     Each file holds :func:`~her2_monai.inference.predictor.prediction_result` (score, probabilities, confidence,
-    refer and its reasons, OOD score, scenario, detected stains, inputs...). Expects ``decollate=True`` and
-    post-processing that turns ``pred`` into probabilities (the bundle's ``postprocessing``).
+    refer and its reasons, OOD score, scenario, detected stains, inputs...) and the engine network's ``provenance``
+    (what the model was trained on, with its warnings; see :mod:`her2_monai.data.provenance`). Expects
+    ``decollate=True`` and post-processing that turns ``pred`` into probabilities (the bundle's ``postprocessing``).
 
     Args:
         output_dir: folder of the prediction files (created).
@@ -44,10 +45,12 @@ class PredictionWriter:
         batch, output = engine.state.batch, engine.state.output
         if not isinstance(output, list) or not isinstance(batch, list):
             raise TypeError("PredictionWriter needs decollated batches (construct the evaluator with decollate=True)")
+        # Read per batch, not once: a handler may load other weights (another record) into the network.
+        provenance = getattr(getattr(engine, "network", None), "provenance", None)
         for data, out in zip(batch, output):
             item = {k: v for k, v in data.items() if k not in out}
             item.update(out)
-            result = prediction_result(item, self.refer_threshold)
+            result = prediction_result(item, self.refer_threshold, provenance=provenance)
             name = result.get("id") or f"case_{len(self.written):05d}"
             self.written.append(write_json_atomic(result, self.output_dir / f"{name}.json"))
 

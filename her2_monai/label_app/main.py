@@ -29,6 +29,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 import her2_monai
+from her2_monai.data.provenance import provenance_warnings
 from her2_monai.label_app.config import AppConfig
 from her2_monai.label_app.model import ModelHolder, scrub_paths
 from her2_monai.label_app.tasks import (
@@ -116,6 +117,24 @@ class HER2LabelApp(MONAILabelApp):
         from her2_monai.label_app import server
 
         server.install(self)
+
+    def info(self) -> dict[str, Any]:
+        """MONAI Label's app info (``GET /info/``) with what the served model was trained on.
+
+        Adds ``provenance`` (:func:`~her2_monai.data.provenance.model_provenance`; null before the bundle is trained)
+        and ``warnings``; a warning (a model trained on the synthetic demo data, or one whose training data are not
+        recorded) is also appended to the app's and each model's ``description``, the text clients show.
+        """
+        meta = super().info()
+        provenance = self.holder.provenance()
+        warnings = provenance_warnings(provenance) if provenance is not None else []
+        meta["provenance"], meta["warnings"] = provenance, warnings
+        if warnings:
+            note = " -- WARNING: " + "; ".join(warnings)
+            meta["description"] = f"{meta.get('description') or ''}{note}"
+            for model in (meta.get("models") or {}).values():
+                model["description"] = f"{model.get('description') or ''}{note}"
+        return meta
 
     def init_infers(self) -> dict[str, InferTask]:
         return {

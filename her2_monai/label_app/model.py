@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from her2_monai.data.provenance import model_provenance
+
 __all__ = ["ModelHolder", "scrub_paths"]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class ModelHolder:
         self._lock = threading.Lock()
         self._predictor: Any = None
         self._stamp: tuple[float, ...] | None = None
+        self._provenance: tuple[tuple[float, ...], dict[str, Any]] | None = None
 
     def _weights_stamp(self) -> tuple[float, ...]:
         models = self.bundle_path / "models"
@@ -75,6 +78,29 @@ class ModelHolder:
             if self._predictor is None or self._stamp != self._weights_stamp():
                 self._load()
 
+    def provenance(self) -> dict[str, Any] | None:
+        """What the served model was trained on (:func:`~her2_monai.data.provenance.model_provenance`), once per
+        version of ``models/model.pt``.
+
+        Taken from the loaded predictor when it is current, else read from the model file's record, without the
+        predictor's lock: the app's info answers while a slide is being scored.
+
+        Returns:
+            The provenance (``source`` ``unknown`` for a file without the record or one that cannot be read), or
+            ``None`` when the bundle has no model file yet.
+        """
+        stamp = self._weights_stamp()
+        if stamp[0] < 0:
+            return None
+        if self._provenance is None or self._provenance[0] != stamp:
+            predictor = self._predictor
+            if predictor is not None and self._stamp == stamp and hasattr(predictor, "provenance"):
+                value = dict(predictor.provenance)
+            else:
+                value = _file_provenance(self.bundle_path / "models" / WEIGHT_FILES[0])
+            self._provenance = (stamp, value)
+        return dict(self._provenance[1])
+
     def run(self, fn: Callable[[Any], Any]) -> Any:
         """Call ``fn(predictor)`` under the lock, loading or reloading the predictor first when needed.
 
@@ -89,6 +115,17 @@ class ModelHolder:
                 self._load()
             with torch.inference_mode():
                 return fn(self._predictor)
+
+
+def _file_provenance(model_file: Path) -> dict[str, Any]:
+    from her2_monai.networks.factory import network_record, read_weights
+
+    try:
+        record = network_record(read_weights(model_file, "trained HER2 classifier")) or {}
+    except (OSError, ValueError) as err:  # a damaged file: the predictor's load reports it; info still answers
+        logger.warning("cannot read the training-data record of %s: %s", model_file.name, err)
+        record = {}
+    return model_provenance(record.get("metadata"))
 
 
 def scrub_paths(value: Any, paths: Iterable[str | os.PathLike], placeholder: str = "<server>") -> Any:

@@ -26,6 +26,7 @@ from PIL import Image
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY
 from her2_monai.data.datalist import write_datalist
 from her2_monai.data.image_reader import ImageReadError
+from her2_monai.data.provenance import provenance_warnings
 from her2_monai.label_app.config import AppConfig
 from her2_monai.label_app.datalist import build_train_datalist
 from her2_monai.label_app.model import ModelHolder
@@ -318,8 +319,9 @@ class WholeSlideTask(InferTask):
 
     The slide must be in the app's datastore (slides are too large to upload per request). The answer: ``score``
     (ASCO/CAP-style region call, ``None`` without usable tiles), ``refer``, ``equivocal``, ``tile_counts``,
-    ``referred_tiles``, ``tissue_tiles``, ``call`` (shares and rule), ``region``, ``tiling`` and ``tiles`` (each:
-    ``x``, ``y``, ``size`` in level-0 pixels, ``score``, ``confidence``, ``refer``, ``probabilities``, ``tissue``).
+    ``referred_tiles``, ``tissue_tiles``, ``call`` (shares and rule), ``region``, ``tiling``, ``warnings``,
+    ``provenance`` (what the model was trained on, as in ``slide.json``) and ``tiles`` (each: ``x``, ``y``, ``size``
+    in level-0 pixels, ``score``, ``confidence``, ``refer``, ``probabilities``, ``tissue``).
 
     Args:
         holder: the served model.
@@ -371,6 +373,7 @@ class WholeSlideTask(InferTask):
                 return scorer.score(slide, None, request.region)
 
             result = self.holder.run(score)
+        provenance = self.holder.provenance()  # the model that just answered (cached per model file)
         call, rows, plan = result["call"], result["rows"], result["plan"]
         keep = ("tile", "x", "y", "size", "tissue", "score", "confidence", "refer", "refer_reasons", "probabilities")
         tiles = [{k: row[k] for k in keep} | {"detected_stains": row["detected_stains"]} for row in rows]
@@ -388,6 +391,8 @@ class WholeSlideTask(InferTask):
                        "overlap": request.overlap, "min_tissue": request.min_tissue, "grid_tiles": plan.grid_tiles},
             "stain": request.stain,
             "seconds": round(float(result["seconds"]), 3),
+            "warnings": provenance_warnings(provenance) if provenance is not None else [],
+            "provenance": provenance,
             "tiles": tiles,
         }  # fmt: skip
 

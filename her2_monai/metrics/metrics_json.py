@@ -1,5 +1,7 @@
-"""The evaluation metrics file ``eval/metrics.json``: per-scenario classification and stain-translation quality (the HTML
-report built from it is :mod:`her2_monai.report`)."""
+"""The evaluation metrics file ``eval/metrics.json``: per-scenario classification and stain-translation quality.
+
+The HTML report built from it is :mod:`her2_monai.report`.
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ reads). So every file written from its state dict -- ``models/model.pt``, ``cmga
 resume checkpoints, whether by this project's handlers or by MONAI's and ignite's -- says how to rebuild the network,
 and loading weights into a network built differently fails with a message that names the differing arguments
 instead of a wall of missing keys. ``metadata`` holds facts about the training run that are not architecture (the
-profile, the input image size, the dataset) for the tools that build the network from the file.
+profile, the input image size, what it was trained on) for the tools that build the network from the file.
 """
 
 from __future__ import annotations

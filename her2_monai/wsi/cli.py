@@ -130,3 +130,5 @@ def wsi(
         f"{summary['referred_tiles']}); {summary['timing']['tiles_per_second']:.2f} tiles/s; "
         f"written to {Path(output).resolve()}"
     )
+    for warning in summary.get("warnings", []):
+        print(f"WARNING: {warning}")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from her2_monai.constants import CLASS_NAMES
+from her2_monai.data.provenance import DEMO_SOURCE
 from her2_monai.fileio import atomic_write, write_json_atomic
 
 __all__ = [
@@ -211,6 +212,9 @@ def write_outputs(output_dir: str | os.PathLike, summary: dict[str, Any], result
     text = tiles_csv(rows)
     atomic_write(paths["tiles_csv"], lambda tmp: tmp.write_text(text))
     write_json_atomic(tiles_geojson(rows), paths["geojson"], indent=None)
-    save_heatmap(paths["heatmap"], plan.thumbnail, plan.downsample, rows, call, title=str(summary.get("slide", "")))
+    title = str(summary.get("slide", ""))
+    if (summary.get("provenance") or {}).get("source") == DEMO_SOURCE:  # the picture travels without slide.json
+        title += " - DEMO MODEL: not valid for real tissue"
+    save_heatmap(paths["heatmap"], plan.thumbnail, plan.downsample, rows, call, title=title)
     write_json_atomic(summary, paths["slide"])
     return paths

@@ -7,8 +7,9 @@
   resolution. Regions (and the thumbnail, from the smallest adequate level, in strips) are decoded here, one TIFF
   tile (or strip) at a time: MONAI's tifffile backend decodes the *whole level* for every patch it returns
   (``TiffFileWSIReader._get_patch`` calls ``asarray(level=...)``), which on a 100k x 100k slide is tens of GB.
-* ``openslide`` -- when the ``openslide`` package is installed (or asked for), through MONAI's OpenSlide backend,
-  whose ``get_data`` reads regions natively (every format OpenSlide reads: MRXS, NDPI, SCN, ...).
+* ``openslide`` -- when the ``openslide`` package is installed (``pip install "her2-monai[wsi]"`` installs
+  ``openslide-python`` and the library itself, ``openslide-bin``) or asked for, through MONAI's OpenSlide backend,
+  whose ``get_data`` reads regions natively (every format OpenSlide reads: MRXS, NDPI, SCN, VMS, BIF, DICOM, ...).
 * ``pil`` -- a plain PNG, JPEG or untiled image. These formats cannot be read region by region, so the image is
   decoded once, whole (``max_pixels`` bounds it); tiles are still streamed to the model.
 
@@ -27,13 +28,27 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["Slide", "SlideOpenError", "TiffSlide", "OpenSlideSlide", "PlainImageSlide", "open_slide", "BACKENDS"]
+__all__ = [
+    "Slide",
+    "SlideOpenError",
+    "TiffSlide",
+    "OpenSlideSlide",
+    "PlainImageSlide",
+    "open_slide",
+    "BACKENDS",
+    "INSTALL_HINT",
+]
 
 BACKENDS = ("auto", "tifffile", "openslide", "pil")
 #: Largest plain (non-tiled) image decoded whole: 1e9 pixels = 3 GB of RGB.
 DEFAULT_MAX_PLAIN_PIXELS = 1_000_000_000
 _ASPECT_TOLERANCE = 0.02  # a TIFF page is a pyramid level if its aspect ratio is within 2% of the full image's
 _APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.]+)")
+#: What to install for the formats only OpenSlide reads (named in the error of a file no installed reader opens).
+INSTALL_HINT = (
+    "for MRXS, NDPI, SCN, VMS/VMU, BIF, DICOM-WSI and the other OpenSlide formats install the OpenSlide extra: "
+    'pip install "her2-monai[wsi]" (openslide-python and openslide-bin)'
+)
 
 
 class SlideOpenError(ValueError):
@@ -185,9 +200,9 @@ class TiffSlide(Slide):
         self._reader = WSIReader(backend="tifffile", level=0)
         try:
             self._tiff = self._reader.read(str(path))
+            base = self._reader.get_size(self._tiff, 0)  # (height, width); a TIFF without pages fails here
         except Exception as err:  # noqa: BLE001 - tifffile raises many types for a non-TIFF file
             raise SlideOpenError(f"slide '{path}' is not a readable TIFF ({type(err).__name__}: {err})") from None
-        base = self._reader.get_size(self._tiff, 0)  # (height, width)
         pages, dimensions, downsamples = [], [], []
         for level in range(self._reader.get_level_count(self._tiff)):
             height, width = self._reader.get_size(self._tiff, level)
@@ -268,6 +283,8 @@ class OpenSlideSlide(Slide):
     def __init__(self, path: Path) -> None:
         from monai.data import WSIReader
 
+        if not _openslide_available():
+            raise SlideOpenError(f"slide '{path}': OpenSlide is not installed; {INSTALL_HINT}")
         try:
             self._reader = WSIReader(backend="openslide", level=0)
             self._slide = self._reader.read(str(path))
@@ -349,7 +366,8 @@ def open_slide(
     """Open a slide with the backend that fits its content.
 
     ``auto``: tifffile for a TIFF (SVS, tiled or pyramidal TIFF), OpenSlide for a TIFF that tifffile cannot decode and
-    for other slide formats (when OpenSlide is installed), PIL for the rest (PNG, JPEG, ...).
+    for other slide formats (when OpenSlide is installed: ``pip install "her2-monai[wsi]"``), PIL for the rest (PNG,
+    JPEG, ...). A file none of them reads fails with the reasons, and names the extra when OpenSlide is missing.
 
     Args:
         path: the slide file.
@@ -374,19 +392,27 @@ def open_slide(
         return OpenSlideSlide(path)
     if backend == "pil":
         return PlainImageSlide(path, max_plain_pixels)
-    tiff = _is_tiff(path)
-    if tiff:
+    openslide = _openslide_available()
+    if _is_tiff(path):
         try:
             return TiffSlide(path)
-        except SlideOpenError:
-            if not _openslide_available():
-                raise
-    if _openslide_available():
+        except SlideOpenError as err:
+            if not openslide:
+                raise SlideOpenError(f"{err}; {INSTALL_HINT}") from None
+    opened_by_openslide = None
+    if openslide:
         try:
             return OpenSlideSlide(path)
-        except SlideOpenError:
-            pass
-    return PlainImageSlide(path, max_plain_pixels)
+        except SlideOpenError as err:
+            opened_by_openslide = err
+    try:
+        return PlainImageSlide(path, max_plain_pixels)
+    except SlideOpenError as err:
+        if "is not a readable image" not in str(err):
+            raise  # PIL knows the format (too large, truncated): its reason is the answer
+        if opened_by_openslide is None:
+            raise SlideOpenError(f"{err}; {INSTALL_HINT}") from None
+        raise SlideOpenError(f"{err}; {opened_by_openslide}") from None
 
 
 def _openslide_available() -> bool:

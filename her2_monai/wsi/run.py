@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from her2_monai.constants import HE_KEY, IHC_KEY
+from her2_monai.data.provenance import model_provenance, provenance_warnings
 from her2_monai.wsi.inference import TilingSettings, WholeSlideScorer
 from her2_monai.wsi.outputs import OUTPUT_FILES, write_outputs
 from her2_monai.wsi.reader import open_slide
@@ -15,14 +16,24 @@ from her2_monai.wsi.reader import open_slide
 __all__ = ["run_wsi", "slide_summary"]
 
 
-def slide_summary(result: dict[str, Any], slide: Any, settings: TilingSettings, model: dict[str, Any]) -> dict:
+def slide_summary(
+    result: dict[str, Any],
+    slide: Any,
+    settings: TilingSettings,
+    model: dict[str, Any],
+    provenance: dict[str, Any] | None = None,
+) -> dict:
     """The ``slide.json`` content of a scored slide.
 
     Top-level ``score`` (the slide-level call, ``None`` if no tile could be used), ``refer``, ``equivocal``,
     ``tile_counts`` (per class, over tiles not referred), ``referred_tiles``, ``tissue_tiles``, ``no_tissue_tiles``
-    (tiles of the tissue mask that the per-image tissue check refused: not scored), then the details:
-    ``call`` (shares and the rule), ``tiling``, ``slide`` geometry, ``stain``, ``model``, ``timing`` and ``outputs``.
+    (tiles of the tissue mask that the per-image input checks refused: not scored; ``refused_tiles_by_reason`` counts
+    them per reason: no_tissue, insufficient_tissue, pen_ink, wrong_marker), ``warnings`` and ``provenance``
+    (what the model was trained on, :func:`~her2_monai.data.provenance.model_provenance`; a model trained on the
+    demo data warns that its scores are not valid for real tissue), then the details: ``call`` (shares and the
+    rule), ``tiling``, ``slide`` geometry, ``stain``, ``model``, ``timing`` and ``outputs``.
     """
+    provenance = dict(provenance) if provenance is not None else model_provenance(None)
     plan, rows, call = result["plan"], result["rows"], result["call"]
     seconds = float(result["seconds"])
     stain_calls = {HE_KEY: 0, IHC_KEY: 0}
@@ -38,6 +49,9 @@ def slide_summary(result: dict[str, Any], slide: Any, settings: TilingSettings, 
         "referred_tiles": call["referred"],
         "tissue_tiles": len(plan.tiles),
         "no_tissue_tiles": int(result.get("refused", 0)),
+        "refused_tiles_by_reason": dict(result.get("refused_reasons", {})),
+        "warnings": provenance_warnings(provenance),
+        "provenance": provenance,
         "call": call,
         "stain": result["stain"],
         "tiling": {
@@ -120,7 +134,7 @@ def run_wsi(
         finally:
             if partner is not None:
                 partner.close()
-        summary = slide_summary(result, opened, settings, model)
+        summary = slide_summary(result, opened, settings, model, model_provenance(metadata))
         if partner is not None:
             summary["ihc_slide"] = Path(ihc_slide).name
         write_outputs(output, summary, result)
