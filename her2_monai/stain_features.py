@@ -12,6 +12,11 @@ matrix gives per-pixel concentrations. This module holds everything built on tha
 
 Eosin absorbs green far more than blue and DAB the other way round, which is why the *eosin index* (OD-weighted
 ``(OD_green - OD_blue) / OD_total``) separates H&E from HER2-IHC whatever the lab's stain intensity.
+
+The branch selector's physical cue is the *stain evidence* (:meth:`StainFeatureExtractor.evidence_features`,
+:func:`evidence_logit`): H&E has eosin and no DAB, IHC has DAB and no eosin, and hematoxylin is in both. Each tissue
+pixel's chroma (its OD off the grey axis) votes for the stain whose hue arc it lies in; grey pixels have no chroma
+and no vote, and pen ink (hues no stain makes, or far more saturated than any stain) is left out.
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ __all__ = [
     "TISSUE_INDEX",
     "HUE_BINS",
     "SATURATION_INDEX",
+    "STAIN_ARCS",
+    "INK_ARC",
+    "INK_CHROMA",
+    "EVIDENCE_COLUMNS",
     "StainFeatureExtractor",
+    "evidence_logit",
     "jitter_optical_density",
     "lab_appearance",
     "eosin_index",
@@ -75,6 +85,82 @@ STAIN_FEATURE_SETS: dict[str, tuple[int, ...]] = {
 
 #: Concentration of the von Mises kernel of the hue histogram (about 15 degrees wide, half a bin).
 _HUE_KAPPA = 1.0 / math.radians(15.0) ** 2
+
+#: Hue arcs (degrees in the chroma plane, from the hematoxylin vector's projection) where each stain's chroma lies,
+#: for the stain evidence. Ruifrok's vectors project at 0 (hematoxylin), 56 (eosin) and 138 (DAB); real stains spread
+#: around them: a blued IHC counterstain to -30, an H&E nucleus (hematoxylin under eosin) to 30, magenta eosin and red
+#: blood cells to about 105, brown DAB from about 115 to 175. The arcs meet halfway between those ranges and together
+#: cover -45 to 200 degrees; the rest is :data:`INK_ARC`.
+STAIN_ARCS: dict[str, tuple[float, float]] = {
+    "hematoxylin": (-45.0, 30.0),
+    "eosin": (30.0, 110.0),
+    "dab": (110.0, 200.0),
+}
+
+#: Hues no stain mixture makes (green and blue-green: light passing green, which all three stains absorb): pen ink.
+INK_ARC: tuple[float, float] = (-160.0, -45.0)
+
+#: Chroma (OD) above which a pixel in :data:`_SATURATED_INK_ARCS` is blue or red pen ink: stained nuclei stay below
+#: about 0.45, eosin and blood reach it only in specks (``her2_monai.transforms.ink`` uses the same threshold, with
+#: morphology on top). The red arc stops short of DAB's (dense HER2 3+ membranes are as saturated as ink).
+INK_CHROMA = 0.6
+_SATURATED_INK_ARCS: tuple[tuple[float, float], ...] = ((-45.0, 15.0), (80.0, 110.0))
+#: Chroma (OD) a pixel needs before its hue counts as ink (a near-grey pixel's hue is noise).
+_INK_MIN_CHROMA = 0.08
+#: Half-width (pixels) of the neighbourhood of :meth:`StainFeatureExtractor.ink_map` and the share of it that must be
+#: ink by colour for the whole neighbourhood to count as ink.
+INK_HALO = 2
+INK_DENSITY = 0.25
+
+#: Width (degrees) of the soft edge of every arc, and (OD) of the chroma threshold's edge: the features change
+#: smoothly with the colour, so fp32 and bf16 give the same call.
+_ARC_EDGE = 5.0
+_CHROMA_EDGE = 0.05
+
+#: Columns of :meth:`StainFeatureExtractor.evidence_features`.
+EVIDENCE_COLUMNS: tuple[str, ...] = (
+    *(f"hue_{k * 360 // HUE_BINS}" for k in range(HUE_BINS)),
+    "saturation",
+    "hematoxylin",
+    "eosin",
+    "dab",
+    "ink",
+)
+
+#: Weight of the hematoxylin share on the IHC side of :func:`evidence_logit`, and the pseudo-share of every term.
+EVIDENCE_HEMATOXYLIN = 0.25
+EVIDENCE_EPS = 0.05
+
+
+def _arc_membership(theta: Tensor, arc: tuple[float, float]) -> Tensor:
+    """Soft membership (0 to 1) of hue angles ``theta`` (radians) in ``arc`` (degrees, low to high)."""
+    centre = math.radians(0.5 * (arc[0] + arc[1]))
+    half = math.radians(0.5 * (arc[1] - arc[0]))
+    distance = torch.atan2(torch.sin(theta - centre), torch.cos(theta - centre)).abs()
+    return torch.sigmoid((half - distance) / math.radians(_ARC_EDGE))
+
+
+def evidence_logit(
+    evidence: Tensor, hematoxylin_weight: float = EVIDENCE_HEMATOXYLIN, eps: float = EVIDENCE_EPS
+) -> Tensor:
+    """The physical rule of the branch selector: log-odds of IHC from the stain evidence.
+
+    ``log(dab + w * hematoxylin + eps) - log(eosin + eps)`` on the chroma shares of
+    :meth:`StainFeatureExtractor.evidence_features`. Eosin is evidence of H&E, DAB of IHC; hematoxylin alone (a HER2-0
+    IHC has no DAB) counts a quarter for IHC, so an H&E needs at least a quarter as much eosin chroma as hematoxylin
+    chroma -- every H&E section has eosin-stained cytoplasm and stroma, and even a dense, hematoxylin-rich field
+    keeps that much. With no stain chroma at all the rule says 0 (no opinion).
+
+    Args:
+        evidence: ``(B, len(EVIDENCE_COLUMNS))`` from :meth:`StainFeatureExtractor.evidence_features`.
+        hematoxylin_weight: weight of the hematoxylin share on the IHC side.
+        eps: pseudo-share added to both sides (bounds the log-odds at about ``+-3``).
+
+    Returns:
+        ``(B,)`` log-odds of IHC over H&E.
+    """
+    h, e, d = (evidence[:, EVIDENCE_COLUMNS.index(k)] for k in ("hematoxylin", "eosin", "dab"))
+    return torch.log(d + hematoxylin_weight * h + eps) - torch.log(e + eps)
 
 
 class StainFeatureExtractor(nn.Module):
@@ -256,6 +342,68 @@ class StainFeatureExtractor(nn.Module):
         saturation = weight / (total * tissue_mask).sum(dim=(2, 3)).clamp_min(1e-6)
         return hue, saturation
 
+    def ink_map(self, magnitude: Tensor, theta: Tensor) -> Tensor:
+        """Where pen ink is, 0 to 1 per pixel, from each pixel's chroma magnitude and hue.
+
+        A pixel is ink by colour when its hue is in :data:`INK_ARC` (with some chroma: grey pixels have a random hue)
+        or when it is more saturated than :data:`INK_CHROMA` in the blue or red arcs. Ink lies on the coverslip over
+        the tissue, so where it is thin the tissue's own colours mix with it (green over pink reads as hematoxylin
+        blue): every pixel within :data:`INK_HALO` pixels of a neighbourhood that is at least
+        :data:`INK_DENSITY` ink by colour is ink too (a linear ramp from 0.8 to 1.2 times that share).
+
+        Args:
+            magnitude: ``(B, 1, H, W)`` chroma magnitude (OD).
+            theta: ``(B, 1, H, W)`` hue angle (radians).
+
+        Returns:
+            ``(B, 1, H, W)`` in ``[0, 1]``.
+        """
+        coloured = torch.sigmoid((magnitude - _INK_MIN_CHROMA) / (0.25 * _INK_MIN_CHROMA))
+        saturated = torch.sigmoid((magnitude - INK_CHROMA) / _CHROMA_EDGE)
+        bright_ink = sum(_arc_membership(theta, arc) for arc in _SATURATED_INK_ARCS).clamp(max=1.0)
+        core = (coloured * _arc_membership(theta, INK_ARC) + saturated * bright_ink).clamp(max=1.0)
+        window = 2 * INK_HALO + 1
+        density = F.avg_pool2d(core, window, stride=1, padding=INK_HALO, count_include_pad=False)
+        near = F.max_pool2d(density, window, stride=1, padding=INK_HALO)
+        return torch.maximum(core, ((near - 0.8 * INK_DENSITY) / (0.4 * INK_DENSITY)).clamp(0.0, 1.0))
+
+    def evidence_features(self, od: Tensor) -> Tensor:
+        """Stain evidence: the hue histogram and the eosin, DAB and hematoxylin shares of the stain chroma, without ink.
+
+        As in :meth:`hue_histogram`, each tissue pixel votes with its chroma above ``chroma_floor`` (grey pixels have
+        none), but pen ink does not vote: hues in :data:`INK_ARC` (green, blue-green) and pixels more saturated than
+        :data:`INK_CHROMA` in the hematoxylin-blue or red arcs. The remaining stain chroma is split by hue into the
+        :data:`STAIN_ARCS`. Shares are ratios of chroma, so they do not depend on how much stain there is or how much
+        of the view is tissue: in a dense, hematoxylin-rich field the decision rests on the little eosin or DAB there
+        is.
+
+        Args:
+            od: ``(B, 3, H, W)`` from :meth:`optical_density`.
+
+        Returns:
+            ``(B, len(EVIDENCE_COLUMNS))``: the hue histogram of the stain chroma (:data:`HUE_BINS` shares summing
+            to 1, uniform without chroma), its saturation (stain chroma per unit of total OD over tissue), the
+            hematoxylin, eosin and DAB shares of the stain chroma (summing to 1, all 0 without chroma) and the share
+            of the tissue area under ink.
+        """
+        total = od.sum(dim=1, keepdim=True)
+        tissue_mask = (total > self.tissue_od).to(od.dtype)
+        chroma = torch.einsum("bchw,ck->bkhw", od, self.chroma_basis)
+        magnitude = chroma.square().sum(dim=1, keepdim=True).clamp_min(1e-12).sqrt()
+        theta = torch.atan2(chroma[:, 1:2], chroma[:, 0:1])
+        radius = (magnitude * tissue_mask - self.chroma_floor).clamp_min(0.0)
+        ink = self.ink_map(magnitude, theta)
+        stain = radius * (1.0 - ink)
+        member = torch.exp(_HUE_KAPPA * (torch.cos(theta - self.hue_centres) - 1.0))
+        member = member / member.sum(dim=1, keepdim=True)
+        weight = stain.sum(dim=(2, 3))  # (B, 1)
+        hue = ((member * stain).sum(dim=(2, 3)) + 1e-6 / HUE_BINS) / (weight + 1e-6)
+        saturation = weight / (total * tissue_mask).sum(dim=(2, 3)).clamp_min(1e-6)
+        arcs = torch.cat([(stain * _arc_membership(theta, arc)).sum(dim=(2, 3)) for arc in STAIN_ARCS.values()], 1)
+        shares = arcs / (arcs.sum(dim=1, keepdim=True) + 1e-6)
+        ink_share = (tissue_mask * ink).sum(dim=(2, 3)) / (tissue_mask.sum(dim=(2, 3)) + 1e-6)
+        return torch.cat([hue, saturation, shares, ink_share], dim=1)
+
 
 def jitter_optical_density(od: Tensor, od_map: Tensor, od_shift: Tensor) -> Tensor:
     """Apply a per-image affine map in optical-density space: ``od' = od @ od_map + od_shift``, kept non-negative.
@@ -308,6 +456,8 @@ def lab_appearance(
     strength: float = 1.0,
     fade_prob: float = 0.0,
     eosin_hue: Sequence[float] | None = None,
+    hematoxylin_hue: Sequence[float] | None = None,
+    dab_hue: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Simulate other labs' staining and scanning on a batch, keeping each image's stain identity.
 
@@ -330,6 +480,11 @@ def lab_appearance(
             image: eosin ranges from orange-pink to magenta between labs, and a faded eosin drifts toward the hue of
             DAB mixed with hematoxylin. ``(0, 1)`` spans 56 to about 113 degrees in the chroma plane (Ruifrok's
             eosin is at 56, DAB at 138, hematoxylin at 0); ``None`` leaves eosin's hue alone.
+        hematoxylin_hue: the same for the hematoxylin vector (a blued IHC counterstain sits at about -25 degrees,
+            a purple H&E nucleus above 0); ``None`` leaves it alone.
+        dab_hue: the same for the DAB vector (real DAB is browner than Ruifrok's, up to about 165 degrees); ``None``
+            leaves it alone. Each turn draws from the generator only when its range is set, so the other
+            arguments give the images they gave before.
 
     Returns:
         ``(B, 3, H, W)`` in ``[0, 1]``.
@@ -347,12 +502,13 @@ def lab_appearance(
     beta = _uniform(generator, b, -0.03 * s, 0.03 * s, 3)
     restain = (_HED + 0.05 * s * torch.randn(b, 3, 3, generator=generator)).abs()
     restain = restain / restain.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    if eosin_hue is not None and eosin_hue[1] > eosin_hue[0]:
-        # Eosin's hue differs between labs more than the small perturbation above: orange-pink to magenta.
-        turn = _uniform(generator, b, float(eosin_hue[0]), float(eosin_hue[1])).view(-1, 1, 1)
-        eosin = (_grey_rotation(turn) @ restain[:, 1:2].transpose(1, 2)).squeeze(-1).abs()
-        eosin = eosin / eosin.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        restain = torch.cat([restain[:, :1], eosin.unsqueeze(1), restain[:, 2:]], dim=1)
+    # Each stain's hue differs between labs more than the small perturbation above (eosin: orange-pink to magenta).
+    for index, hue in ((1, eosin_hue), (0, hematoxylin_hue), (2, dab_hue)):
+        if hue is not None and hue[1] > hue[0]:
+            turn = _uniform(generator, b, float(hue[0]), float(hue[1])).view(-1, 1, 1)
+            vector = (_grey_rotation(turn) @ restain[:, index : index + 1].transpose(1, 2)).squeeze(-1).abs()
+            vector = vector / vector.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            restain = torch.cat([restain[:, :index], vector.unsqueeze(1), restain[:, index + 1 :]], dim=1)
     od_map = _HED_INV @ torch.diag_embed(alpha) @ restain
     od_shift = (beta.unsqueeze(1) @ restain).squeeze(1)
     out = torch.exp(-jitter_optical_density(-torch.log(rgb.clamp(1.0 / 255.0, 1.0)), od_map, od_shift))

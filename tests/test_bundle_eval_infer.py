@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_CONFIGS, TINY_TRAINING, run_bundle, tiny_overrides
+from conftest import BUNDLE_CONFIGS, TINY_TRAINING, pinned_fp32, run_bundle, tiny_overrides
 
 from her2_monai.constants import CLASS_NAMES, SCENARIOS
+from her2_monai.data.provenance import DEMO_WARNING
 from her2_monai.metrics import CONVENTION
 
 #: The data settings of ``TINY_TRAINING`` (where the demo data is), without any architecture option: the model
@@ -76,6 +77,8 @@ def test_evaluate_reports_every_scenario_and_both_translation_directions(trained
     for direction in ("he_to_ihc", "ihc_to_he"):
         assert 0.0 < translation[direction]["psnr"] < 100.0
         assert -1.0 <= translation[direction]["ssim"] <= 1.0
+    assert report["provenance"]["source"] == "demo" and report["provenance"]["warnings"] == [DEMO_WARNING]
+    assert DEMO_WARNING in (trained_bundle / "eval" / "report.html").read_text()
     leftovers = [p.name for p in (trained_bundle / "eval").iterdir() if p.name.endswith(".tmp")]
     assert not leftovers
     from PIL import Image
@@ -159,7 +162,15 @@ def test_inference_on_a_bci_folder_writes_one_prediction_per_case(deployed_bundl
         assert Path(pred["inputs"]["he"]).is_file() and Path(pred["inputs"]["ihc"]).is_file()
 
 
-def test_inference_on_a_datalist_routes_declared_and_unknown_stains(deployed_bundle: Path, tmp_path: Path) -> None:
+def test_inference_on_a_datalist_routes_declared_and_unknown_stains(
+    monkeypatch, deployed_bundle: Path, tmp_path: Path
+) -> None:
+    # The workflow, the predictor and the bare network are compared: one arithmetic for all three (float32).
+    with pinned_fp32(monkeypatch):
+        _check_datalist_routing(deployed_bundle, tmp_path)
+
+
+def _check_datalist_routing(deployed_bundle: Path, tmp_path: Path) -> None:
     # A bundle folder with the trained classifier whose selector calls everything IHC.
     bundle = with_forced_selector(deployed_bundle, tmp_path / "bundle", stain=1)
     data = demo_dataset(deployed_bundle)
@@ -174,13 +185,16 @@ def test_inference_on_a_datalist_routes_declared_and_unknown_stains(deployed_bun
     ]
     datalist = tmp_path / "cases.json"
     datalist.write_text(json.dumps({"test": records}))
-    run_bundle("inference.json", "inferring", bundle_root=str(bundle), datalist=str(datalist))
+    run_bundle(  # the images lie in the session's demo cache, outside the datalist's folder
+        "inference.json", "inferring", bundle_root=str(bundle), datalist=str(datalist), datalist_allow_outside_root=True
+    )
     out = bundle / "eval" / "predictions"
     assert sorted(p.name for p in out.iterdir()) == ["he_case.json", "ihc_case.json", "patch.json"]
     he_case, ihc_case, patch = (_strict_json(out / f"{n}.json") for n in ("he_case", "ihc_case", "patch"))
     assert he_case["scenario"] == "he_only" and he_case["detected_stains"] == ["ihc"] and he_case["label"] == "1+"
     assert he_case["warnings"] and "given as he looks like ihc" in he_case["warnings"][0]
-    assert ihc_case["scenario"] == "ihc_only" and ihc_case["warnings"] == [] and "label" not in ihc_case
+    assert ihc_case["scenario"] == "ihc_only" and ihc_case["warnings"] == [DEMO_WARNING] and "label" not in ihc_case
+    assert he_case["provenance"]["source"] == ihc_case["provenance"]["source"] == "demo"  # the tiny demo model
     assert patch["scenario"] == "ihc_only" and patch["stain_source"] == "selector"
     assert patch["detected_stains"] == ["ihc"] and patch["inputs"] == {"image": str(plain / "patch.png")}
 

@@ -47,11 +47,16 @@ def test_metadata_passes_monai_verify_metadata_with_the_vendored_schema(tmp_path
 
 
 @pytest.mark.parametrize("channels", [6, 3])
-def test_network_def_passes_verify_net_in_out(channels: int) -> None:
+def test_network_def_passes_verify_net_in_out(channels: int, tmp_path: Path) -> None:
     from monai.bundle import verify_net_in_out
 
-    # Random weights on purpose: the check is about the I/O contract, so it needs no trained files.
-    overrides = {**TINY_ARCHITECTURE, "_meta_#network_data_format#inputs#image#num_channels": channels}
+    # Random weights on purpose: the check is about the I/O contract, so it needs no trained files. The bundle root is
+    # an empty folder: the repository's own bundle/models may hold a model the user trained with other settings.
+    overrides = {
+        **TINY_ARCHITECTURE,
+        "bundle_root": str(tmp_path),
+        "_meta_#network_data_format#inputs#image#num_channels": channels,
+    }
     verify_net_in_out(net_id="network_def", meta_file=str(META), config_file=str(INFERENCE), device="cpu", **overrides)
 
 
@@ -70,6 +75,7 @@ def test_ckpt_export_writes_torchscript_with_the_eager_logits(deployed_bundle: P
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(target), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"] == "0.2.0" and extra["inference.json"]
+    assert json.loads(scripted.provenance)["source"] == "demo"  # what the model was trained on travels with it
 
     eager = HER2Deploy.from_model_file(deployed_bundle / "models" / "model.pt")
     gen = torch.Generator().manual_seed(1)

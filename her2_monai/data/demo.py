@@ -53,6 +53,7 @@ from scipy import ndimage
 from her2_monai.constants import CLASS_NAMES, NUM_CLASSES
 
 __all__ = [
+    "MARKERS",
     "LAB_PROFILES",
     "LabProfile",
     "SlideStyle",
@@ -67,6 +68,11 @@ logger = logging.getLogger(__name__)
 
 #: Bump when the rendering changes, so cached datasets are regenerated rather than silently reused.
 DEMO_VERSION = 1
+
+#: IHC markers the generator renders: ``"her2"`` (membrane DAB by the HER2 scoring rules, the dataset's IHC) and two
+#: wrong markers for the input checks: ``"nuclear"`` (DAB filling tumour nuclei, as Ki67, ER or PR) and
+#: ``"cytoplasmic"`` (DAB filling tumour cytoplasm, as FHL2 or cytokeratin).
+MARKERS = ("her2", "nuclear", "cytoplasmic")
 
 # Optical-density vectors (rows: hematoxylin, eosin, DAB) as used by scikit-image's ``rgb_from_hed``.
 _H = np.array([0.65, 0.70, 0.29])
@@ -331,6 +337,35 @@ class DemoPairGenerator:
         blush = 0.08 * (label >= 2) * (cells > 0) * intensity[cells]
         return (per_pixel + blush).astype(np.float32)
 
+    def _wrong_marker_dab(
+        self, rng: np.random.Generator, strength: int, layout: dict[str, np.ndarray], marker: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """DAB optical density of a non-HER2 marker, and the factor on the hematoxylin counterstain.
+
+        ``"nuclear"`` (Ki67, ER, PR): DAB fills the nuclei of a share of tumour cells, whose blue counterstain it
+        hides. ``"cytoplasmic"``: DAB fills the cytoplasm (cell minus nucleus) of a share of tumour cells, membranes
+        no darker than the rest. ``strength`` (0..3) sets the share of positive cells and the DAB density.
+        """
+        cells, nuclei = layout["cells"], layout["nuclei"]
+        n_cells = int(cells.max())
+        ones = np.ones(cells.shape, np.float32)
+        if n_cells == 0:
+            return np.zeros(cells.shape, np.float32), ones
+        share = rng.uniform(0.3, 0.6) + 0.1 * strength
+        positive = rng.uniform(size=n_cells + 1) < share
+        positive[0] = False
+        intensity = rng.uniform(0.25, 0.45, size=n_cells + 1) * (1.0 + 0.6 * strength) * positive
+        if marker == "nuclear":
+            # A nucleus belongs to the cell it sits in (tumour nuclei are at the cell seeds).
+            nucleus = nuclei > 0.2
+            dab = intensity[cells] * nuclei * nucleus
+            counter = np.where(nucleus & positive[cells], 0.3, 1.0).astype(np.float32)
+            return dab.astype(np.float32), counter
+        cytoplasm = (cells > 0) & (nuclei < 0.2)
+        texture = 0.8 + 0.4 * _smooth_noise(rng, cells.shape, sigma=1.5 * self.scale + 0.5)
+        dab = intensity[cells] * cytoplasm * texture
+        return dab.astype(np.float32), ones
+
     def _to_rgb(self, od: np.ndarray, rng: np.random.Generator, slide: SlideStyle = _NO_SLIDE) -> np.ndarray:
         """Beer-Lambert: optical density (H, W, 3) -> uint8 RGB, then scanner blur and JPEG re-encoding."""
         background = np.asarray(self.profile.background, np.float32)
@@ -348,22 +383,31 @@ class DemoPairGenerator:
             img = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
         return img
 
-    def render(self, label: int, seed: int, slide: SlideStyle | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def render(
+        self, label: int, seed: int, slide: SlideStyle | None = None, marker: str = "her2"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Render one registered pair.
 
         Args:
-            label: HER2 class index ``0..3`` (``CLASS_NAMES[label]``).
-            seed: any integer; the same ``(label, seed, lab, image_size, slide)`` always gives the same pixels.
+            label: HER2 class index ``0..3`` (``CLASS_NAMES[label]``); for a wrong ``marker``, the staining strength
+                (0 weakest, 3 strongest) and the H&E cue.
+            seed: any integer; the same ``(label, seed, lab, image_size, slide, marker)`` always gives the same
+                pixels.
             slide: the style of the slide the patch comes from (``None``: no slide effect).
+            marker: one of :data:`MARKERS`; ``"her2"`` (the default) renders the dataset's HER2 IHC, the others an
+                IHC of another marker (nuclear or cytoplasmic DAB), which must never get a HER2 score; the tissue
+                layout (stroma, cells, nuclei) is the same for every marker.
 
         Returns:
             ``(he, ihc)``: uint8 RGB arrays of shape ``(H, W, 3)``.
 
         Raises:
-            ValueError: if ``label`` is not in ``0..3``.
+            ValueError: if ``label`` is not in ``0..3`` or ``marker`` is unknown.
         """
         if int(label) not in range(NUM_CLASSES):
             raise ValueError(f"label must be in 0..{NUM_CLASSES - 1}, got {label}")
+        if marker not in MARKERS:
+            raise ValueError(f"marker must be one of {list(MARKERS)}, got {marker!r}")
         label = int(label)
         rng = np.random.default_rng(
             _stable_seed("her2-demo", DEMO_VERSION, label, seed, self.lab_name, self.image_size)
@@ -388,8 +432,13 @@ class DemoPairGenerator:
         od_he = he_gain * (hema[..., None] * h_vec + eosin[..., None] * e_vec)
 
         # IHC: pale hematoxylin counterstain, faint stromal background, DAB on membranes by the scoring rules.
-        dab = self._membrane_dab(rng, label, layout) + 0.015 * tissue * stroma
         counter = 0.45 * nuclei + tissue * (0.07 * stroma + 0.03 * nests)
+        if marker == "her2":
+            dab = self._membrane_dab(rng, label, layout) + 0.015 * tissue * stroma
+        else:
+            marker_dab, counter_scale = self._wrong_marker_dab(rng, label, layout, marker)
+            dab = marker_dab + 0.015 * tissue * stroma
+            counter = counter * counter_scale
         od_ihc = ihc_gain * (counter[..., None] * h_vec + dab[..., None] * dab_vec)
         return self._to_rgb(od_he, rng, slide), self._to_rgb(od_ihc, rng, slide)
 

@@ -1,13 +1,17 @@
 """Stain-labelled demo renders: the training and validation data of the branch selector (H&E vs IHC).
 
 The selector learns only from procedural renders of the demo generator (every lab it simulates), so its accuracy
-on real slides from ``../shared/data`` is an honest transfer check.
+on real slides from ``../shared/data`` is an honest transfer check. :class:`StainRenderAppearance` is its training
+augmentation: the lab simulation of :func:`~her2_monai.stain_features.lab_appearance`, with every stain's hue turned
+over the range real labs show (the renders use one hematoxylin for H&E nuclei and the IHC counterstain, and a DAB
+that sits nearer eosin than real DAB does).
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,8 +19,9 @@ import torch
 from her2_monai.constants import NUM_CLASSES, STAIN_CLASS_NAMES
 from her2_monai.data.demo import DemoPairGenerator
 from her2_monai.stain_features import lab_appearance
+from her2_monai.transforms.augment import LabAppearanceBatch
 
-__all__ = ["stain_render_records"]
+__all__ = ["stain_render_records", "StainRenderAppearance"]
 
 
 def stain_render_records(
@@ -59,3 +64,73 @@ def stain_render_records(
                         image = lab_appearance(image[None] / 255.0, rng, appearance_strength)[0] * 255.0
                     records.append({"image": image, "label": stain, "lab": lab, "id": name})
     return records
+
+
+def _hue_range(name: str, value: Sequence[float] | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    low, high = (float(v) for v in value)
+    if not -math.pi / 2 <= low <= high <= math.pi / 2:
+        raise ValueError(f"{name} must be (low, high) radians within [-pi/2, pi/2], got {tuple(value)}")
+    return low, high
+
+
+class StainRenderAppearance(LabAppearanceBatch):
+    """The branch selector's ``prepare_batch``: :class:`~her2_monai.transforms.LabAppearanceBatch` with the hue of
+    hematoxylin and DAB turned as well as eosin's.
+
+    The demo renders stain the IHC counterstain with the H&E's hematoxylin and put DAB (mixed with it) at 90 to 135
+    degrees in the chroma plane; real IHC counterstain is bluer (-30 to 15 degrees), real H&E nuclei purpler (15 to 30)
+    and real DAB browner (115 to 175). Turning each stain's vector per image over those ranges keeps the learnt head
+    from reading the stain off the hematoxylin's hue, and shows it DAB where real DAB is.
+
+    Args:
+        strength: augmentation strength.
+        seed: seed of the augmentation's random generator.
+        fade_prob: share of images whose stains are also faded.
+        eosin_hue: ``(low, high)`` turn of the eosin vector, radians.
+        hematoxylin_hue: ``(low, high)`` turn of the hematoxylin vector, radians.
+        dab_hue: ``(low, high)`` turn of the DAB vector, radians.
+        image_key: batch key of the images (``(B, 3, H, W)`` in ``[0, 255]``).
+        label_key: batch key of the labels.
+
+    Raises:
+        ValueError: for a probability outside ``[0, 1]`` or a hue range that is not ``low <= high`` within
+            ``[-pi/2, pi/2]``.
+    """
+
+    def __init__(
+        self,
+        strength: float = 1.0,
+        seed: int = 0,
+        fade_prob: float = 0.0,
+        eosin_hue: Sequence[float] | None = None,
+        hematoxylin_hue: Sequence[float] | None = None,
+        dab_hue: Sequence[float] | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> None:
+        super().__init__(strength, seed, image_key, label_key, fade_prob, eosin_hue)
+        self.hematoxylin_hue = _hue_range("hematoxylin_hue", hematoxylin_hue)
+        self.dab_hue = _hue_range("dab_hue", dab_hue)
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, torch.Tensor],
+        device: torch.device | str | None = None,
+        non_blocking: bool = False,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment and scale the images to ``[-1, 1]``; return ``(images, labels)`` on ``device``."""
+        image = torch.as_tensor(batchdata[self.image_key]).as_subclass(torch.Tensor).float() / 255.0
+        image = lab_appearance(
+            image,
+            self.generator,
+            self.strength,
+            self.fade_prob,
+            self.eosin_hue,
+            hematoxylin_hue=self.hematoxylin_hue,
+            dab_hue=self.dab_hue,
+        )
+        label = torch.as_tensor(batchdata[self.label_key]).as_subclass(torch.Tensor)
+        return (image * 2.0 - 1.0).to(device, non_blocking=non_blocking), label.to(device, non_blocking=non_blocking)

@@ -7,8 +7,10 @@ CM-GAN and branch selector) and offers the two ways a deployed model is called:
   image of either stain, routed per sample by the branch selector. This is MONAI's bundle contract
   (``verify_net_in_out``, ``ckpt_export``) and the exported TorchScript.
 * :meth:`HER2Deploy.predict_batch` -- a batch of records whose stains are declared or unknown, with everything the
-  JSON answer needs (logits, scenario, the selector's call and confidence per image, the out-of-distribution score,
-  the referral thresholds and, with MC-dropout passes, the predictive entropy and mutual information).
+  JSON answer needs (logits, scenario, the selector's call and confidence per image, the out-of-distribution score
+  of the model's record -- by default from the stain and texture statistics of each given image, computed here, so
+  ``predict``, the inference workflow, whole slides and MONAI Label refuse alike --, the referral thresholds and, with
+  MC-dropout passes, the predictive entropy and mutual information).
 
 The module adds no weights of its own: its state dict *is* the classifier's (the ``net.`` prefix is dropped on save
 and added on load), so ``models/model.pt`` loads into either. The calibration record in the model's metadata
@@ -18,6 +20,7 @@ softmax of any output -- Python or exported TorchScript -- gives calibrated prob
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -27,13 +30,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from her2_monai.calibration.ood_features import BASE_INPUTS, classify_with_ood_inputs
 from her2_monai.calibration.record import CALIBRATION_KEY
 from her2_monai.calibration.scorer import TrustScorer
 from her2_monai.calibration.uncertainty import dropout_head, mc_dropout_head
 from her2_monai.constants import SCENARIOS, STAIN_KNOWN_KEY
+from her2_monai.data.provenance import model_provenance
 from her2_monai.networks.factory import build_model
 from her2_monai.networks.her2net import HER2FlexibleNet
 from her2_monai.stain_batch import assign_unknown_stains, autocast, check_mask, route_unknown_stains
+from her2_monai.transforms.stain_settings import RECORD_KEY as NORMALIZATION_RECORD_KEY
 from her2_monai.utils import as_bool
 
 __all__ = [
@@ -82,9 +88,13 @@ class _TracedDeploy(nn.Module):
     A trace freezes Python branches, so one trace cannot serve both the H&E+IHC and the single-stain inputs. Besides
     ``forward``, the exported file keeps :meth:`classify_declared` (one image whose stain the caller declares) and
     :meth:`stain_probabilities` (the branch selector), so ``predict --torchscript`` gives the same answers as the
-    Python model, ``image_size`` (the side the model was trained at) and the calibration record's scalars: the
+    Python model, ``image_size`` (the side the model was trained at), the calibration record's scalars: the
     ``temperature`` already applied to the logits, ``calibrated`` and the ``refer_thresholds`` of each scenario (in
-    :data:`~her2_monai.constants.SCENARIOS` order). The out-of-distribution score is not exported.
+    :data:`~her2_monai.constants.SCENARIOS` order), and ``provenance``, the model's training data
+    (:func:`~her2_monai.data.provenance.model_provenance`) as a JSON string, and ``stain_normalization``, the
+    model's stain-normalisation record as a JSON string (``"null"``: none), so the exported file needs no model file
+    beside it. The out-of-distribution score is not exported (its statistics are plain data outside the graphs):
+    ``predict --torchscript`` answers with ``ood_score`` null and never refers ``out_of_distribution``.
     """
 
     def __init__(
@@ -96,6 +106,8 @@ class _TracedDeploy(nn.Module):
         temperature: float = 1.0,
         calibrated: bool = False,
         refer_thresholds: list[float] | None = None,
+        provenance: str = "",
+        stain_normalization: str = "null",
     ) -> None:
         super().__init__()
         self.dual = dual
@@ -105,6 +117,8 @@ class _TracedDeploy(nn.Module):
         self.temperature = float(temperature)
         self.calibrated = bool(calibrated)
         self.refer_thresholds: list[float] = [float(t) for t in (refer_thresholds or [])]
+        self.provenance = str(provenance)
+        self.stain_normalization = str(stain_normalization)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` (selector-routed) or ``(B, 2C, H, W)`` (H&E then IHC), in ``[-1, 1]`` -> ``(B, 4)``."""
@@ -190,6 +204,12 @@ class HER2Deploy(nn.Module):
     def temperature(self) -> float:
         """The calibration temperature the logits are divided by (1 without a record or with ``calibrated=False``)."""
         return self.trust.temperature
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What the wrapped model was trained on (:func:`~her2_monai.data.provenance.model_provenance` of its
+        metadata; read again after weights with another record are loaded)."""
+        return model_provenance(getattr(self.net, "metadata", None))
 
     @classmethod
     def from_model_file(
@@ -374,13 +394,18 @@ class HER2Deploy(nn.Module):
         """
         routed = self.route(he, ihc, mask, stain_known, amp)
         device = he.device
+        # The recorded OOD score may read more than the logits and embedding (e.g. the stain and texture statistics
+        # of each given image): those are computed from this call, on the routed (real) images only.
+        names = [name for name in self.trust.ood_inputs if name not in BASE_INPUTS]
         with autocast(device, amp):
-            outputs = self._classify(routed["he"], routed["ihc"], routed["mask"])
+            outputs, ood_inputs = classify_with_ood_inputs(
+                self.net, routed["he"], routed["ihc"], routed["mask"], names, forward=self._classify
+            )
         logits = outputs["logits"].float()
         scenario = outputs["scenario"]
         embedding = outputs["embedding"].float()
         scenarios = scenario.tolist()
-        ood = self.trust.ood_scores(logits.cpu().numpy(), embedding.cpu().numpy())
+        ood = self.trust.ood_scores(logits.cpu().numpy(), embedding.cpu().numpy(), ood_inputs)
         result = {
             PRED_KEY: logits / self.temperature,
             SCENARIO_KEY: scenario,
@@ -442,4 +467,8 @@ class HER2Deploy(nn.Module):
         self.train(was_training)
         trust = self.trust
         thresholds = [trust.refer_threshold(s) for s in range(len(SCENARIOS))]
-        return _TracedDeploy(dual, single, c, size, self.temperature, trust.calibrated, thresholds)
+        provenance = json.dumps(self.provenance)  # a string: plain data outside the traced graphs
+        normalization = json.dumps((getattr(self.net, "metadata", None) or {}).get(NORMALIZATION_RECORD_KEY))
+        return _TracedDeploy(
+            dual, single, c, size, self.temperature, trust.calibrated, thresholds, provenance, normalization
+        )

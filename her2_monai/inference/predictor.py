@@ -29,6 +29,7 @@ from her2_monai.constants import (
     STAIN_CLASS_NAMES,
     STAIN_KNOWN_KEY,
 )
+from her2_monai.data.provenance import model_provenance, provenance_warnings
 from her2_monai.inference.deploy import (
     NO_IMAGE,
     OOD_KEY,
@@ -42,6 +43,8 @@ from her2_monai.inference.records import IMAGE_KEY, SOURCE_KEYS, check_record_fi
 from her2_monai.metrics.translation import to_uint8_images
 from her2_monai.networks.factory import require_model_file
 from her2_monai.stain_batch import autocast, prepare_stain_batch
+from her2_monai.transforms.stain_settings import references_from_record
+from her2_monai.transforms.tissue import INPUT_REFUSALS, MIN_TISSUE_FRACTION
 
 __all__ = [
     "REFER_REASONS",
@@ -62,8 +65,21 @@ def _scalar(value: Any) -> float:
     return float(torch.as_tensor(value).reshape(-1)[0])
 
 
-#: Why a case is referred to a pathologist (``refer_reasons``), in this order.
-REFER_REASONS = ("no_tissue", "out_of_distribution", "stain_mismatch", "stain_uncertain", "low_confidence")
+#: Why a case is referred to a pathologist (``refer_reasons``), in this order: first the input refusals of the input
+#: checks (:data:`~her2_monai.transforms.tissue.INPUT_REFUSALS`: no score is given), then the model's doubts.
+REFER_REASONS = (
+    *INPUT_REFUSALS,
+    "out_of_distribution",
+    "stain_mismatch",
+    "stain_uncertain",
+    "low_confidence",
+)
+
+
+def _input_refusals(item: Mapping[str, Any]) -> list[str]:
+    """The input checks' reason codes of a refused sample (``no_tissue`` when a check gave none, as older ones)."""
+    codes = [c.strip() for c in str(item.get("tissue_reasons") or "").split(",") if c.strip() in INPUT_REFUSALS]
+    return [c for c in INPUT_REFUSALS if c in codes] or ["no_tissue"]
 
 
 def _finite(value: Any) -> float | None:
@@ -74,12 +90,17 @@ def _finite(value: Any) -> float | None:
 
 
 def prediction_result(
-    item: Mapping[str, Any], refer_threshold: float | None = None, stain_threshold: float = STAIN_UNCERTAIN_BELOW
+    item: Mapping[str, Any],
+    refer_threshold: float | None = None,
+    stain_threshold: float = STAIN_UNCERTAIN_BELOW,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON answer for one sample after post-processing (``pred`` = class probabilities).
 
-    A case is referred (``refer: true``) for every reason in ``refer_reasons``: ``no_tissue`` (the tissue check
-    refused the input: no HER2 score is given, ``score``, ``probabilities`` and ``confidence`` are null),
+    A case is referred (``refer: true``) for every reason in ``refer_reasons``: ``no_tissue``,
+    ``insufficient_tissue``, ``pen_ink`` and ``wrong_marker`` (the input checks of
+    :class:`~her2_monai.transforms.TissueCheckd` refused the input: no HER2 score is given, ``score``,
+    ``probabilities`` and ``confidence`` are null, and ``warnings`` says why),
     ``out_of_distribution`` (``ood_score`` above the model's threshold for the scenario), ``stain_mismatch`` (a
     declared stain that the branch selector calls the other stain) and ``low_confidence`` (calibrated confidence
     below the referral threshold).
@@ -89,10 +110,14 @@ def prediction_result(
             ``stain_confidence`` ``(2,)``, ``stain_known`` and, optionally, the trust outputs of
             :meth:`~her2_monai.inference.deploy.HER2Deploy.predict_batch` (``ood_score``, ``ood_threshold``,
             ``refer_threshold``, ``temperature``, ``entropy``, ``mutual_information``), the tissue check's
-            ``tissue_ok``/``tissue_fraction``/``tissue_issue``, ``id``, the source paths and ``label``.
+            ``tissue_ok``/``tissue_fraction``/``tissue_issue``/``tissue_reasons``, ``id``, the source paths and
+            ``label``.
         refer_threshold: confidence below which the case is referred; ``None`` = the model's recorded threshold
             for the sample's scenario (``item["refer_threshold"]``), else 0.5.
         stain_threshold: selector probability below which an image of unknown stain is referred (``stain_uncertain``).
+        provenance: what the model was trained on (:func:`~her2_monai.data.provenance.model_provenance`), copied to
+            the answer's ``provenance`` with its warnings (demo data, unknown training data) appended to
+            ``warnings``, also on refusals; ``None`` leaves both out.
 
     Returns:
         ``score`` ("0".."3+" or null), ``probabilities`` (4 floats or null), ``confidence`` (max calibrated
@@ -104,7 +129,7 @@ def prediction_result(
         ``tissue_fraction`` (per given image), ``stain_attention`` (the CBAM weight of each stain, ``{"he", "ihc"}``;
         a missing stain's weight is that of its synthetic stand-in), with MC dropout ``uncertainty``
         (``predictive_entropy``, ``mutual_information``), and when known ``id``, ``inputs`` (paths) and ``label``
-        (true score).
+        (true score); with ``provenance`` given, ``provenance`` (``source``, ``dataset``, ``datalist_sha256``).
 
     Raises:
         ValueError: if ``pred`` does not hold one probability per class.
@@ -135,8 +160,10 @@ def prediction_result(
     ood_score, ood_threshold = _finite(item.get(OOD_KEY)), _finite(item.get("ood_threshold"))
     reasons = []
     if not tissue_ok:
-        reasons.append("no_tissue")
-        warnings.append(str(item.get("tissue_issue") or "no stained tissue in the image"))
+        reasons.extend(_input_refusals(item))
+        # One warning per refusal: each says which stain, what was found, how much and the threshold.
+        issues = [w.strip() for w in str(item.get("tissue_issue") or "").split("; ") if w.strip()]
+        warnings.extend(issues or ["no stained tissue in the image"])
     if ood_score is not None and ood_threshold is not None and ood_score > ood_threshold:
         reasons.append("out_of_distribution")
     if known and any(STAIN_CLASS_NAMES[c] != s for s, c in zip((HE_KEY, IHC_KEY), calls) if c != NO_IMAGE):
@@ -181,6 +208,9 @@ def prediction_result(
         result["inputs"] = inputs
     if LABEL_KEY in item and int(_scalar(item[LABEL_KEY])) >= 0:
         result["label"] = CLASS_NAMES[int(_scalar(item[LABEL_KEY]))]
+    if provenance is not None:  # every answer, refusals too: the model's training data qualifies all of them
+        result["provenance"] = dict(provenance)
+        result["warnings"].extend(provenance_warnings(provenance))
     return result
 
 
@@ -234,6 +264,11 @@ class HER2Predictor:
         self.batch_size = int(batch_size)
         self._cam: Any = None
 
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What the model was trained on, as every answer gives it (``provenance``)."""
+        return self.network.provenance
+
     def _postprocess(self, item: dict[str, Any]) -> dict[str, Any]:
         if self.postprocessing is None:
             item[PRED_KEY] = torch.as_tensor(item[PRED_KEY]).softmax(dim=0)
@@ -264,7 +299,9 @@ class HER2Predictor:
             )
             for data, out in zip(decollate_batch(batch, detach=True), decollate_batch(outputs, detach=True)):
                 merged = {**{k: v for k, v in data.items() if k not in (HE_KEY, IHC_KEY)}, **out}
-                results.append(prediction_result(self._postprocess(merged), self.refer_threshold))
+                results.append(
+                    prediction_result(self._postprocess(merged), self.refer_threshold, provenance=self.provenance)
+                )
         return results
 
     def predict(
@@ -429,8 +466,21 @@ class TorchScriptPredictor:
         self.device = torch.device(device)
         self.refer_threshold = None if refer_threshold is None else float(refer_threshold)
         parser = ConfigParser(json.loads(extra["inference.json"]))
-        parser.update({"model_image_size": int(self.module.image_size)})
+        # Everything the preprocessing reads from a model file comes from the export itself: a model.pt found under
+        # the config's bundle_root (e.g. ./bundle) belongs to another model.
+        record = json.loads(getattr(self.module, "stain_normalization", "null") or "null")
+        # The export does not carry the training record's tissue threshold: the configured one, else the default.
+        min_tissue = parser.get_parsed_content("min_tissue_fraction")
+        parser.update(
+            {
+                "model_image_size": int(self.module.image_size),
+                "stain_references": references_from_record(record, None, None, None),
+                "model_min_tissue_fraction": MIN_TISSUE_FRACTION if min_tissue is None else float(min_tissue),
+            }
+        )
         self.preprocessing = parser.get_parsed_content("preprocessing")
+        # An export of an older version has no provenance: its answers say the training data are unknown.
+        self.provenance = json.loads(getattr(self.module, "provenance", "") or "null") or model_provenance(None)
 
     @torch.no_grad()
     def _outputs(self, item: Mapping[str, Any]) -> dict[str, Any]:
@@ -471,7 +521,7 @@ class TorchScriptPredictor:
         check_record_files(record)
         item = apply_transform(self.preprocessing, record)
         merged = {**{k: v for k, v in item.items() if k not in (HE_KEY, IHC_KEY)}, **self._outputs(item)}
-        return prediction_result(merged, self.refer_threshold)
+        return prediction_result(merged, self.refer_threshold, provenance=self.provenance)
 
 
 def load_predictor(

@@ -6,7 +6,7 @@ The bundle writes three weight files, each the state dict of a
 * ``models/selector.pt``: the :class:`~her2_monai.networks.selector.BranchSelector` (``run train_selector``);
 * ``models/cmgan.pt``: the :class:`~her2_monai.networks.cmgan.CrossModalGAN` generators (``run train_gan``);
 * ``models/model.pt``: the :class:`~her2_monai.networks.her2net.HER2FlexibleNet` with its frozen CM-GAN and
-  selector inside (``run train_classifier``), plus the training facts (profile, image size, dataset).
+  selector inside (``run train_classifier``), plus the training facts (profile, image size, training data).
 
 Every reader uses ``torch.load(..., weights_only=True)`` after checking the file against the SHA-256 written beside it
 (``model.pt.sha256``; a file without one is read with a warning). A config value that disagrees with a recorded one (an
@@ -34,6 +34,7 @@ from her2_monai.networks.record import ArchitectureMismatchError
 from her2_monai.networks.selector import BranchSelector
 
 __all__ = [
+    "ArchitectureOverrideError",
     "TRAIN_COMMAND",
     "GAN_COMMAND",
     "SELECTOR_COMMAND",
@@ -47,6 +48,7 @@ __all__ = [
     "check_overrides",
     "build_model",
     "model_image_size",
+    "model_min_tissue_fraction",
     "require_model_file",
     "require_stage_inputs",
 ]
@@ -59,6 +61,11 @@ GAN_COMMAND = "python -m monai.bundle run train_gan --config_file bundle/configs
 SELECTOR_COMMAND = "python -m monai.bundle run train_selector --config_file bundle/configs/train.json"
 
 _RECORD = "_extra_state"
+
+
+class ArchitectureOverrideError(ValueError):
+    """A config override (``--gan_ngf 4``, ...) disagrees with the architecture a model file records."""
+
 
 #: Config option -> (state-dict prefix of the network that records it, record section, key). ``image_size`` is a
 #: training fact (the magnification the networks learnt), the others are constructor arguments.
@@ -229,7 +236,7 @@ def check_overrides(state: Mapping[str, Any], overrides: Mapping[str, Any] | Non
         if recorded is not None and str(recorded) != str(value):
             conflicts.append(f"--{option} {value} (the model was trained with {recorded})")
     if conflicts:
-        raise ValueError(
+        raise ArchitectureOverrideError(
             f"'{path}' records its own architecture and these settings disagree with it: {'; '.join(conflicts)}. "
             "Drop the override(s): inference, evaluation and export read the architecture from the model file."
         )
@@ -293,6 +300,39 @@ def model_image_size(model_file: str | os.PathLike, configured: int | None = Non
     check_overrides(state, {"image_size": configured}, model_file)
     recorded = _recorded(state, "image_size")
     return int(recorded if recorded is not None else (configured or default))
+
+
+def model_min_tissue_fraction(model_file: str | os.PathLike, configured: float | None = None) -> float:
+    """The smallest tissue share for a HER2 score: the configured value, else the model file's record.
+
+    Training records the value the input checks were tuned with (``model_metadata.min_tissue_fraction``), so a model
+    keeps its threshold when the bundle's default changes; a configured value is a deployment choice and wins.
+
+    Args:
+        model_file: ``models/model.pt``.
+        configured: ``min_tissue_fraction`` from the config (``None``: take the recorded one).
+
+    Returns:
+        The share in ``[0, 1]``; :data:`~her2_monai.transforms.tissue.MIN_TISSUE_FRACTION` when neither is there.
+
+    Raises:
+        ValueError: if the configured or recorded value is not a number in ``[0, 1]``.
+    """
+    from her2_monai.transforms.tissue import MIN_TISSUE_FRACTION
+
+    value, source = configured, "min_tissue_fraction"
+    if value is None and Path(model_file).is_file():
+        record = network_record(read_weights(model_file, "trained HER2 classifier", TRAIN_COMMAND)) or {}
+        value, source = (record.get("metadata") or {}).get("min_tissue_fraction"), f"the record of '{model_file}'"
+    if value is None:
+        return float(MIN_TISSUE_FRACTION)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"min_tissue_fraction must be a number in [0, 1] (from {source}), got {value!r}")
+    return number
 
 
 def require_model_file(path: str | os.PathLike) -> str:

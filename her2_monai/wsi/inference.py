@@ -202,7 +202,8 @@ class WholeSlideScorer:
 
         Returns:
             ``plan`` (:class:`TilePlan`), ``rows`` (one dict per tile: position, tissue share and the prediction),
-            ``call`` (:func:`~her2_monai.wsi.call.slide_call`), ``stain`` and ``seconds``.
+            ``call`` (:func:`~her2_monai.wsi.call.slide_call`), ``stain``, ``seconds``, ``refused`` (tiles the input
+            checks refused: not scored) and ``refused_reasons`` (their count per first refer reason).
 
         Raises:
             ValueError: for a pair whose slides differ in size, or a bad region or level.
@@ -217,7 +218,8 @@ class WholeSlideScorer:
         start = time.perf_counter()
         plan = plan_tiles(slide, self.settings, region)
         rows: list[dict[str, Any]] = []
-        refused = 0  # tiles the tissue check turned away (too little stained tissue): no score, like background
+        refused = 0  # tiles the input checks turned away (no/too little tissue, pen ink, wrong marker): no score
+        refused_reasons: dict[str, int] = {}
         batches = list(_batches(plan.tiles, self.settings.batch_size))
         bar = tqdm(total=len(plan.tiles), desc="HER2 tiles", unit="tile", disable=not self.progress)
         with ThreadPoolExecutor(max_workers=1) as reader:
@@ -229,6 +231,8 @@ class WholeSlideScorer:
                 for tile, result in zip(batch, self.predictor.predict_records(records)):
                     if result["score"] is None:
                         refused += 1
+                        for reason in result.get("refer_reasons", [])[:1]:  # the first is the input check's
+                            refused_reasons[reason] = refused_reasons.get(reason, 0) + 1
                         continue
                     rows.append(_row(tile, result))
                 bar.update(len(batch))
@@ -236,7 +240,15 @@ class WholeSlideScorer:
         call = slide_call([r["score"] for r in rows], [r["refer"] for r in rows])
         stain = "pair" if ihc_slide is not None else self.stain
         seconds = time.perf_counter() - start
-        return {"plan": plan, "rows": rows, "call": call, "stain": stain, "seconds": seconds, "refused": refused}
+        return {
+            "plan": plan,
+            "rows": rows,
+            "call": call,
+            "stain": stain,
+            "seconds": seconds,
+            "refused": refused,
+            "refused_reasons": refused_reasons,
+        }
 
 
 def _row(tile: Tile, result: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,9 @@ The mask is MONAI's :class:`monai.transforms.ForegroundMask` run twice on the sl
 tissue is *saturated* (HSV saturation above a bounded Otsu threshold) or *dark* (green channel below a bounded Otsu
 threshold; eosin, hematoxylin and DAB all absorb green). The bounds keep Otsu sensible on slides that are almost all
 tissue (Otsu would split nuclei from stroma) or almost all glass. Holes inside the tissue are filled and specks
-smaller than ``min_object`` of the thumbnail are removed (SciPy morphology and labelling).
+smaller than ``min_object`` of the thumbnail are removed (SciPy morphology and labelling). Pen ink is saturated and
+dark too: the marks found by :func:`~her2_monai.transforms.ink.measure_ink` are taken out of the mask, so a tile
+covered by ink is not planned (and one that still holds some is refused by the per-tile ``pen_ink`` check).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import numpy as np
 from monai.transforms import ForegroundMask
 from scipy import ndimage
 from skimage.filters import threshold_otsu
+
+from her2_monai.transforms.ink import measure_ink
 
 __all__ = ["tissue_mask", "Tile", "tile_grid"]
 
@@ -38,12 +42,27 @@ _SATURATED = ForegroundMask(threshold=None, hsv_threshold={"S": _bounded_otsu(0.
 _DARK = ForegroundMask(threshold={"G": _bounded_otsu(120.0, 205.0)})
 
 
-def tissue_mask(thumbnail: np.ndarray, min_object: float = 0.0005) -> np.ndarray:
+#: Longer side (pixels) of the thumbnail copy pen ink is looked for on.
+INK_SIDE = 1024
+
+
+def _ink(thumbnail: np.ndarray) -> np.ndarray:
+    """Pen ink of a thumbnail, ``(H, W)`` bool at the thumbnail's size."""
+    ink = measure_ink(thumbnail, max_side=INK_SIDE).mask
+    if ink.shape == thumbnail.shape[:2] or not ink.any():
+        return ink if ink.shape == thumbnail.shape[:2] else np.zeros(thumbnail.shape[:2], bool)
+    rows = np.minimum((np.arange(thumbnail.shape[0]) * ink.shape[0]) // thumbnail.shape[0], ink.shape[0] - 1)
+    cols = np.minimum((np.arange(thumbnail.shape[1]) * ink.shape[1]) // thumbnail.shape[1], ink.shape[1] - 1)
+    return ink[np.ix_(rows, cols)]
+
+
+def tissue_mask(thumbnail: np.ndarray, min_object: float = 0.0005, exclude_ink: bool = True) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail.
 
     Args:
         thumbnail: ``(H, W, 3)`` uint8.
         min_object: connected tissue regions smaller than this share of the thumbnail are dropped (dust, specks).
+        exclude_ink: take pen ink out of the mask.
 
     Returns:
         ``(H, W)`` bool.
@@ -56,7 +75,10 @@ def tissue_mask(thumbnail: np.ndarray, min_object: float = 0.0005) -> np.ndarray
     sizes = np.bincount(labels.ravel())
     keep = sizes >= max(1, int(round(min_object * mask.size)))
     keep[0] = False
-    return keep[labels]
+    mask = keep[labels]
+    if exclude_ink and mask.any() and min(mask.shape) >= 8:
+        mask &= ~_ink(np.asarray(thumbnail, dtype=np.uint8))
+    return mask
 
 
 @dataclass(frozen=True)
