@@ -211,7 +211,11 @@ class TissueCheckd(MapTransform):
         if min_tissue_fraction is None:
             min_tissue_fraction = MIN_TISSUE_FRACTION
         for name, value in (("min_tissue_fraction", min_tissue_fraction), ("max_ink_fraction", max_ink_fraction)):
-            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = float("nan")
+            if isinstance(value, bool) or not 0.0 <= number <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         self.min_size = int(min_size)
         self.min_tissue_fraction = float(min_tissue_fraction)
