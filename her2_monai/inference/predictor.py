@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ def _scalar(value: Any) -> float:
 #: checks (:data:`~her2_monai.transforms.tissue.INPUT_REFUSALS`: no score is given), then the model's doubts.
 REFER_REASONS = (
     *INPUT_REFUSALS,
+    "invalid_output",
     "out_of_distribution",
     "stain_mismatch",
     "stain_uncertain",
@@ -100,10 +102,10 @@ def prediction_result(
     A case is referred (``refer: true``) for every reason in ``refer_reasons``: ``no_tissue``,
     ``insufficient_tissue``, ``pen_ink`` and ``wrong_marker`` (the input checks of
     :class:`~her2_monai.transforms.TissueCheckd` refused the input: no HER2 score is given, ``score``,
-    ``probabilities`` and ``confidence`` are null, and ``warnings`` says why),
-    ``out_of_distribution`` (``ood_score`` above the model's threshold for the scenario), ``stain_mismatch`` (a
-    declared stain that the branch selector calls the other stain) and ``low_confidence`` (calibrated confidence
-    below the referral threshold).
+    ``probabilities`` and ``confidence`` are null, and ``warnings`` says why), ``invalid_output`` (the network gave
+    NaN or Inf: no score either), ``out_of_distribution`` (``ood_score`` above the model's threshold for the
+    scenario), ``stain_mismatch`` (a declared stain that the branch selector calls the other stain) and
+    ``low_confidence`` (calibrated confidence below the referral threshold).
 
     Args:
         item: one decollated sample: ``pred`` ``(4,)`` probabilities, ``scenario``, ``detected_stains`` ``(2,)``,
@@ -157,6 +159,8 @@ def prediction_result(
         refer_threshold = _finite(item.get("refer_threshold"))
     threshold = DEFAULT_REFER_THRESHOLD if refer_threshold is None else float(refer_threshold)
     tissue_ok = _scalar(item.get("tissue_ok", 1.0)) > 0.5
+    # A NaN or Inf from the network (a damaged model, an overflow) is never turned into a score.
+    scored = tissue_ok and bool(torch.isfinite(probabilities).all())
     ood_score, ood_threshold = _finite(item.get(OOD_KEY)), _finite(item.get("ood_threshold"))
     reasons = []
     if not tissue_ok:
@@ -164,6 +168,12 @@ def prediction_result(
         # One warning per refusal: each says which stain, what was found, how much and the threshold.
         issues = [w.strip() for w in str(item.get("tissue_issue") or "").split("; ") if w.strip()]
         warnings.extend(issues or ["no stained tissue in the image"])
+    elif not scored:
+        reasons.append("invalid_output")
+        warnings.append(
+            "the network's output was not finite (NaN or Inf), so no score is given: check the model file "
+            "(python -m her2_monai predict on a known patch) and the input image"
+        )
     if ood_score is not None and ood_threshold is not None and ood_score > ood_threshold:
         reasons.append("out_of_distribution")
     if known and any(STAIN_CLASS_NAMES[c] != s for s, c in zip((HE_KEY, IHC_KEY), calls) if c != NO_IMAGE):
@@ -171,20 +181,20 @@ def prediction_result(
     unsure = [c for c in detected_confidence[:1] if c is not None and c < stain_threshold]
     if not known and unsure:
         reasons.append("stain_uncertain")
-    if tissue_ok and confidence < threshold:
+    if scored and confidence < threshold:
         reasons.append("low_confidence")
     result: dict[str, Any] = {}
     if item.get("id") is not None:
         result["id"] = str(item["id"])
     result.update(
         {
-            "score": CLASS_NAMES[best] if tissue_ok else None,
-            "probabilities": [round(float(p), 6) for p in probabilities] if tissue_ok else None,
-            "confidence": round(confidence, 6) if tissue_ok else None,
+            "score": CLASS_NAMES[best] if scored else None,
+            "probabilities": [round(float(p), 6) for p in probabilities] if scored else None,
+            "confidence": round(confidence, 6) if scored else None,
             "refer": bool(reasons),
             "refer_reasons": reasons,
             "refer_threshold": threshold,
-            "ood_score": None if ood_score is None or not tissue_ok else round(ood_score, 6),
+            "ood_score": None if ood_score is None or not scored else round(ood_score, 6),
             "ood_threshold": ood_threshold,
             "calibrated": _scalar(item.get("calibrated", 0.0)) > 0.5,
             "scenario": SCENARIOS[int(_scalar(item[SCENARIO_KEY]))],
@@ -194,14 +204,14 @@ def prediction_result(
             "stain_confidence": detected_confidence,
         }
     )
-    if tissue_ok and item.get("stain_attention") is not None:
+    if scored and item.get("stain_attention") is not None:
         weights = [float(v) for v in torch.as_tensor(item["stain_attention"]).reshape(-1).tolist()]
         result["stain_attention"] = {stain: round(w, 6) for stain, w in zip((HE_KEY, IHC_KEY), weights)}
     if "tissue_fraction" in item:
         shares = [float(v) for v in torch.as_tensor(item["tissue_fraction"]).reshape(-1).tolist()]
         result["tissue_fraction"] = [round(v, 4) for v in shares if v >= 0]
     entropy, mutual = _finite(item.get("entropy")), _finite(item.get("mutual_information"))
-    if tissue_ok and entropy is not None and mutual is not None:
+    if scored and entropy is not None and mutual is not None:
         result["uncertainty"] = {"predictive_entropy": round(entropy, 6), "mutual_information": round(mutual, 6)}
     inputs = {k: str(item[v]) for k, v in SOURCE_KEYS.items() if item.get(v)}
     if inputs:
@@ -239,6 +249,9 @@ class HER2Predictor:
         amp: mixed precision.
         batch_size: records per forward pass.
 
+    One predictor may serve several threads: the forward passes take turns behind a lock (the network, its
+    explanation hooks and a compiled graph are shared), while reading and preprocessing the images run in parallel.
+
     Raises:
         ValueError: if ``refer_threshold`` is given and outside ``[0, 1]``.
     """
@@ -263,6 +276,9 @@ class HER2Predictor:
         self.amp = bool(amp)
         self.batch_size = int(batch_size)
         self._cam: Any = None
+        # One forward pass at a time: the network, its CAM hooks and a compiled graph are shared state, so threads
+        # (a web server's workers, a thread pool over a folder) take turns; preprocessing runs outside the lock.
+        self._lock = threading.Lock()
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -294,9 +310,10 @@ class HER2Predictor:
             items = [apply_transform(self.preprocessing, dict(r)) for r in records[start : start + self.batch_size]]
             batch = list_data_collate(items)
             stains = prepare_stain_batch(batch, self.device)
-            outputs = self.network.predict_batch(
-                stains[HE_KEY], stains[IHC_KEY], stains["mask"], batch.get(STAIN_KNOWN_KEY), self.amp
-            )
+            with self._lock:
+                outputs = self.network.predict_batch(
+                    stains[HE_KEY], stains[IHC_KEY], stains["mask"], batch.get(STAIN_KNOWN_KEY), self.amp
+                )
             for data, out in zip(decollate_batch(batch, detach=True), decollate_batch(outputs, detach=True)):
                 merged = {**{k: v for k, v in data.items() if k not in (HE_KEY, IHC_KEY)}, **out}
                 results.append(
@@ -357,12 +374,13 @@ class HER2Predictor:
         check_record_files(record)
         batch = list_data_collate([apply_transform(self.preprocessing, dict(record))])
         stains = prepare_stain_batch(batch, self.device)
-        routed = self.network.route(
-            stains[HE_KEY], stains[IHC_KEY], stains["mask"], batch.get(STAIN_KNOWN_KEY), self.amp
-        )
-        if self._cam is None or self._cam.methods != names:
-            self._cam = StainCAM(self.network.net, names)
-        explanation = self._cam.maps(routed["he"], routed["ihc"], routed["mask"])
+        with self._lock:
+            routed = self.network.route(
+                stains[HE_KEY], stains[IHC_KEY], stains["mask"], batch.get(STAIN_KNOWN_KEY), self.amp
+            )
+            if self._cam is None or self._cam.methods != names:
+                self._cam = StainCAM(self.network.net, names)
+            explanation = self._cam.maps(routed["he"], routed["ihc"], routed["mask"])
         if title is None:
             probabilities = (explanation["probabilities"].log() / self.network.temperature).softmax(dim=0)
             cls = explanation["class_idx"]
@@ -396,7 +414,7 @@ class HER2Predictor:
         item = apply_transform(self.preprocessing, {source: str(path)})
         x = prepare_stain_batch(list_data_collate([item]), self.device)[source]
         generator = cmgan.he_to_ihc if target == IHC_KEY else cmgan.ihc_to_he
-        with autocast(self.device, self.amp):
+        with self._lock, autocast(self.device, self.amp):
             fake = generator(x).float()
         return to_uint8_images(fake)[0]
 
@@ -419,7 +437,7 @@ class HER2Predictor:
         check_record_files({IMAGE_KEY: str(path)})
         item = apply_transform(self.preprocessing, {IMAGE_KEY: str(path)})
         x = prepare_stain_batch(list_data_collate([item]), self.device)[HE_KEY]
-        with autocast(self.device, self.amp):
+        with self._lock, autocast(self.device, self.amp):
             probabilities = self.network.net.selector(x).float().softmax(dim=1)[0]
         call = int(probabilities.argmax())
         return STAIN_CLASS_NAMES[call], float(probabilities[call])
