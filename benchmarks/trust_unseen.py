@@ -133,8 +133,8 @@ def main() -> None:
         print(f"{name:{width}s}" + "".join(f"{tallies[name].cell(part):>22s}" for part in PARTS))
     if args.sources:
         for name in sorted(tallies):
-            cells = sorted({src for (part, src) in tallies[name].total if src != "*"})
-            print(f"  {name}: " + ", ".join(f"{src} {tallies[name].cell(p, src)}" for p in PARTS for src in cells))
+            cells = sorted((part, src) for (part, src) in tallies[name].total if src != "*")
+            print(f"  {name}: " + ", ".join(f"{src} ({part}) {tallies[name].cell(part, src)}" for part, src in cells))
     for name in sorted(tallies):
         bad = name.startswith("scored") or "wrong and scored" in name  # a hit is a failure for these figures
         for part in PARTS:
