@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import BUNDLE_CONFIGS, run_bundle, tiny_overrides
 
+from her2_monai.transforms import MIN_TISSUE_FRACTION
+
 GAN_METRICS = {"g_loss", "d_loss", "g_adv", "ihc_l1_full", "ihc_l1_half", "he_l1_full", "he_l1_half"}
 GAN_VAL_METRICS = {"val_psnr_he_to_ihc", "val_ssim_he_to_ihc", "val_psnr_ihc_to_he", "val_ssim_ihc_to_he"}
 CLS_METRICS = {"loss", "ce", "dao", "dco"}
@@ -43,7 +45,13 @@ def test_training_writes_weights_checkpoints_and_datalist(trained_bundle):
     calibration = record["metadata"].pop("calibration")  # fitted on validation when stage 2 ends
     assert record["metadata"].pop("training_data")["source"] == "demo"  # tests/test_provenance.py checks the rest
     pretrained = "shared resnet18: random weights; specific resnet10: random weights"
-    expected = {"profile": "demo", "image_size": 32, "model": "her2net", "pretrained": pretrained}
+    expected = {
+        "profile": "demo",
+        "image_size": 32,
+        "model": "her2net",
+        "pretrained": pretrained,
+        "min_tissue_fraction": MIN_TISSUE_FRACTION,  # the input checks' threshold, recorded for inference
+    }
     assert record["metadata"] == {**expected, "stain_normalization": None}
     assert calibration["temperature"] > 0 and set(calibration["refer_threshold"]) == {"dual", "he_only", "ihc_only"}
     assert weights["cmgan._extra_state"]["class"] == "CrossModalGAN"

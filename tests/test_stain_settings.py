@@ -102,8 +102,13 @@ def test_train_json_normalises_he_only_unless_given_an_ihc_target(target: Path, 
 
 
 def test_model_file_records_the_reference_and_inference_applies_it(target: Path, bci_pair, tmp_path: Path) -> None:
-    network = bundle_component(
-        "train.json", "network_def", stain_normalization="reinhard", stain_reference=str(target), **_ARCHITECTURE
+    network = bundle_component(  # a bundle root of its own: the network's provenance reads <bundle_root>/eval
+        "train.json",
+        "network_def",
+        stain_normalization="reinhard",
+        stain_reference=str(target),
+        bundle_root=str(tmp_path / "bundle"),
+        **_ARCHITECTURE,
     )
     model_file = tmp_path / "model.pt"
     torch.save(network.state_dict(), model_file)
