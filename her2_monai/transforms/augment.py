@@ -16,18 +16,10 @@ import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
 from her2_monai.constants import HE_KEY, IHC_KEY
+from her2_monai.optical_density import BLACK_OFFSET, intensity_from_optical_density, optical_density
 from her2_monai.stain_features import jitter_optical_density, lab_appearance
 
 __all__ = ["RandStainJitterd", "RandLabAppearanced", "LabAppearanceBatch"]
-
-
-def _to_od(image: torch.Tensor) -> torch.Tensor:
-    """``[0, 255]`` intensities -> optical density, with ``+1`` so black stays finite."""
-    return -torch.log((image.clamp(0, 255) + 1.0) / 256.0)
-
-
-def _from_od(od: torch.Tensor) -> torch.Tensor:
-    return (torch.exp(-od) * 256.0 - 1.0).clamp(0, 255)
 
 
 class RandStainJitterd(RandomizableTransform, MapTransform):
@@ -63,7 +55,9 @@ class RandStainJitterd(RandomizableTransform, MapTransform):
             channels = image.shape[0]
             alpha = torch.as_tensor(self.R.uniform(1 - self.scale, 1 + self.scale, channels), dtype=torch.float32)
             beta = torch.as_tensor(self.R.uniform(-self.shift, self.shift, channels), dtype=torch.float32)
-            d[key] = _from_od(jitter_optical_density(_to_od(image), torch.diag(alpha), beta))
+            od = optical_density(image, offset=BLACK_OFFSET, floor=0.0)  # the ``+1`` keeps black finite
+            jittered = jitter_optical_density(od, torch.diag(alpha), beta)
+            d[key] = intensity_from_optical_density(jittered, offset=BLACK_OFFSET).clamp(0, 255)
         return d
 
 

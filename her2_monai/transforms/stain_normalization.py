@@ -41,6 +41,7 @@ from skimage.color import lab2rgb, rgb2lab, rgb_from_hed
 from skimage.exposure import match_histograms
 
 from her2_monai.fileio import write_json_atomic
+from her2_monai.optical_density import BLACK_OFFSET, intensity_from_optical_density, optical_density
 
 __all__ = [
     "METHODS",
@@ -101,7 +102,8 @@ def _background(pixels: np.ndarray) -> np.ndarray:
 
 
 def _optical_density(pixels: np.ndarray, background: np.ndarray) -> np.ndarray:
-    return np.maximum(-np.log((np.clip(pixels, 0, 255) + 1.0) / (background + 1.0)), 0.0)
+    """``-log((I + 1) / (I0 + 1))`` against the glass ``I0``; brighter than glass reads as 0."""
+    return optical_density(pixels, background, offset=BLACK_OFFSET, floor=0.0)
 
 
 def degenerate_reason(image: np.ndarray) -> str | None:
@@ -537,7 +539,7 @@ class _MacenkoNormalizer:
         # A stain hardly present in the source (e.g. eosin-poor patch) keeps its amount rather than being blown up.
         scale = np.where(self.rescale & (max_src > 0.05), self.max_concentrations / np.maximum(max_src, 1e-6), 1.0)
         od_out = (concentrations * scale) @ self.vectors
-        rgb = (self.background + 1.0) * np.exp(-od_out) - 1.0
+        rgb = intensity_from_optical_density(od_out, self.background, offset=BLACK_OFFSET)
         return rgb.reshape(image.shape)
 
 
