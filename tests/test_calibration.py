@@ -25,6 +25,7 @@ from her2_monai.calibration import (
     referral_outcome,
 )
 from her2_monai.calibration.ood import EnergyScore, MaxSoftmaxScore
+from her2_monai.metrics.classification import roc_auc
 from her2_monai.networks.her2net import DualPoolHead
 
 #: Four predictions of a two-class model (confidences away from the 15-bin edges, k / 15).
@@ -158,3 +159,12 @@ def test_fit_calibration_builds_a_record_the_scorer_applies() -> None:
     assert (scorer.ood_scores(far["logits"], far["embedding"]) > scorer.ood_threshold("dual")).all()
     plain = TrustScorer(None)
     assert plain.temperature == 1.0 and plain.refer_threshold("dual") == 0.5 and np.isnan(plain.ood_threshold(0))
+
+
+def test_roc_auc_counts_ordered_pairs_and_is_nan_for_one_group() -> None:
+    positive = np.array([True, False, True, False, True])
+    scores = np.array([0.9, 0.1, 0.4, 0.4, 0.2])
+    # 3 positives x 2 negatives: (0.9 beats both), (0.4 beats 0.1, ties 0.4: 1.5), (0.2 beats 0.1) -> 4.5 / 6
+    assert roc_auc(positive, scores) == pytest.approx(4.5 / 6)
+    assert np.isnan(roc_auc(np.ones(3, bool), np.arange(3.0)))
+    assert np.isnan(roc_auc(np.zeros(3, bool), np.arange(3.0)))
