@@ -12,6 +12,7 @@ import torch
 
 from her2_monai.constants import CLASS_NAMES, STAINS
 from her2_monai.figures import pyplot, save_png
+from her2_monai.metrics.translation import to_uint8_images
 
 __all__ = ["to_rgb", "overlay", "save_explanation", "save_cam_gallery"]
 
@@ -20,9 +21,15 @@ _METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": "
 
 
 def to_rgb(image: Any) -> np.ndarray:
-    """``(C, H, W)`` in ``[-1, 1]`` (tensor or array) -> ``(H, W, 3)`` uint8."""
-    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, float)
-    return np.clip((array.transpose(1, 2, 0) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+    """One image of :func:`~her2_monai.metrics.translation.to_uint8_images`.
+
+    Args:
+        image: ``(3, H, W)`` in ``[-1, 1]``, tensor or array.
+
+    Returns:
+        ``(H, W, 3)`` uint8.
+    """
+    return to_uint8_images(torch.as_tensor(image)[None])[0]
 
 
 def overlay(rgb: np.ndarray, cam: Any, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
