@@ -159,6 +159,14 @@ class TrackingHandler(MLFlowHandler):
     switches the handler to :class:`LocalRunLog` files in ``<fallback_dir>/mlflow_offline/``, with one warning per
     store.
 
+    The seam with MONAI: the public event handlers (``start``, ``epoch_completed``, ``iteration_completed``,
+    ``complete``, ``close``) are wrapped, and one private method is overridden, ``_log_metrics(metrics, step)``,
+    through which MONAI's default epoch and iteration logs send every metric (MONAI has no public hook for where
+    values go, short of replacing its loggers). Two private helpers are called: ``_parse_artifacts()`` (the files
+    to record offline) and ``_dispose_sqlite_store()`` (release an SQLite store after a failure).
+    ``tests/test_reliability_runs.py`` pins their names and signatures, so a MONAI upgrade that changes them fails
+    a test instead of silently logging nowhere.
+
     Args:
         fallback_dir: where the local files go (default: the folder of an SQLite store, else the working folder).
         tags: MLflow tags set on the run when it starts (e.g. what the model is trained on,
@@ -248,10 +256,10 @@ class TrackingHandler(MLFlowHandler):
             except Exception as err:
                 self._go_offline(err)
         if self.experiment_param:
-            self._log_params(self.experiment_param)
+            self.local.log_params(self.experiment_param)
         if self.tags:
-            self._log_params({f"tag.{k}": v for k, v in self.tags.items()})
-        self._log_params({attr: getattr(engine.state, attr, None) for attr in self.default_tracking_params})
+            self.local.log_params({f"tag.{k}": v for k, v in self.tags.items()})
+        self.local.log_params({attr: getattr(engine.state, attr, None) for attr in self.default_tracking_params})
 
     def epoch_completed(self, engine: Engine) -> None:
         """Log epoch metrics (MONAI's behaviour), locally once the store has failed."""
@@ -288,17 +296,7 @@ class TrackingHandler(MLFlowHandler):
             with contextlib.suppress(Exception):
                 self._dispose_sqlite_store()
 
-    # -- where values go
-    def _delete_exist_param_in_dict(self, param_dict: dict) -> None:
-        if not self.offline:
-            super()._delete_exist_param_in_dict(param_dict)
-
-    def _log_params(self, params: dict[str, Any]) -> None:
-        if self.local is not None:
-            self.local.log_params(params)
-        else:
-            super()._log_params(params)
-
+    # -- where metrics go: the one private method overridden (see the class docstring)
     def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self.local is not None:
             self.local.log_metrics(flatten_dict(metrics), step or 0)
