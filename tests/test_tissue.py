@@ -57,6 +57,9 @@ def test_bounded_otsu_splits_a_bimodal_map_and_keeps_to_its_bounds() -> None:
     glass_and_tissue = np.concatenate([np.full(500, 0.02), np.full(500, 0.30)])
     level = bounded_otsu(glass_and_tissue, 0.0, 1.0, flat=0.5)
     assert 0.02 <= level < 0.30
-    assert bounded_otsu(glass_and_tissue, 0.06, 0.08, flat=0.5) == 0.08  # Otsu's split is above the upper bound
+    all_tissue = np.concatenate([np.full(500, 0.5), np.full(500, 0.9)])  # Otsu would split the tissue itself
+    assert bounded_otsu(all_tissue, 0.06, 0.08, flat=0.5) == 0.08
+    all_glass = np.concatenate([np.full(500, 0.01), np.full(500, 0.03)])  # Otsu would split glass noise
+    assert bounded_otsu(all_glass, 0.06, 0.08, flat=0.5) == 0.06
     assert bounded_otsu(np.full(10, 0.3), 0.06, 0.08, flat=0.06) == 0.06  # flat: Otsu is undefined
     assert bounded_otsu(np.array([0.3, 0.3 + 1e-7]), 0.06, 0.08, flat=0.07, min_spread=1e-6) == 0.07
