@@ -58,18 +58,27 @@ class ModalityExpert(nn.Module):
         return features, self.head(features)
 
 
-def modality_experts(num_classes: int, dropout: float, **trunk_kwargs: Any) -> nn.ModuleList:
+def modality_experts(
+    num_classes: int,
+    dropout: float,
+    arch: str,
+    block_inplanes: Sequence[int],
+    pretrained_weights: str | os.PathLike | None,
+) -> nn.ModuleList:
     """One :class:`ModalityExpert` per stain, in :data:`~her2_monai.constants.STAINS` order.
 
     Args:
         num_classes: output classes of each expert.
         dropout: dropout before each expert's classifier.
-        trunk_kwargs: arguments for each expert's :class:`ResNetTrunk`.
+        arch: trunk architecture (see :class:`ResNetTrunk`).
+        block_inplanes: trunk stage widths.
+        pretrained_weights: local state dict loaded into every trunk.
 
     Returns:
         The experts.
     """
-    return nn.ModuleList([ModalityExpert(num_classes, dropout, **trunk_kwargs) for _ in STAINS])
+    trunk = {"name": arch, "block_inplanes": block_inplanes, "pretrained_weights": pretrained_weights}
+    return nn.ModuleList([ModalityExpert(num_classes, dropout, **trunk) for _ in STAINS])
 
 
 def run_experts(
@@ -171,9 +180,7 @@ class SimMLMNet(RecordedNetwork, nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
-        self.experts = modality_experts(
-            num_classes, dropout, name=arch, block_inplanes=block_inplanes, pretrained_weights=pretrained_weights
-        )
+        self.experts = modality_experts(num_classes, dropout, arch, block_inplanes, pretrained_weights)
         width = self.experts[0].out_channels
         self.gate = nn.Sequential(
             nn.Linear(len(STAINS) * width + len(STAINS), gate_hidden),

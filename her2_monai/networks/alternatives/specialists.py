@@ -46,9 +46,7 @@ class StainSpecialists(RecordedNetwork, nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
-        self.experts = modality_experts(
-            num_classes, dropout, name=arch, block_inplanes=block_inplanes, pretrained_weights=pretrained_weights
-        )
+        self.experts = modality_experts(num_classes, dropout, arch, block_inplanes, pretrained_weights)
         self.record_architecture(
             metadata, num_classes=num_classes, arch=arch, block_inplanes=block_inplanes, dropout=dropout
         )
