@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from her2_monai.optical_density import intensity_from_optical_density, optical_density
+
 __all__ = [
     "RUIFROK_HED_VECTORS",
     "STAIN_FEATURE_SETS",
@@ -261,8 +263,8 @@ class StainFeatureExtractor(nn.Module):
         if self.white_balance:
             white = F.avg_pool2d(rgb, self.white_pool).amax(dim=(2, 3), keepdim=True)
             # A floor keeps an all-dark crop (no glass in view) from being stretched into a bright one.
-            rgb = (rgb / white.clamp_min(0.25)).clamp(self.eps, 1.0)
-        return -torch.log(rgb)
+            return optical_density(rgb, white.clamp_min(0.25), floor=self.eps)
+        return optical_density(rgb, 1.0, floor=self.eps)
 
     def concentrations(self, od: Tensor) -> Tensor:
         """Project optical density on the stain vectors.
@@ -511,7 +513,7 @@ def lab_appearance(
             restain = torch.cat([restain[:, :index], vector.unsqueeze(1), restain[:, index + 1 :]], dim=1)
     od_map = _HED_INV @ torch.diag_embed(alpha) @ restain
     od_shift = (beta.unsqueeze(1) @ restain).squeeze(1)
-    out = torch.exp(-jitter_optical_density(-torch.log(rgb.clamp(1.0 / 255.0, 1.0)), od_map, od_shift))
+    out = intensity_from_optical_density(jitter_optical_density(optical_density(rgb, 1.0), od_map, od_shift), 1.0)
     # Colour changes that are linear in RGB, composed into one matrix per image: gain and tint, saturation around the
     # luminance, and a small hue rotation about the grey axis.
     gain = _uniform(generator, b, 1 - 0.35 * s, 1.0, 1) * _uniform(generator, b, 1 - 0.1 * s, 1.0, 3)

@@ -15,6 +15,7 @@ from her2_monai.calibration import (
     calibration_summary,
     choose_refer_threshold,
     classwise_ece,
+    collect_scenario_outputs,
     coverage_accuracy_curve,
     expected_calibration_error,
     fit_calibration,
@@ -25,6 +26,8 @@ from her2_monai.calibration import (
     referral_outcome,
 )
 from her2_monai.calibration.ood import EnergyScore, MaxSoftmaxScore
+from her2_monai.engines.evaluators import ScenarioEvaluator
+from her2_monai.metrics.classification import roc_auc
 from her2_monai.networks.her2net import DualPoolHead
 
 #: Four predictions of a two-class model (confidences away from the 15-bin edges, k / 15).
@@ -158,3 +161,46 @@ def test_fit_calibration_builds_a_record_the_scorer_applies() -> None:
     assert (scorer.ood_scores(far["logits"], far["embedding"]) > scorer.ood_threshold("dual")).all()
     plain = TrustScorer(None)
     assert plain.temperature == 1.0 and plain.refer_threshold("dual") == 0.5 and np.isnan(plain.ood_threshold(0))
+
+
+def test_roc_auc_counts_ordered_pairs_and_is_nan_for_one_group() -> None:
+    positive = np.array([True, False, True, False, True])
+    scores = np.array([0.9, 0.1, 0.4, 0.4, 0.2])
+    # 3 positives x 2 negatives: (0.9 beats both), (0.4 beats 0.1, ties 0.4: 1.5), (0.2 beats 0.1) -> 4.5 / 6
+    assert roc_auc(positive, scores) == pytest.approx(4.5 / 6)
+    assert np.isnan(roc_auc(np.ones(3, bool), np.arange(3.0)))
+    assert np.isnan(roc_auc(np.zeros(3, bool), np.arange(3.0)))
+
+
+class _MeanNet(torch.nn.Module):
+    """Logits from the stains' mean colours and the availability mask; the embedding is the mean colours."""
+
+    def forward(self, he: torch.Tensor, ihc: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        colours = torch.cat([he.mean(dim=(2, 3)), ihc.mean(dim=(2, 3))], dim=1)
+        return {"logits": colours[:, :4] + mask.sum(dim=1, keepdim=True), "embedding": colours}
+
+
+def test_calibration_and_evaluation_run_the_same_scenarios_on_the_labelled_samples() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "he": torch.rand(4, 3, 8, 8, generator=generator) * 2 - 1,
+        "ihc": torch.rand(4, 3, 8, 8, generator=generator) * 2 - 1,
+        "mask": torch.ones(4, 2),
+        "label": torch.tensor([0, 1, -1, 3]),
+    }
+    scenarios = ("dual", "he_only")
+    collected = collect_scenario_outputs(_MeanNet(), [batch], scenarios=scenarios)
+    evaluator = ScenarioEvaluator("cpu", [batch], _MeanNet(), scenarios=scenarios, output_keys=("embedding",))
+    evaluator.run()
+    evaluated = evaluator.state.output
+    labelled = [0, 1, 3]
+    for scenario in scenarios:
+        np.testing.assert_array_equal(collected[scenario]["label"], [0, 1, 3])
+        np.testing.assert_allclose(collected[scenario]["logits"], evaluated["logits"][scenario].numpy(), rtol=1e-6)
+        np.testing.assert_allclose(collected[scenario]["embedding"], evaluated["embedding"][scenario].numpy())
+    # dual sees both stains; H&E-only sees the IHC zeroed and flagged missing
+    np.testing.assert_allclose(
+        collected["dual"]["logits"], _MeanNet()(batch["he"], batch["ihc"], batch["mask"])["logits"][labelled], rtol=1e-6
+    )
+    he_only = _MeanNet()(batch["he"], torch.zeros_like(batch["ihc"]), torch.tensor([[1.0, 0.0]] * 4))["logits"]
+    np.testing.assert_allclose(collected["he_only"]["logits"], he_only[labelled], rtol=1e-6, atol=1e-7)

@@ -4,6 +4,7 @@ second training on the same bundle folder. (Kill -9 and resume: tests/test_relia
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import pytest
 import torch
 from conftest import BUNDLE_CONFIGS, REPO_ROOT, run_bundle, tiny_overrides
 from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
 
 from her2_monai import bundle_lock
 from her2_monai.bundle_lock import LOCK_NAME, BundleLockedError, lock_bundle, unlock_bundle
@@ -173,6 +175,24 @@ def test_a_working_store_gets_everything_and_no_local_files(tmp_path, caplog, fr
     run = client.search_runs([client.get_experiment_by_name("e").experiment_id])[0]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "val_f1")] == pytest.approx([0.6, 0.7])
     assert run.data.tags["her2_monai.warning"] == "demo data"
+
+
+def test_the_private_seam_with_monai_is_the_one_the_tracking_handler_was_written_against() -> None:
+    """TrackingHandler overrides ``_log_metrics`` and calls ``_parse_artifacts`` and ``_dispose_sqlite_store``.
+
+    A MONAI release that renames them, changes their signatures, or stops sending the default epoch and iteration
+    logs through ``_log_metrics`` would leave an offline run logging nowhere: it must fail here instead.
+    """
+    expected = {"_log_metrics": ["self", "metrics", "step"], "_parse_artifacts": ["self"]}
+    expected["_dispose_sqlite_store"] = ["self"]
+    for name, parameters in expected.items():
+        method = getattr(MLFlowHandler, name, None)
+        assert callable(method), f"MONAI's MLFlowHandler has no {name} any more: update TrackingHandler"
+        assert list(inspect.signature(method).parameters) == parameters, f"{name} changed its signature"
+    assert inspect.signature(MLFlowHandler._log_metrics).parameters["step"].default is None
+    for name in ("_default_epoch_log", "_default_iteration_log"):
+        assert "self._log_metrics(" in inspect.getsource(getattr(MLFlowHandler, name)), name
+    assert TrackingHandler._log_metrics is not MLFlowHandler._log_metrics
 
 
 def test_a_file_store_uri_is_still_a_configuration_error(tmp_path, fresh_tracking_state):

@@ -8,6 +8,7 @@ import torch
 
 from her2_monai.data.image_reader import read_rgb
 from her2_monai.transforms import TissueCheckd, tissue_fraction
+from her2_monai.transforms.tissue import bounded_otsu
 
 
 def _tissue_like(size: int = 128, seed: int = 0) -> np.ndarray:
@@ -50,3 +51,15 @@ def test_real_patches_have_tissue(shared_data) -> None:
     assert files
     for path in files:
         assert tissue_fraction(read_rgb(path)) > 0.05, path  # measured minimum 0.067 (a BCI IHC patch)
+
+
+def test_bounded_otsu_splits_a_bimodal_map_and_keeps_to_its_bounds() -> None:
+    glass_and_tissue = np.concatenate([np.full(500, 0.02), np.full(500, 0.30)])
+    level = bounded_otsu(glass_and_tissue, 0.0, 1.0, flat=0.5)
+    assert 0.02 <= level < 0.30
+    all_tissue = np.concatenate([np.full(500, 0.5), np.full(500, 0.9)])  # Otsu would split the tissue itself
+    assert bounded_otsu(all_tissue, 0.06, 0.08, flat=0.5) == 0.08
+    all_glass = np.concatenate([np.full(500, 0.01), np.full(500, 0.03)])  # Otsu would split glass noise
+    assert bounded_otsu(all_glass, 0.06, 0.08, flat=0.5) == 0.06
+    assert bounded_otsu(np.full(10, 0.3), 0.06, 0.08, flat=0.06) == 0.06  # flat: Otsu is undefined
+    assert bounded_otsu(np.array([0.3, 0.3 + 1e-7]), 0.06, 0.08, flat=0.07, min_spread=1e-6) == 0.07

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from her2_monai.calibration.metrics import calibration_summary
@@ -22,6 +21,7 @@ from her2_monai.calibration.referral import coverage_accuracy_curve, referral_ou
 from her2_monai.calibration.scorer import TrustScorer
 from her2_monai.calibration.temperature import apply_temperature, scaled_nll
 from her2_monai.calibration.uncertainty import mc_dropout_head
+from her2_monai.metrics.classification import roc_auc
 
 __all__ = ["thin_curve", "scenario_trust", "calibration_section"]
 
@@ -33,12 +33,6 @@ def thin_curve(curve: Mapping[str, list[float]], max_points: int = 200) -> dict[
         return {k: list(v) for k, v in curve.items()}
     index = np.unique(np.r_[np.linspace(0, n - 1, max_points).round().astype(int), n - 1])
     return {k: [v[i] for i in index] for k, v in curve.items()}
-
-
-def _auroc(positive: np.ndarray, score: np.ndarray) -> float:
-    if positive.all() or not positive.any():
-        return float("nan")
-    return float(roc_auc_score(positive, score))
 
 
 def scenario_trust(
@@ -129,9 +123,9 @@ def scenario_trust(
                 "layers": "head.dropout (DualPoolHead, before the final linear layer)",
                 "predictive_entropy_mean": float(ent.mean()),
                 "mutual_information_mean": float(mi.mean()),
-                "error_auroc_entropy": _auroc(wrong, ent),
-                "error_auroc_mutual_information": _auroc(wrong, mi),
-                "error_auroc_confidence": _auroc(wrong, -confidence),
+                "error_auroc_entropy": roc_auc(wrong, ent),
+                "error_auroc_mutual_information": roc_auc(wrong, mi),
+                "error_auroc_confidence": roc_auc(wrong, -confidence),
                 "mc_accuracy": float((sampled["probabilities"].numpy().argmax(axis=1) == labels).mean()),
             }
         )

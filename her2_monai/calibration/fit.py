@@ -34,14 +34,14 @@ from torch import nn
 
 from her2_monai.calibration.metrics import calibration_summary
 from her2_monai.calibration.ood import build_ood, ood_rank_capped, ood_threshold
-from her2_monai.calibration.ood_features import BASE_INPUTS, ImageStatistics, classify_with_ood_inputs
+from her2_monai.calibration.ood_features import BASE_INPUTS, ImageStatistics, classify_scenarios
 from her2_monai.calibration.record import CALIBRATION_VERSION, write_calibration
 from her2_monai.calibration.referral import choose_refer_threshold
 from her2_monai.calibration.temperature import apply_temperature, fit_temperature, scaled_nll
-from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, SCENARIOS
+from her2_monai.constants import LABEL_KEY, SCENARIOS
 from her2_monai.fileio import write_json_atomic
 from her2_monai.networks.factory import build_model
-from her2_monai.stain_batch import autocast, prepare_stain_batch, scenario_inputs
+from her2_monai.stain_batch import autocast, prepare_stain_batch
 
 __all__ = ["ScenarioOutputs", "collect_scenario_outputs", "fit_calibration", "CalibrationFitter"]
 
@@ -63,6 +63,13 @@ def collect_scenario_outputs(
 ) -> ScenarioOutputs:
     """Run a classifier over labelled batches once per scenario and keep the named outputs.
 
+    The scenario loop is :func:`~her2_monai.calibration.ood_features.classify_scenarios`, the one the
+    :class:`~her2_monai.engines.evaluators.ScenarioEvaluator` runs too. That evaluator and its
+    :class:`~her2_monai.handlers.probabilities.ScenarioProbabilityCollector` are not used here: ``engines`` imports
+    ``calibration`` (the evaluator computes the OOD inputs), so the reverse import would be a cycle, and the evaluator
+    hands OOD inputs on as float32 tensors where the calibration fit reads them in float64 (its fitted thresholds
+    would move).
+
     Args:
         network: ``forward(he, ihc, mask) -> dict`` (a :class:`~her2_monai.networks.her2net.HER2FlexibleNet`).
         loader: batches of the bundle's stain preprocessing.
@@ -82,15 +89,10 @@ def collect_scenario_outputs(
     network.eval()
     for batchdata in loader:
         batch = prepare_stain_batch(batchdata, device)
-        labelled = batch[LABEL_KEY] >= 0
         with autocast(device, amp):
-            for scenario in scenarios:
-                selected, he, ihc, mask = scenario_inputs(
-                    batch[HE_KEY], batch[IHC_KEY], batch[MASK_KEY], scenario, labelled
-                )
-                if not bool(selected.any()):
-                    continue
-                out, inputs = classify_with_ood_inputs(network, he, ihc, mask, extra, image_statistics=statistics)
+            for scenario, selected, out, inputs in classify_scenarios(
+                network, batch, scenarios, extra, image_statistics=statistics
+            ):
                 for key in keys:
                     parts[scenario][key].append(out[key].float().cpu().numpy())
                 for key in extra:

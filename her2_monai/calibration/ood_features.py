@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, UNLABELLED
+from her2_monai.stain_batch import scenario_inputs
 from her2_monai.stain_features import StainFeatureExtractor
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "needs_stage_statistics",
     "ood_inputs",
     "classify_with_ood_inputs",
+    "classify_scenarios",
 ]
 
 #: ``{name: (N, D) numpy array}``; per-stain arrays have NaN rows where a case lacks that stain.
@@ -300,3 +303,42 @@ def classify_with_ood_inputs(
         outputs = network(he, ihc, mask)
     stages = captured[-1] if captured else None
     return outputs, ood_inputs(network, outputs, he, ihc, available, names, stages, image_statistics)
+
+
+def classify_scenarios(
+    network: nn.Module,
+    batch: Mapping[str, Tensor],
+    scenarios: Sequence[str],
+    names: Sequence[str] = (),
+    forward: Any = None,
+    image_statistics: ImageStatistics | None = None,
+) -> Iterator[tuple[str, Tensor, dict[str, Tensor], OODInputs]]:
+    """Classify a batch once per missing-stain scenario: the scenario loop of evaluation and calibration alike.
+
+    Each scenario hides a stain of the labelled samples as a missing stain is hidden at inference
+    (:func:`~her2_monai.stain_batch.scenario_inputs`); scenarios that select no sample are skipped. Gradient and
+    autocast modes are the caller's: run the loop inside them.
+
+    Args:
+        network: the classifier, ``forward(he, ihc, mask) -> dict``.
+        batch: a prepared stain batch (:func:`~her2_monai.stain_batch.prepare_stain_batch`); samples without a label
+            key, or labelled :data:`~her2_monai.constants.UNLABELLED`, are left out.
+        scenarios: scenarios to run, in order.
+        names: OOD inputs to take of each call (see :func:`classify_with_ood_inputs`).
+        forward: the callable to classify with (default ``network``).
+        image_statistics: the statistics module to reuse.
+
+    Yields:
+        ``(scenario, selected, outputs, ood_inputs)``: ``selected`` the ``(B,)`` bool mask of the batch's samples
+        that were classified, in the order of the outputs.
+    """
+    labels = batch.get(LABEL_KEY, torch.full((batch[MASK_KEY].shape[0],), UNLABELLED))
+    labelled = labels >= 0
+    for scenario in scenarios:
+        selected, he, ihc, mask = scenario_inputs(batch[HE_KEY], batch[IHC_KEY], batch[MASK_KEY], scenario, labelled)
+        if not bool(selected.any()):
+            continue
+        outputs, inputs = classify_with_ood_inputs(
+            network, he, ihc, mask, names, forward=forward, image_statistics=image_statistics
+        )
+        yield scenario, selected, outputs, inputs

@@ -51,6 +51,7 @@ from PIL import Image
 from scipy import ndimage
 
 from her2_monai.constants import CLASS_NAMES, NUM_CLASSES
+from her2_monai.optical_density import intensity_from_optical_density
 
 __all__ = [
     "MARKERS",
@@ -371,7 +372,7 @@ class DemoPairGenerator:
         background = np.asarray(self.profile.background, np.float32)
         if slide.background_shift != _NO_SLIDE.background_shift:
             background = np.clip(background + np.asarray(slide.background_shift, np.float32), 0, 255)
-        rgb = background * np.exp(-od * np.log(10.0))
+        rgb = intensity_from_optical_density(od * np.log(10.0), background)  # the rendering's OD is decadic
         sigma = self.profile.blur_sigma * self.scale
         if sigma > 0:
             rgb = ndimage.gaussian_filter(rgb, sigma=(sigma, sigma, 0))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from her2_monai.optical_density import intensity_from_optical_density, optical_density
+
 __all__ = ["PEN_COLOURS", "draw_pen_stroke"]
 
 #: RGB of a full-strength stroke of common histology markers over white glass.
@@ -63,7 +65,7 @@ def draw_pen_stroke(
     alpha = (ndimage.distance_transform_edt(~line) <= width * side / 2).astype(np.float64)
     if blur > 0:
         alpha = ndimage.gaussian_filter(alpha, blur * side)
-    ink = -np.log(np.asarray(PEN_COLOURS[colour], np.float64) / 255.0)
-    od = -np.log(np.clip(image.astype(np.float64), 1.0, 255.0) / 255.0) + alpha[..., None] * ink
-    marked = np.clip(255.0 * np.exp(-od), 0, 255).round().astype(np.uint8)
+    ink = optical_density(np.asarray(PEN_COLOURS[colour], np.float64))
+    od = optical_density(image.astype(np.float64)) + alpha[..., None] * ink
+    marked = np.clip(intensity_from_optical_density(od), 0, 255).round().astype(np.uint8)
     return marked, alpha

@@ -9,9 +9,8 @@ that sits nearer eosin than real DAB does).
 
 from __future__ import annotations
 
-import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ import torch
 from her2_monai.constants import NUM_CLASSES, STAIN_CLASS_NAMES
 from her2_monai.data.demo import DemoPairGenerator
 from her2_monai.stain_features import lab_appearance
-from her2_monai.transforms.augment import LabAppearanceBatch
+from her2_monai.transforms.augment import LabAppearanceBatch, hue_range
 
 __all__ = ["stain_render_records", "StainRenderAppearance"]
 
@@ -66,15 +65,6 @@ def stain_render_records(
     return records
 
 
-def _hue_range(name: str, value: Sequence[float] | None) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    low, high = (float(v) for v in value)
-    if not -math.pi / 2 <= low <= high <= math.pi / 2:
-        raise ValueError(f"{name} must be (low, high) radians within [-pi/2, pi/2], got {tuple(value)}")
-    return low, high
-
-
 class StainRenderAppearance(LabAppearanceBatch):
     """The branch selector's ``prepare_batch``: :class:`~her2_monai.transforms.LabAppearanceBatch` with the hue of
     hematoxylin and DAB turned as well as eosin's.
@@ -111,19 +101,19 @@ class StainRenderAppearance(LabAppearanceBatch):
         label_key: str = "label",
     ) -> None:
         super().__init__(strength, seed, image_key, label_key, fade_prob, eosin_hue)
-        self.hematoxylin_hue = _hue_range("hematoxylin_hue", hematoxylin_hue)
-        self.dab_hue = _hue_range("dab_hue", dab_hue)
+        self.hematoxylin_hue = hue_range("hematoxylin_hue", hematoxylin_hue)
+        self.dab_hue = hue_range("dab_hue", dab_hue)
 
-    def __call__(
-        self,
-        batchdata: Mapping[str, torch.Tensor],
-        device: torch.device | str | None = None,
-        non_blocking: bool = False,
-        **kwargs: object,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment and scale the images to ``[-1, 1]``; return ``(images, labels)`` on ``device``."""
-        image = torch.as_tensor(batchdata[self.image_key]).as_subclass(torch.Tensor).float() / 255.0
-        image = lab_appearance(
+    def appearance(self, image: torch.Tensor) -> torch.Tensor:
+        """The lab simulation of a batch, with the hematoxylin and DAB hues turned too.
+
+        Args:
+            image: ``(B, 3, H, W)`` in ``[0, 1]``.
+
+        Returns:
+            ``(B, 3, H, W)`` in ``[0, 1]``.
+        """
+        return lab_appearance(
             image,
             self.generator,
             self.strength,
@@ -132,5 +122,3 @@ class StainRenderAppearance(LabAppearanceBatch):
             hematoxylin_hue=self.hematoxylin_hue,
             dab_hue=self.dab_hue,
         )
-        label = torch.as_tensor(batchdata[self.label_key]).as_subclass(torch.Tensor)
-        return (image * 2.0 - 1.0).to(device, non_blocking=non_blocking), label.to(device, non_blocking=non_blocking)

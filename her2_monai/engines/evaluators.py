@@ -10,9 +10,9 @@ import torch.nn as nn
 from monai.engines import Evaluator
 from monai.inferers import Inferer, SimpleInferer
 
-from her2_monai.calibration.ood_features import BASE_INPUTS, ImageStatistics, classify_with_ood_inputs
-from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, SCENARIOS, UNLABELLED
-from her2_monai.stain_batch import autocast, prepare_stain_batch, scenario_inputs
+from her2_monai.calibration.ood_features import BASE_INPUTS, ImageStatistics, classify_scenarios
+from her2_monai.constants import HE_KEY, IHC_KEY, LABEL_KEY, MASK_KEY, SCENARIOS
+from her2_monai.stain_batch import autocast, prepare_stain_batch
 from her2_monai.utils import as_bool
 
 __all__ = ["ScenarioEvaluator", "TranslationEvaluator"]
@@ -71,26 +71,18 @@ class ScenarioEvaluator(Evaluator):
 
     def _iteration(self, engine: Any, batchdata: dict[str, Any]) -> dict[str, Any]:
         batch = prepare_stain_batch(batchdata, engine.state.device, self.channels_last, engine.non_blocking)
-        labelled = batch.get(LABEL_KEY, torch.full((batch[MASK_KEY].shape[0],), UNLABELLED)) >= 0
         self.network.eval()
         keys = ("logits", "label", *self.output_keys, *self.ood_inputs)
         outputs: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
         with torch.no_grad(), autocast(engine.state.device, self.amp):
-            for scenario in self.scenarios:
-                selected, he, ihc, mask = scenario_inputs(
-                    batch[HE_KEY], batch[IHC_KEY], batch[MASK_KEY], scenario, labelled
-                )
-                if not bool(selected.any()):
-                    continue
-                out, extra = classify_with_ood_inputs(
-                    self.network,
-                    he,
-                    ihc,
-                    mask,
-                    self.ood_inputs,
-                    forward=lambda *args: self.inferer(args[0], self.network, *args[1:]),
-                    image_statistics=self._statistics,
-                )
+            for scenario, selected, out, extra in classify_scenarios(
+                self.network,
+                batch,
+                self.scenarios,
+                self.ood_inputs,
+                forward=lambda *args: self.inferer(args[0], self.network, *args[1:]),
+                image_statistics=self._statistics,
+            ):
                 for key, values in extra.items():
                     outputs[key][scenario] = torch.as_tensor(values, dtype=torch.float32)
                 outputs["label"][scenario] = batch[LABEL_KEY][selected]

@@ -44,9 +44,9 @@ class HER2Trainer(AmpTrainer):
         amp: mixed precision (float16 + gradient scaling on CUDA, bfloat16 on CPU).
         channels_last: channels-last memory format for inputs.
         grad_clip: maximum gradient norm (``None``: no clipping).
-        epoch_length: iterations per epoch (default ``len(train_data_loader)``).
-        train_handlers: MONAI/ignite handlers to attach.
-        kwargs: passed on to :class:`monai.engines.Trainer`.
+        epoch_length: as :class:`~her2_monai.engines.base.AmpTrainer`.
+        train_handlers: as :class:`~her2_monai.engines.base.AmpTrainer`.
+        kwargs: as :class:`~her2_monai.engines.base.AmpTrainer`.
     """
 
     def __init__(

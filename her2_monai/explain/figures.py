@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,7 +11,8 @@ import numpy as np
 import torch
 
 from her2_monai.constants import CLASS_NAMES, STAINS
-from her2_monai.fileio import atomic_write
+from her2_monai.figures import pyplot, save_png
+from her2_monai.metrics.translation import to_uint8_images
 
 __all__ = ["to_rgb", "overlay", "save_explanation", "save_cam_gallery"]
 
@@ -21,9 +21,15 @@ _METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": "
 
 
 def to_rgb(image: Any) -> np.ndarray:
-    """``(C, H, W)`` in ``[-1, 1]`` (tensor or array) -> ``(H, W, 3)`` uint8."""
-    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, float)
-    return np.clip((array.transpose(1, 2, 0) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+    """One image of :func:`~her2_monai.metrics.translation.to_uint8_images`.
+
+    Args:
+        image: ``(3, H, W)`` in ``[-1, 1]``, tensor or array.
+
+    Returns:
+        ``(H, W, 3)`` uint8.
+    """
+    return to_uint8_images(torch.as_tensor(image)[None])[0]
 
 
 def overlay(rgb: np.ndarray, cam: Any, alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
@@ -45,24 +51,6 @@ def overlay(rgb: np.ndarray, cam: Any, alpha: float = 0.45, colormap: str = "jet
     return np.clip((1 - alpha) * rgb / 255.0 + alpha * heat, 0, 1).__mul__(255).round().astype(np.uint8)
 
 
-def _png(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_explanation(
     path: str | os.PathLike,
     explanation: Mapping[str, Any],
@@ -81,7 +69,7 @@ def save_explanation(
     Returns:
         The PNG path.
     """
-    plt = _pyplot()
+    plt = pyplot()
     synthetic = dict(synthetic or {})
     methods = list(explanation["cams"])
     columns = 1 + len(methods)
@@ -113,7 +101,7 @@ def save_explanation(
         ax.text(i, w + 0.02, f"{w:.3f}", ha="center", fontsize=9)
     fig.suptitle(title or f"HER2 {CLASS_NAMES[int(explanation['class_idx'])]}", fontsize=11)
     fig.tight_layout()
-    return _png(fig, path)
+    return save_png(fig, path)
 
 
 def save_cam_gallery(
@@ -134,7 +122,7 @@ def save_cam_gallery(
     Returns:
         The PNG path.
     """
-    plt = _pyplot()
+    plt = pyplot()
     rows = [c for c in range(len(class_names)) if any(case["label"] == c for case in cases)] or [0]
     kinds = (True, False)
     fig, axes = plt.subplots(len(rows), 4, figsize=(10.4, 2.9 * len(rows)), squeeze=False)
@@ -171,4 +159,4 @@ def save_cam_gallery(
                 )
     fig.suptitle(f"{_METHOD_NAMES[method]} over each stain: a right and a wrong case per true HER2 score", fontsize=10)
     fig.tight_layout()
-    return _png(fig, path, dpi=100)
+    return save_png(fig, path, dpi=100)

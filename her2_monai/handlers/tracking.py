@@ -18,7 +18,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,14 @@ class TrackingHandler(MLFlowHandler):
     switches the handler to :class:`LocalRunLog` files in ``<fallback_dir>/mlflow_offline/``, with one warning per
     store.
 
+    The seam with MONAI: the public event handlers (``start``, ``epoch_completed``, ``iteration_completed``,
+    ``complete``, ``close``) are wrapped, and one private method is overridden, ``_log_metrics(metrics, step)``,
+    through which MONAI's default epoch and iteration logs send every metric (MONAI has no public hook for where
+    values go, short of replacing its loggers). Two private helpers are called: ``_parse_artifacts()`` (the files
+    to record offline) and ``_dispose_sqlite_store()`` (release an SQLite store after a failure).
+    ``tests/test_reliability_runs.py`` pins their names and signatures, so a MONAI upgrade that changes them fails
+    a test instead of silently logging nowhere.
+
     Args:
         fallback_dir: where the local files go (default: the folder of an SQLite store, else the working folder).
         tags: MLflow tags set on the run when it starts (e.g. what the model is trained on,
@@ -218,40 +226,47 @@ class TrackingHandler(MLFlowHandler):
             self._go_offline(None)
         return self.local is None
 
-    def _guard(self, method: Any, *args: Any) -> None:
-        """Call a MONAI handler method; on a store failure go offline and call it again (it then logs locally)."""
+    def _on_store(self, call: Callable[[], Any]) -> bool:
+        """Run ``call`` against the store unless it failed before; a failure now switches to the local files.
+
+        Returns:
+            Whether ``call`` ran on the store to the end.
+        """
         if not self._online():
-            method(*args)
-            return
+            return False
         try:
             with _quiet_store_errors():
-                method(*args)
+                call()
+            return True
         except Exception as err:
             self._go_offline(err)
+            return False
+
+    def _guard(self, method: Any, *args: Any) -> None:
+        """Call a MONAI handler method; on a store failure go offline and call it again (it then logs locally)."""
+        if not self._on_store(lambda: method(*args)):
             method(*args)
 
     # -- MONAI's event handlers, guarded
     def start(self, engine: Engine) -> None:
         """Start (or continue) the MLflow run; offline: record the parameters locally."""
-        if self._online():
-            try:
-                with _quiet_store_errors():
-                    _probe(self.store)
-                    super().start(engine)
-                    if self.experiment is not None:
-                        from her2_monai.serving.mlflow_model import set_experiment_kind
-
-                        set_experiment_kind(self.client, self.experiment.experiment_id)
-                    for key, value in self.tags.items():
-                        self.client.set_tag(self.cur_run.info.run_id, key, value)
-                return
-            except Exception as err:
-                self._go_offline(err)
+        if self._on_store(lambda: self._start_on_store(engine)):
+            return
         if self.experiment_param:
-            self._log_params(self.experiment_param)
+            self.local.log_params(self.experiment_param)
         if self.tags:
-            self._log_params({f"tag.{k}": v for k, v in self.tags.items()})
-        self._log_params({attr: getattr(engine.state, attr, None) for attr in self.default_tracking_params})
+            self.local.log_params({f"tag.{k}": v for k, v in self.tags.items()})
+        self.local.log_params({attr: getattr(engine.state, attr, None) for attr in self.default_tracking_params})
+
+    def _start_on_store(self, engine: Engine) -> None:
+        _probe(self.store)
+        super().start(engine)
+        if self.experiment is not None:
+            from her2_monai.serving.mlflow_model import set_experiment_kind
+
+            set_experiment_kind(self.client, self.experiment.experiment_id)
+        for key, value in self.tags.items():
+            self.client.set_tag(self.cur_run.info.run_id, key, value)
 
     def epoch_completed(self, engine: Engine) -> None:
         """Log epoch metrics (MONAI's behaviour), locally once the store has failed."""
@@ -263,42 +278,22 @@ class TrackingHandler(MLFlowHandler):
 
     def complete(self) -> None:
         """Log the artifacts; offline: record their paths locally."""
-        if self._online():
-            try:
-                with _quiet_store_errors():
-                    super().complete()
-                return
-            except Exception as err:
-                self._go_offline(err)
+        if self._on_store(super().complete):
+            return
         if self.artifacts and self.local is not None:
             self.local.log_artifacts(self._parse_artifacts())
 
     def close(self) -> None:
         """End the MLflow run; offline: close the local files."""
-        if self._online():
-            try:
-                with _quiet_store_errors():
-                    super().close()
-                return
-            except Exception as err:
-                self._go_offline(err)
+        if self._on_store(super().close):
+            return
         if self.local is not None:
             self.local.close()
         if getattr(self, "client", None) is not None:
             with contextlib.suppress(Exception):
                 self._dispose_sqlite_store()
 
-    # -- where values go
-    def _delete_exist_param_in_dict(self, param_dict: dict) -> None:
-        if not self.offline:
-            super()._delete_exist_param_in_dict(param_dict)
-
-    def _log_params(self, params: dict[str, Any]) -> None:
-        if self.local is not None:
-            self.local.log_params(params)
-        else:
-            super()._log_params(params)
-
+    # -- where metrics go: the one private method overridden (see the class docstring)
     def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self.local is not None:
             self.local.log_metrics(flatten_dict(metrics), step or 0)

@@ -67,6 +67,30 @@ def _error(err: RequestError) -> JSONResponse:
     return JSONResponse(status_code=err.status_code, content={"detail": err.message})
 
 
+def _failure(err: Exception, model: str, what: str) -> JSONResponse:
+    """The answer to a request that failed: the client's mistake (4xx), missing weights (503) or a bug (500).
+
+    Call it in the ``except`` block: a bug's traceback goes to the server log, never to the client.
+
+    Args:
+        err: what was raised.
+        model: the task's name.
+        what: the endpoint, for the log (``infer``, ``whole-slide infer``).
+
+    Returns:
+        The JSON error response.
+    """
+    if isinstance(err, RequestError):
+        return _error(err)
+    if isinstance(err, FileNotFoundError):  # weights missing: the server runs, the model is not trained yet
+        logger.error("model files missing: %s", err)
+        return _error(RequestError(503, "the HER2 model is not available on this server (weights missing; see log)"))
+    logger.exception("%s %s failed", what, model)
+    return JSONResponse(
+        status_code=500, content={"detail": f"internal error while running '{model}'; the server log has details"}
+    )
+
+
 def _parse_params(params: str | None, name: str = "params", example: str = '{"stain": "he"}') -> dict[str, Any]:
     if not params:
         return {}
@@ -144,16 +168,8 @@ def run_infer_request(
         else:
             raise RequestError(400, "no input image: upload a file (multipart field 'file') or give image=<id>")
         return _respond(model, png, result, output)
-    except RequestError as err:
-        return _error(err)
-    except FileNotFoundError as err:  # weights missing: the server runs, the model is not trained yet
-        logger.error("model files missing: %s", err)
-        return _error(RequestError(503, "the HER2 model is not available on this server (weights missing; see log)"))
-    except Exception:  # noqa: BLE001 - a bug: log the trace here, send none to the client
-        logger.exception("infer %s failed", model)
-        return JSONResponse(
-            status_code=500, content={"detail": f"internal error while running '{model}'; the server log has details"}
-        )
+    except Exception as err:  # noqa: BLE001 - every failure gets an answer; a bug's trace stays in the log
+        return _failure(err, model, "infer")
 
 
 _WSI_EXAMPLE = '{"location": [0, 0], "size": [2048, 2048], "tile_size": [256, 256]}'
@@ -192,16 +208,8 @@ def run_wsi_request(
 
             return Response(content=tiles_asap_xml(result["tiles"]), media_type="application/xml")
         return JSONResponse(result)
-    except RequestError as err:
-        return _error(err)
-    except FileNotFoundError as err:
-        logger.error("model files missing: %s", err)
-        return _error(RequestError(503, "the HER2 model is not available on this server (weights missing; see log)"))
-    except Exception:  # noqa: BLE001 - a bug: log the trace here, send none to the client
-        logger.exception("whole-slide infer %s failed", model)
-        return JSONResponse(
-            status_code=500, content={"detail": f"internal error while running '{model}'; the server log has details"}
-        )
+    except Exception as err:  # noqa: BLE001 - every failure gets an answer; a bug's trace stays in the log
+        return _failure(err, model, "whole-slide infer")
 
 
 def build_router(prefix: str = "") -> APIRouter:

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,39 @@ def _image_error(err: ImageReadError, image: InputImage) -> RequestError:
     return RequestError(400, f"{image.name}: {err.reason}")
 
 
-class HER2ScoreTask(InferTask):
+class _ServedModelTask(InferTask):
+    """A task of the served model on 2D images (by default a classification into the four HER2 scores).
+
+    Args:
+        holder: the served model.
+        description: what the task does (shown by the app's ``/info``).
+        config: the task's parameters with their choices or defaults.
+        task_type: MONAI Label's task type.
+        labels: the task's labels.
+    """
+
+    def __init__(
+        self,
+        holder: ModelHolder,
+        description: str,
+        config: dict[str, Any],
+        task_type: str = InferType.CLASSIFICATION,
+        labels: Sequence[str] = CLASS_NAMES,
+    ) -> None:
+        super().__init__(
+            type=task_type,
+            labels=list(labels),
+            dimension=2,
+            description=description,
+            config=config,
+        )
+        self.holder = holder
+
+    def is_valid(self) -> bool:
+        return True
+
+
+class HER2ScoreTask(_ServedModelTask):
     """HER2 score (0/1+/2+/3+) of one patch, or of an H&E + IHC pair; the same JSON as ``her2_monai predict``.
 
     Params: ``stain`` (``auto``: the branch selector decides; or ``he``/``ihc`` to declare it) and, for a pair,
@@ -92,16 +124,10 @@ class HER2ScoreTask(InferTask):
 
     def __init__(self, holder: ModelHolder) -> None:
         super().__init__(
-            type=InferType.CLASSIFICATION,
-            labels=list(CLASS_NAMES),
-            dimension=2,
+            holder,
             description="HER2 score (0, 1+, 2+, 3+) of an H&E and/or HER2-IHC patch; stain detected when unknown",
             config={"stain": ["auto", "he", "ihc"]},
         )
-        self.holder = holder
-
-    def is_valid(self) -> bool:
-        return True
 
     def run(self, image: InputImage, params: Mapping[str, Any], partner: tuple[str, InputImage] | None = None) -> dict:
         """Predict.
@@ -147,7 +173,7 @@ class HER2ScoreTask(InferTask):
         return None, self.run(InputImage(path, str(request.get("image_id", path.stem)), (0, 0)), request)
 
 
-class StainTranslationTask(InferTask):
+class StainTranslationTask(_ServedModelTask):
     """The CM-GAN's synthetic IHC for an H&E patch (or synthetic H&E for an IHC patch), as an RGB PNG.
 
     The image is made at the model's resolution (the bundle's ``image_size``: 64 for the demo profile, 512 for BCI);
@@ -162,16 +188,12 @@ class StainTranslationTask(InferTask):
 
     def __init__(self, holder: ModelHolder) -> None:
         super().__init__(
-            type=InferType.OTHERS,
-            labels=[],
-            dimension=2,
+            holder,
             description="Synthetic IHC for an H&E patch (or H&E for IHC) from the CM-GAN, as an RGB PNG",
             config={"source": ["auto", "he", "ihc"], "size": ["model", "input"]},
+            task_type=InferType.OTHERS,
+            labels=(),
         )
-        self.holder = holder
-
-    def is_valid(self) -> bool:
-        return True
 
     def run(self, image: InputImage, params: Mapping[str, Any]) -> tuple[bytes, dict]:
         """Translate one patch.
@@ -314,7 +336,7 @@ def parse_region_request(spec: Mapping[str, Any]) -> RegionRequest:
     return RegionRequest(region, level, width, overlap, min_tissue, stain)
 
 
-class WholeSlideTask(InferTask):
+class WholeSlideTask(_ServedModelTask):
     """HER2 scores of the tissue tiles of a slide region, and the region-level call (:mod:`her2_monai.wsi`).
 
     The slide must be in the app's datastore (slides are too large to upload per request). The answer: ``score``
@@ -329,16 +351,10 @@ class WholeSlideTask(InferTask):
 
     def __init__(self, holder: ModelHolder) -> None:
         super().__init__(
-            type=InferType.CLASSIFICATION,
-            labels=list(CLASS_NAMES),
-            dimension=2,
+            holder,
             description="HER2 region call and per-tile scores for a region of a datastore slide (tiles of tissue)",
             config={"stain": ["he", "ihc", "auto"], "tile_size": 256, "level": 0, "overlap": 0, "min_tissue": 0.5},
         )
-        self.holder = holder
-
-    def is_valid(self) -> bool:
-        return True
 
     def run(self, slide_path: Path, name: str, request: RegionRequest) -> dict[str, Any]:
         """Score a region.

@@ -13,7 +13,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 
 from her2_monai.constants import CLASS_NAMES, NUM_CLASSES, SCENARIOS
 
-__all__ = ["ScenarioClassificationMetric", "macro_f1", "classification_report"]
+__all__ = ["ScenarioClassificationMetric", "macro_f1", "classification_report", "roc_auc"]
 
 
 def _labels_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,8 +100,17 @@ class ScenarioClassificationMetric(Metric):
         return float(np.mean(values)) if values else float("nan")
 
 
-def _auc(positive: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC, NaN when one of the two groups is empty (undefined)."""
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` separating ``positive`` from the rest (scikit-learn's, ties averaged).
+
+    Args:
+        positive: ``(N,)`` bool, the positive group.
+        scores: ``(N,)`` scores, higher meaning more likely positive.
+
+    Returns:
+        The AUC in ``[0, 1]``; NaN when one of the two groups is empty (undefined), so a one-class scenario reports
+        no AUC rather than failing.
+    """
     if positive.all() or not positive.any():
         return float("nan")
     return float(roc_auc_score(positive, scores))
@@ -131,13 +140,13 @@ def classification_report(
             "precision": float(precision[c]),
             "recall": float(recall[c]),
             "f1": float(f1[c]),
-            "auc": _auc(label == c, probabilities[:, c]),
+            "auc": roc_auc(label == c, probabilities[:, c]),
             "support": int(support[c]),
         }
         for c, name in enumerate(class_names)
     }
     low = np.isin(label, [0, 1])
-    her2_low_auc = _auc(label[low] == 1, probabilities[low, 1] - probabilities[low, 0]) if low.any() else None
+    her2_low_auc = roc_auc(label[low] == 1, probabilities[low, 1] - probabilities[low, 0]) if low.any() else None
     return {
         "n": int(len(label)),
         "accuracy": float((pred == label).mean()) if len(label) else float("nan"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,27 +10,9 @@ from typing import Any
 import numpy as np
 
 from her2_monai.constants import CLASS_NAMES
-from her2_monai.fileio import atomic_write
+from her2_monai.figures import pyplot, save_png
 
 __all__ = ["save_confusion_matrices", "save_reliability_diagrams", "save_coverage_curves"]
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
 def save_confusion_matrices(
@@ -48,7 +29,7 @@ def save_confusion_matrices(
     Returns:
         The PNG path.
     """
-    plt = _pyplot()
+    plt = pyplot()
     names = list(scenarios)
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -69,7 +50,7 @@ def save_confusion_matrices(
         subtitle = f"n={report.get('n', 0)}" + (f", accuracy {accuracy:.1%}" if report.get("n") else "")
         ax.set_title(f"{name}\n{subtitle}", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def save_reliability_diagrams(scenarios: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
@@ -83,7 +64,7 @@ def save_reliability_diagrams(scenarios: Mapping[str, Mapping[str, Any]], path: 
     Returns:
         The PNG path.
     """
-    plt = _pyplot()
+    plt = pyplot()
     names = [s for s in scenarios if scenarios[s].get("reliability")] or list(scenarios)
     fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -112,7 +93,7 @@ def save_reliability_diagrams(scenarios: Mapping[str, Mapping[str, Any]], path: 
         ax.set_title(f"{name}\n{subtitle}", fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def save_coverage_curves(scenarios: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
@@ -126,7 +107,7 @@ def save_coverage_curves(scenarios: Mapping[str, Mapping[str, Any]], path: str |
     Returns:
         The PNG path.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.4, 4.2))
     colours = {"dual": "#3d405b", "he_only": "#c06c84", "ihc_only": "#8d6e63"}
     target = None
@@ -152,4 +133,4 @@ def save_coverage_curves(scenarios: Mapping[str, Mapping[str, Any]], path: str |
     ax.set_title("referral rule on the test split\n(dot: the threshold stored with the model)", fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -20,9 +20,21 @@ CONVENTION = (
 )
 
 
-def to_uint8_images(x: torch.Tensor) -> np.ndarray:
-    """``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, H, W, 3)`` uint8, rounding like an image writer would."""
-    array = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+def to_uint8_images(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Network images to displayable ones: the one ``[-1, 1]`` -> uint8 RGB conversion of the package.
+
+    ``round((clamp(x, -1, 1) + 1) * 127.5)``, rounding half to even like an image writer would; computed in float32
+    (float64 input stays float64), so half-precision network outputs convert like float32 ones.
+
+    Args:
+        x: ``(B, 3, H, W)`` in ``[-1, 1]``, tensor or array.
+
+    Returns:
+        ``(B, H, W, 3)`` uint8.
+    """
+    x = torch.as_tensor(x).detach()
+    x = x if x.dtype == torch.float64 else x.float()
+    array = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return rearrange(array, "b c h w -> b h w c").cpu().numpy()
 
 

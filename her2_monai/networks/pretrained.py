@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from her2_monai.networks.unfreeze import StateDictMismatchError, list_keys, read_state_dict
+from her2_monai.networks.unfreeze import check_state_dict_fit, read_state_dict
 
 __all__ = [
     "IMAGENET_WEIGHT_URLS",
@@ -58,7 +58,6 @@ IMAGENET_WEIGHT_URLS: dict[str, str] = {
 }
 _ROLES = ("shared", "specific")
 _BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_MAX_LISTED_KEYS = 12
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -182,26 +181,15 @@ def load_pretrained_efficientnet(
         else:
             unexpected.append(key)
     wanted = {mapping[k] for k in mapping if mapping[k] in target}
-    missing = {k for k in wanted - mapped.keys() if not k.endswith("num_batches_tracked")}
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-        for k, v in sorted(mapped.items())
-        if k in target and v.shape != target[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing key(s) {list_keys(missing)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s) {list_keys(unexpected)}")
-        if mismatched:
-            problems.append(f"{len(mismatched)} shape mismatch(es) [{'; '.join(mismatched[:_MAX_LISTED_KEYS])}]")
-        raise StateDictMismatchError(
-            f"pretrained EfficientNet weights do not fit {type(net).__name__}: "
-            + "; ".join(problems)
-            + ". Expected a torchvision EfficientNet state dict of the same size (keys like 'features.0.0.weight', "
-            "'features.1.0.block.0.0.weight'; the head 'features.8.*' and 'classifier.*' are ignored)."
-        )
+    check_state_dict_fit(
+        mapped,
+        target,
+        missing=[k for k in wanted - mapped.keys() if not k.endswith("num_batches_tracked")],
+        unexpected=unexpected,
+        what=f"pretrained EfficientNet weights do not fit {type(net).__name__}",
+        expected="Expected a torchvision EfficientNet state dict of the same size (keys like 'features.0.0.weight', "
+        "'features.1.0.block.0.0.weight'; the head 'features.8.*' and 'classifier.*' are ignored).",
+    )
     new_state = dict(target)
     for key, value in mapped.items():
         new_state[key] = value.to(dtype=target[key].dtype)

@@ -24,6 +24,7 @@ __all__ = [
     "HYBRID_UNFREEZING_AUTO",
     "RESNET_STAGES",
     "StateDictMismatchError",
+    "check_state_dict_fit",
     "freeze_resnet_stages",
     "keep_frozen_batchnorm_eval",
     "list_keys",
@@ -168,6 +169,48 @@ def list_keys(keys: Iterable[str]) -> str:
     return f"[{shown}{more}]"
 
 
+def check_state_dict_fit(
+    mapped: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    missing: Iterable[str],
+    unexpected: Iterable[str],
+    what: str,
+    expected: str,
+) -> None:
+    """Report every way a (key-mapped) state dict does not fit a network, in one error.
+
+    Args:
+        mapped: the file's tensors under the network's key names.
+        target: the network's ``state_dict()``; shapes of the keys both hold are compared.
+        missing: network keys the file lacks (the caller decides which keys are optional).
+        unexpected: file keys the network has no place for.
+        what: the start of the message, e.g. ``"pretrained ResNet weights do not fit ResNet"``.
+        expected: a sentence saying what a fitting file looks like (the fix).
+
+    Raises:
+        StateDictMismatchError: ``"<what>: <n> missing key(s) [...]; <n> unexpected key(s) [...]; <n> shape
+            mismatch(es) [...]. <expected>"``, naming the problems that occur (at most a dozen of each).
+    """
+    missing, unexpected = list(missing), list(unexpected)
+    mismatched = [
+        f"{k}: file {tuple(mapped[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in sorted(mapped.keys() & target.keys())
+        if mapped[k].shape != target[k].shape
+    ]
+    if not (missing or unexpected or mismatched):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) {list_keys(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) {list_keys(unexpected)}")
+    if mismatched:
+        shown = "; ".join(mismatched[:_MAX_LISTED_KEYS])
+        more = f"; ... ({len(mismatched) - _MAX_LISTED_KEYS} more)" if len(mismatched) > _MAX_LISTED_KEYS else ""
+        problems.append(f"{len(mismatched)} shape mismatch(es) [{shown}{more}]")
+    raise StateDictMismatchError(f"{what}: {'; '.join(problems)}. {expected}")
+
+
 def read_state_dict(
     source: str | os.PathLike | Mapping[str, torch.Tensor], marker: str = "conv1.weight", what: str = "ResNet"
 ) -> dict[str, torch.Tensor]:
@@ -237,29 +280,15 @@ def load_pretrained_resnet(model: nn.Module, path: str | Path | Mapping[str, tor
     target_keys = {k for k in target if not k.startswith("fc.")}
     zero_filled = [k for k in target_keys - mapped.keys() if k.endswith("downsample.0.bias")]
     optional = {k for k in target_keys - mapped.keys() if k.endswith("num_batches_tracked")}
-    missing = target_keys - mapped.keys() - set(zero_filled) - optional
-    unexpected = mapped.keys() - target_keys
-    mismatched = [
-        f"{k}: file {tuple(mapped[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in sorted(mapped.keys() & target_keys)
-        if mapped[k].shape != target[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing key(s) {list_keys(missing)}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s) {list_keys(unexpected)}")
-        if mismatched:
-            shown = "; ".join(mismatched[:_MAX_LISTED_KEYS])
-            more = f"; ... ({len(mismatched) - _MAX_LISTED_KEYS} more)" if len(mismatched) > _MAX_LISTED_KEYS else ""
-            problems.append(f"{len(mismatched)} shape mismatch(es) [{shown}{more}]")
-        raise StateDictMismatchError(
-            f"pretrained ResNet weights do not fit {type(model).__name__}: "
-            + "; ".join(problems)
-            + ". Expected a torchvision-style ResNet state dict of the same depth (keys like 'conv1.weight', "
-            "'layer1.0.conv1.weight', 'layer1.0.downsample.0.weight'; 'fc.*' is ignored)."
-        )
+    check_state_dict_fit(
+        mapped,
+        {k: target[k] for k in target_keys},
+        missing=target_keys - mapped.keys() - set(zero_filled) - optional,
+        unexpected=mapped.keys() - target_keys,
+        what=f"pretrained ResNet weights do not fit {type(model).__name__}",
+        expected="Expected a torchvision-style ResNet state dict of the same depth (keys like 'conv1.weight', "
+        "'layer1.0.conv1.weight', 'layer1.0.downsample.0.weight'; 'fc.*' is ignored).",
+    )
     new_state = dict(target)
     for key in target_keys:
         if key in mapped:

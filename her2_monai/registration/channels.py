@@ -8,6 +8,8 @@ from skimage.color import rgb2hed
 from skimage.filters import threshold_otsu
 from skimage.metrics import normalized_mutual_information
 
+from her2_monai.optical_density import BLACK_OFFSET, optical_density
+
 __all__ = ["CHANNELS", "registration_channel", "normalized_cross_correlation", "mutual_information"]
 
 #: Channels an H&E and an IHC section have in common, best first for consecutive sections of different stains.
@@ -41,7 +43,7 @@ def registration_channel(rgb: np.ndarray, channel: str = "tissue", sigma: float 
         raise ValueError(f"expected an RGB image of shape (H, W, 3), got {rgb.shape}")
     image = np.clip(np.asarray(rgb, dtype=np.float64), 0, 255)
     if channel in ("tissue", "od"):
-        out = -np.log((image.mean(axis=-1) + 1.0) / 256.0)
+        out = optical_density(image.mean(axis=-1), offset=BLACK_OFFSET, floor=0.0)
         if channel == "tissue":
             # Otsu on the non-white pixels: glass-white fill (e.g. around a rotated image) must not set the threshold
             inked = out[out > 0.02]

@@ -16,18 +16,31 @@ import torch
 from monai.transforms import MapTransform, RandomizableTransform
 
 from her2_monai.constants import HE_KEY, IHC_KEY
+from her2_monai.optical_density import BLACK_OFFSET, intensity_from_optical_density, optical_density
 from her2_monai.stain_features import jitter_optical_density, lab_appearance
 
-__all__ = ["RandStainJitterd", "RandLabAppearanced", "LabAppearanceBatch"]
+__all__ = ["RandStainJitterd", "RandLabAppearanced", "LabAppearanceBatch", "hue_range"]
 
 
-def _to_od(image: torch.Tensor) -> torch.Tensor:
-    """``[0, 255]`` intensities -> optical density, with ``+1`` so black stays finite."""
-    return -torch.log((image.clamp(0, 255) + 1.0) / 256.0)
+def hue_range(name: str, value: Sequence[float] | None) -> tuple[float, float] | None:
+    """Check a ``(low, high)`` turn of a stain's hue for :func:`~her2_monai.stain_features.lab_appearance`.
 
+    Args:
+        name: the option's name, for the message.
+        value: ``(low, high)`` radians, or ``None`` (no turn).
 
-def _from_od(od: torch.Tensor) -> torch.Tensor:
-    return (torch.exp(-od) * 256.0 - 1.0).clamp(0, 255)
+    Returns:
+        ``(low, high)`` as floats, or ``None``.
+
+    Raises:
+        ValueError: unless ``-pi/2 <= low <= high <= pi/2``.
+    """
+    if value is None:
+        return None
+    turn = tuple(float(v) for v in value)
+    if len(turn) != 2 or not -math.pi / 2 <= turn[0] <= turn[1] <= math.pi / 2:
+        raise ValueError(f"{name} must be (low, high) radians within [-pi/2, pi/2], got {turn}")
+    return turn
 
 
 class RandStainJitterd(RandomizableTransform, MapTransform):
@@ -63,7 +76,9 @@ class RandStainJitterd(RandomizableTransform, MapTransform):
             channels = image.shape[0]
             alpha = torch.as_tensor(self.R.uniform(1 - self.scale, 1 + self.scale, channels), dtype=torch.float32)
             beta = torch.as_tensor(self.R.uniform(-self.shift, self.shift, channels), dtype=torch.float32)
-            d[key] = _from_od(jitter_optical_density(_to_od(image), torch.diag(alpha), beta))
+            od = optical_density(image, offset=BLACK_OFFSET, floor=0.0)  # the ``+1`` keeps black finite
+            jittered = jitter_optical_density(od, torch.diag(alpha), beta)
+            d[key] = intensity_from_optical_density(jittered, offset=BLACK_OFFSET).clamp(0, 255)
         return d
 
 
@@ -124,16 +139,23 @@ class LabAppearanceBatch:
     ) -> None:
         if not 0.0 <= fade_prob <= 1.0:
             raise ValueError(f"fade_prob must be in [0, 1], got {fade_prob}")
-        if eosin_hue is not None:
-            eosin_hue = tuple(float(v) for v in eosin_hue)
-            if len(eosin_hue) != 2 or not -math.pi / 2 <= eosin_hue[0] <= eosin_hue[1] <= math.pi / 2:
-                raise ValueError(f"eosin_hue must be (low, high) radians within [-pi/2, pi/2], got {eosin_hue}")
-        self.eosin_hue = eosin_hue
+        self.eosin_hue = hue_range("eosin_hue", eosin_hue)
         self.strength = float(strength)
         self.fade_prob = float(fade_prob)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.image_key = image_key
         self.label_key = label_key
+
+    def appearance(self, image: torch.Tensor) -> torch.Tensor:
+        """The lab simulation of a batch.
+
+        Args:
+            image: ``(B, 3, H, W)`` in ``[0, 1]``.
+
+        Returns:
+            ``(B, 3, H, W)`` in ``[0, 1]``.
+        """
+        return lab_appearance(image, self.generator, self.strength, self.fade_prob, self.eosin_hue)
 
     def __call__(
         self,
@@ -142,8 +164,8 @@ class LabAppearanceBatch:
         non_blocking: bool = False,
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment and scale the images; return ``(images, labels)`` on ``device``."""
+        """Augment and scale the images to ``[-1, 1]``; return ``(images, labels)`` on ``device``."""
         image = torch.as_tensor(batchdata[self.image_key]).as_subclass(torch.Tensor).float() / 255.0
-        image = lab_appearance(image, self.generator, self.strength, self.fade_prob, self.eosin_hue) * 2.0 - 1.0
+        image = self.appearance(image) * 2.0 - 1.0
         label = torch.as_tensor(batchdata[self.label_key]).as_subclass(torch.Tensor)
         return image.to(device, non_blocking=non_blocking), label.to(device, non_blocking=non_blocking)

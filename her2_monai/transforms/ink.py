@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from skimage.morphology import disk
 
+from her2_monai.optical_density import optical_density
 from her2_monai.stain_features import StainFeatureExtractor
 
 __all__ = [
@@ -176,7 +177,7 @@ def chroma_maps(rgb: np.ndarray, sigma: float = SMOOTHING) -> ChromaMaps:
         The maps.
     """
     rgb = np.asarray(rgb, dtype=np.float64)
-    od = -np.log(np.clip(rgb / glass_white(rgb), 1.0 / 255.0, 1.0))
+    od = optical_density(rgb, glass_white(rgb))
     if sigma > 0:
         od = ndimage.gaussian_filter(od, (sigma, sigma, 0))
     od_t = torch.from_numpy(np.ascontiguousarray(od.transpose(2, 0, 1), dtype=np.float32))[None]

@@ -46,6 +46,7 @@ __all__ = [
     "NO_TISSUE_BELOW",
     "IHC_EOSIN_INDEX_BELOW",
     "saturation",
+    "bounded_otsu",
     "tissue_mask",
     "tissue_fraction",
     "InputCheck",
@@ -99,21 +100,39 @@ def saturation(image: Any) -> np.ndarray:
     return np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
 
 
+def bounded_otsu(values: np.ndarray, low: float, high: float, flat: float, min_spread: float = 0.0) -> float:
+    """Otsu's threshold of ``values`` clipped to ``[low, high]``: the one bounded-Otsu rule of the tissue masks.
+
+    Otsu's method splits a bimodal histogram (white glass against stained tissue). Where one side is (almost) missing
+    it splits the other instead: nuclei from stroma on an all-tissue image, JPEG noise from glass on a blank one. The
+    bounds are the range a real glass/tissue split falls in.
+
+    Args:
+        values: the values to threshold (any shape).
+        low: smallest threshold returned.
+        high: largest threshold returned.
+        flat: the threshold when the values spread by no more than ``min_spread`` (Otsu is undefined there).
+        min_spread: largest ``max - min`` still treated as flat.
+
+    Returns:
+        The threshold.
+    """
+    if float(np.max(values)) - float(np.min(values)) <= min_spread:
+        return float(flat)
+    return min(max(float(low), float(threshold_otsu(values))), float(high))
+
+
 def _saturated(rgb: np.ndarray, saturation_range: tuple[float, float], sigma: float) -> np.ndarray:
     """Smoothed saturation above Otsu's threshold clamped to ``saturation_range``.
 
-    Otsu's method splits a bimodal histogram (white glass versus stained tissue), as on a slide thumbnail. A patch is
-    often nearly all tissue, where Otsu would split the tissue itself (pale haematoxylin-only IHC against stained
-    areas), hence the upper bound; the lower bound keeps the JPEG noise and tint of blank glass out.
+    A patch is often nearly all tissue, where Otsu would split the tissue itself (pale haematoxylin-only IHC against
+    stained areas), hence the upper bound; the lower bound keeps the JPEG noise and tint of blank glass out.
     """
     low, high = saturation_range
     sat = saturation(rgb)
     if sigma > 0:
         sat = gaussian_filter(sat, sigma)
-    level = low
-    if sat.size > 1 and float(sat.max()) > float(sat.min()):
-        level = min(max(low, float(threshold_otsu(sat))), high)
-    return sat > level
+    return sat > bounded_otsu(sat, low, high, flat=low)
 
 
 def tissue_mask(

@@ -7,6 +7,10 @@ tissue (Otsu would split nuclei from stroma) or almost all glass. Holes inside t
 smaller than ``min_object`` of the thumbnail are removed (SciPy morphology and labelling). Pen ink is saturated and
 dark too: the marks found by :func:`~her2_monai.transforms.ink.measure_ink` are taken out of the mask, so a tile
 covered by ink is not planned (and one that still holds some is refused by the per-tile ``pen_ink`` check).
+
+This mask and :func:`her2_monai.transforms.tissue.tissue_mask` share the bounded-Otsu rule but stay two masks: a
+thumbnail holds a whole slide with plenty of glass and coarse tissue (darkness and saturation find it; holes and specks
+matter), while a patch is mostly tissue at full resolution and its check was tuned on stain optical density.
 """
 
 from __future__ import annotations
@@ -18,20 +22,19 @@ from dataclasses import dataclass
 import numpy as np
 from monai.transforms import ForegroundMask
 from scipy import ndimage
-from skimage.filters import threshold_otsu
 
 from her2_monai.transforms.ink import measure_ink
+from her2_monai.transforms.tissue import bounded_otsu
 
 __all__ = ["tissue_mask", "Tile", "tile_grid"]
 
 
 def _bounded_otsu(low: float, high: float) -> Callable[[np.ndarray], float]:
-    """A threshold function for ``ForegroundMask``: Otsu's threshold clipped to ``[low, high]``."""
+    """A threshold function for ``ForegroundMask``: :func:`~her2_monai.transforms.tissue.bounded_otsu`, ``high`` when
+    the thumbnail is flat."""
 
     def threshold(channel: np.ndarray) -> float:
-        if float(channel.max()) - float(channel.min()) < 1e-6:
-            return float(high)
-        return float(np.clip(threshold_otsu(channel), low, high))
+        return bounded_otsu(channel, low, high, flat=high, min_spread=1e-6)
 
     return threshold
 

@@ -24,7 +24,7 @@ from her2_monai.networks.encoders import ResNetTrunk
 from her2_monai.networks.record import RecordedNetwork
 from her2_monai.stain_batch import apply_to_present, check_stain_inputs, scenario_ids
 
-__all__ = ["ModalityExpert", "run_experts", "masked_softmax", "mixture_logits", "SimMLMNet"]
+__all__ = ["ModalityExpert", "modality_experts", "run_experts", "masked_softmax", "mixture_logits", "SimMLMNet"]
 
 
 class ModalityExpert(nn.Module):
@@ -56,6 +56,29 @@ class ModalityExpert(nn.Module):
         """
         features = self.pool(self.trunk(x)).flatten(1)
         return features, self.head(features)
+
+
+def modality_experts(
+    num_classes: int,
+    dropout: float,
+    arch: str,
+    block_inplanes: Sequence[int],
+    pretrained_weights: str | os.PathLike | None,
+) -> nn.ModuleList:
+    """One :class:`ModalityExpert` per stain, in :data:`~her2_monai.constants.STAINS` order.
+
+    Args:
+        num_classes: output classes of each expert.
+        dropout: dropout before each expert's classifier.
+        arch: trunk architecture (see :class:`ResNetTrunk`).
+        block_inplanes: trunk stage widths.
+        pretrained_weights: local state dict loaded into every trunk.
+
+    Returns:
+        The experts.
+    """
+    trunk = {"name": arch, "block_inplanes": block_inplanes, "pretrained_weights": pretrained_weights}
+    return nn.ModuleList([ModalityExpert(num_classes, dropout, **trunk) for _ in STAINS])
 
 
 def run_experts(
@@ -157,18 +180,7 @@ class SimMLMNet(RecordedNetwork, nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
-        self.experts = nn.ModuleList(
-            [
-                ModalityExpert(
-                    num_classes,
-                    dropout,
-                    name=arch,
-                    block_inplanes=block_inplanes,
-                    pretrained_weights=pretrained_weights,
-                )
-                for _ in STAINS
-            ]
-        )
+        self.experts = modality_experts(num_classes, dropout, arch, block_inplanes, pretrained_weights)
         width = self.experts[0].out_channels
         self.gate = nn.Sequential(
             nn.Linear(len(STAINS) * width + len(STAINS), gate_hidden),

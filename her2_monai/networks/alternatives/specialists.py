@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from her2_monai.constants import NUM_CLASSES, STAINS
-from her2_monai.networks.alternatives.simmlm import ModalityExpert, run_experts
+from her2_monai.constants import NUM_CLASSES
+from her2_monai.networks.alternatives.simmlm import modality_experts, run_experts
 from her2_monai.networks.record import RecordedNetwork
 from her2_monai.stain_batch import check_stain_inputs, scenario_ids
 
@@ -46,8 +46,7 @@ class StainSpecialists(RecordedNetwork, nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
-        trunk = {"name": arch, "block_inplanes": block_inplanes, "pretrained_weights": pretrained_weights}
-        self.experts = nn.ModuleList([ModalityExpert(num_classes, dropout, **trunk) for _ in STAINS])
+        self.experts = modality_experts(num_classes, dropout, arch, block_inplanes, pretrained_weights)
         self.record_architecture(
             metadata, num_classes=num_classes, arch=arch, block_inplanes=block_inplanes, dropout=dropout
         )
