@@ -42,6 +42,7 @@ __all__ = [
     "list_slides",
     "balance_by_size",
     "run_fingerprint",
+    "plan_cohort",
     "slide_state",
     "score_cohort_slide",
     "cohort_rows",
@@ -102,7 +103,7 @@ class CohortSlide:
 
 
 def _checked_id(slide_id: str, where: str) -> str:
-    if not slide_id or slide_id.startswith(".") or "/" in slide_id or "\\" in slide_id or slide_id in TABLE_FILES:
+    if not slide_id or slide_id.startswith(".") or "/" in slide_id or "\\" in slide_id:
         raise CohortError(
             f"{where}: slide id {slide_id!r} cannot name an output folder (it must be non-empty, must not start "
             "with '.' and must not contain '/' or '\\')"
