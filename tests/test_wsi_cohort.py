@@ -43,7 +43,8 @@ def _mosaic(patches: list[np.ndarray], columns: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cohort(shared_data: Path, tmp_path_factory) -> Path:
-    """A folder of three tiled TIFF slides of real BCI patches (1, 2 and 3 patches) and one unreadable '.svs'."""
+    """A folder of three tiled TIFF slides of real BCI patches (1, 2 and 3 patches), a blank one (glass only) and an
+    unreadable '.svs'."""
     from PIL import Image
 
     names = sorted(p.name for p in (shared_data / "bci" / "HE" / "test").iterdir())[:6]
@@ -54,6 +55,7 @@ def cohort(shared_data: Path, tmp_path_factory) -> Path:
     for name, count in zip(SCORED, (1, 2, 3)):
         image = _mosaic(patches[:count] if name != "slide_c" else patches[3:6], columns=count)
         tifffile.imwrite(folder / f"{name}.tif", image, tile=(64, 64), photometric="rgb")
+    tifffile.imwrite(folder / "blank.tif", np.full((256, 256, 3), 243, np.uint8), tile=(64, 64), photometric="rgb")
     (folder / "broken.svs").write_text("this is a text file, not a slide\n")
     (folder / "notes.txt").write_text("not listed: not a slide extension\n")
     return folder
@@ -115,7 +117,7 @@ def reference(cohort: Path, trained_bundle: Path, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("reference") / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HER2_CPU_PRECISION", "fp32")
-        assert main(_args(cohort, output, trained_bundle)) == 1  # one slide fails
+        assert main(_args(cohort, output, trained_bundle)) == 1  # two slides fail
     return output
 
 
@@ -124,8 +126,8 @@ def reference(cohort: Path, trained_bundle: Path, tmp_path_factory) -> Path:
 
 def test_listing_a_folder_and_a_csv(cohort: Path, tmp_path: Path) -> None:
     slides = list_slides(cohort)
-    assert [s.slide_id for s in slides] == ["broken", *SCORED]  # notes.txt is not a slide extension
-    assert slides[1].size_bytes == (cohort / "slide_a.tif").stat().st_size
+    assert [s.slide_id for s in slides] == ["blank", "broken", *SCORED]  # notes.txt is not a slide extension
+    assert slides[2].size_bytes == (cohort / "slide_a.tif").stat().st_size
     table = tmp_path / "lists" / "cohort.csv"
     table.parent.mkdir()
     absolute = cohort / "slide_b.tif"
@@ -170,12 +172,16 @@ def test_cohort_table_failure_skip_and_half_written_redo(
     tracking = f"sqlite:///{tmp_path / 'mlruns.db'}"
     assert main([*_args(cohort, output, trained_bundle), "--tracking_uri", tracking, "--run_name", "cohort-1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: cohort: 3 of 4 slides scored, 1 failed (broken)")
+    assert err[-1].startswith("error: cohort: 3 of 5 slides scored, 2 failed (blank, broken)")
     rows = {r["slide_id"]: r for r in _table(output)}
-    assert list(rows) == ["broken", *SCORED]  # every slide, in listing order
+    assert list(rows) == ["blank", "broken", *SCORED]  # every slide, in listing order
     broken = rows["broken"]
     assert broken["status"] == "failed" and "SlideOpenError" in broken["reason"] and "broken.svs" in broken["reason"]
     assert broken["call"] == "" and broken["output"] == "" and not (output / "broken").exists()
+    # Glass only: written (the heatmap shows why), failed for want of tissue, and done (not retried).
+    blank = rows["blank"]
+    assert blank["status"] == "failed" and blank["reason"].startswith("no tissue") and blank["tissue_tiles"] == "0"
+    assert (output / "blank" / DONE_FILE).is_file() and (output / "blank" / "heatmap.png").is_file()
     for name in SCORED:
         row = rows[name]
         summary = json.loads((output / name / "slide.json").read_text())
@@ -188,7 +194,7 @@ def test_cohort_table_failure_skip_and_half_written_redo(
         }  # fmt: skip
     assert int(rows["slide_c"]["tissue_tiles"]) > int(rows["slide_a"]["tissue_tiles"])
     run = json.loads((output / "cohort.json").read_text())["run"]
-    assert (run["slides"], run["scored"], run["failed"], run["done_in_this_run"]) == (4, 3, 1, 4)
+    assert (run["slides"], run["scored"], run["failed"], run["done_in_this_run"]) == (5, 3, 2, 5)
     assert len(run["model_sha256"]) == 64 and run["settings"]["tile_size"] == 128
     assert not [p for p in output.iterdir() if p.name.endswith((".partial", ".stale"))]
     # MLflow: one run with the counts, the settings and the table.
@@ -196,20 +202,20 @@ def test_cohort_table_failure_skip_and_half_written_redo(
     client = mlflow.MlflowClient(tracking_uri=tracking)
     (logged,) = client.search_runs([client.get_experiment_by_name("her2-monai").experiment_id])
     assert logged.info.run_name == "cohort-1" and logged.data.tags["her2_monai.kind"] == "wsi_cohort"
-    assert logged.data.metrics["slides"] == 4 and logged.data.metrics["failed"] == 1
+    assert logged.data.metrics["slides"] == 5 and logged.data.metrics["failed"] == 2
     assert logged.data.params["tile_size"] == "128" and logged.data.params["model_sha256"] == run["model_sha256"]
     assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"cohort.csv", "cohort.json"}
 
-    # Second run: the three done slides are skipped (their folders untouched), the failed one is tried again.
-    before = {name: _mtimes(output / name) for name in SCORED}
+    # Second run: the four done slides are skipped (their folders untouched), the unreadable one is tried again.
+    before = {name: _mtimes(output / name) for name in (*SCORED, "blank")}
     assert main(_args(cohort, output, trained_bundle)) == 1
-    assert "(broken)" in capsys.readouterr().err.strip().splitlines()[-1]
-    assert {name: _mtimes(output / name) for name in SCORED} == before
+    assert "2 failed (blank, broken)" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert {name: _mtimes(output / name) for name in (*SCORED, "blank")} == before
     rows = {r["slide_id"]: r for r in _table(output)}
     assert {k: r["done_in_this_run"] for k, r in rows.items()} == {
-        "broken": "True", "slide_a": "False", "slide_b": "False", "slide_c": "False",
+        "blank": "False", "broken": "True", "slide_a": "False", "slide_b": "False", "slide_c": "False",
     }  # fmt: skip
-    assert json.loads((output / "cohort.json").read_text())["run"]["skipped_done_earlier"] == 3
+    assert json.loads((output / "cohort.json").read_text())["run"]["skipped_done_earlier"] == 4
     first = _results(output)
 
     # A half-written slide folder (no completion marker, a file missing) is scored again, the others skipped.
@@ -225,8 +231,22 @@ def test_cohort_table_failure_skip_and_half_written_redo(
     before = {name: _mtimes(output / name) for name in SCORED}
     assert main([*_args(cohort, output, trained_bundle), "--min_tissue", "0.9"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "3 slide folder(s)" in last and "other settings" in last and "min_tissue 0.5 there, 0.9 now" in last
+    assert "4 slide folder(s)" in last and "other settings" in last and "min_tissue 0.5 there, 0.9 now" in last
     assert {name: _mtimes(output / name) for name in SCORED} == before
+    # A folder made with another model (its recorded digest differs): refused too, naming both digests.
+    marker = json.loads((output / "slide_c" / DONE_FILE).read_text())
+    marker["fingerprint"]["model_sha256"] = "0" * 64
+    (output / "slide_c" / DONE_FILE).write_text(json.dumps(marker))
+    assert main(_args(cohort, output, trained_bundle)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "1 slide folder(s)" in last
+        and f"'{output / 'slide_c'}'" in last
+        and "model SHA-256 000000000000... there" in last
+    )
+    assert {name: _mtimes(output / name) for name in ("slide_a", "slide_b")} == {
+        k: before[k] for k in ("slide_a", "slide_b")
+    }
 
 
 # ------------------------------------------------------------------------------------------ kill -9 and torchrun
@@ -241,7 +261,7 @@ marker, real, calls = Path(sys.argv[1]), outputs.save_heatmap, []
 
 def stop_on_the_second_slide(*args, **kwargs):
     calls.append(1)
-    if len(calls) == 2:  # the first slide is done; the second has tiles.csv and tiles.geojson, no heatmap yet
+    if len(calls) == 3:  # blank and slide_a are done; slide_b has tiles.csv and tiles.geojson, no heatmap yet
         marker.write_text("stopped")
         time.sleep(600)
     return real(*args, **kwargs)
@@ -260,23 +280,24 @@ def test_kill_9_mid_cohort_then_resume_gives_the_uninterrupted_table(
     deadline = time.monotonic() + 300
     while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert marker.exists(), f"the child did not reach the second slide:\n{child.communicate()[0].decode()[-3000:]}"
+    assert marker.exists(), f"the child did not reach slide_b:\n{child.communicate()[0].decode()[-3000:]}"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    # Killed mid-slide: one slide folder complete, the second only as a temporary folder, no table yet.
-    done = [p.name for p in output.iterdir() if (p / DONE_FILE).is_file()]
+    # Killed mid-slide: two slide folders complete, slide_b only as a temporary folder, no table yet.
+    done = sorted(p.name for p in output.iterdir() if (p / DONE_FILE).is_file())
     partial = [p for p in output.iterdir() if p.name.endswith(".partial")]
-    assert len(done) == 1 and len(partial) == 1 and (partial[0] / "tiles.csv").is_file()
+    assert done == ["blank", "slide_a"] and len(partial) == 1 and partial[0].name.startswith(".slide_b.")
+    assert (partial[0] / "tiles.csv").is_file() and not (partial[0] / "heatmap.png").exists()
     assert not (output / "cohort.csv").exists()
     finished = subprocess.run(
         [sys.executable, "-m", "her2_monai", *_args(cohort, output, trained_bundle)],
         cwd=REPO_ROOT, env=_fp32_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert finished.returncode == 1, finished.stderr[-3000:]
-    assert finished.stderr.strip().splitlines()[-1].startswith("error: cohort: 3 of 4 slides scored, 1 failed")
+    assert finished.stderr.strip().splitlines()[-1].startswith("error: cohort: 3 of 5 slides scored, 2 failed")
     assert not [p for p in output.iterdir() if p.name.endswith((".partial", ".stale"))]
     rows = {r["slide_id"]: r["done_in_this_run"] for r in _table(output)}
-    assert rows[done[0]] == "False" and sum(v == "True" for v in rows.values()) == 3
+    assert rows == {"blank": "False", "broken": "True", "slide_a": "False", "slide_b": "True", "slide_c": "True"}
     assert _results(output) == _results(reference)
 
 
@@ -290,7 +311,7 @@ def test_torchrun_two_processes_give_the_single_process_table(
     result = subprocess.run(command, cwd=REPO_ROOT, env=_fp32_env(), capture_output=True, text=True, timeout=400)
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-4000:]  # a slide failed: rank 0 exits 1, torchrun reports it
-    assert "error: cohort: 3 of 4 slides scored, 1 failed (broken)" in log
+    assert "error: cohort: 3 of 5 slides scored, 2 failed (blank, broken)" in log
     assert _results(output) == _results(reference)
     table = _table(output)
     assert {r["rank"] for r in table if r["status"] == "scored"} == {"0", "1"}  # both ranks scored slides
