@@ -316,3 +316,9 @@ def test_torchrun_two_processes_give_the_single_process_table(
     table = _table(output)
     assert {r["rank"] for r in table if r["status"] == "scored"} == {"0", "1"}  # both ranks scored slides
     assert json.loads((output / "cohort.json").read_text())["run"]["world_size"] == 2
+    # Rank 0's refusal (folders of other settings) reaches rank 1 too: both stop with it, none waits for the other.
+    command[command.index("--progress")] = "--min_tissue"
+    command[command.index("--min_tissue") + 1] = "0.9"
+    refused = subprocess.run(command, cwd=REPO_ROOT, env=_fp32_env(), capture_output=True, text=True, timeout=300)
+    log = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and log.count("error: 4 slide folder(s)") == 2, log[-4000:]
