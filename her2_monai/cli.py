@@ -242,8 +242,9 @@ COMMANDS.update({"stain-reference": stain_reference, "register": register, "wsi"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; user errors become one line on stderr and exit status 2."""
+    """Run a command; user errors become one line on stderr and exit status 2 (1: a cohort with failed slides)."""
     from her2_monai.data.datalist import DatalistError
+    from her2_monai.wsi.cohort import CohortIncompleteError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -255,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     except DatalistError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CohortIncompleteError as err:  # the table is written; the line says how many slides failed
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, FileExistsError, CommandError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -126,8 +126,10 @@ def log_evaluation_run(
     training_run_name: str | None = None,
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
+    kind: str = "evaluation",
 ) -> str:
-    """Record an evaluation as an MLflow run linked to its training run.
+    """Record an evaluation (or another run over a trained model, e.g. a WSI cohort) as an MLflow run linked to its
+    training run.
 
     Args:
         tracking_uri: MLflow tracking URI (e.g. ``sqlite:///.../mlruns.db``).
@@ -138,6 +140,7 @@ def log_evaluation_run(
         training_run_name: name of the training run evaluated (its latest run becomes the parent).
         params: parameters to log.
         tags: more tags (e.g. the model's training data, :func:`~her2_monai.data.provenance.provenance_tags`).
+        kind: the run's ``her2_monai.kind`` tag (``evaluation``, ``wsi_cohort``).
 
     Returns:
         The evaluation run's id.
@@ -158,7 +161,7 @@ def log_evaluation_run(
     from her2_monai.serving.mlflow_model import set_experiment_kind
 
     set_experiment_kind(client, experiment_id)
-    tags = {**{str(k): str(v) for k, v in (tags or {}).items()}, "her2_monai.kind": "evaluation"}
+    tags = {**{str(k): str(v) for k, v in (tags or {}).items()}, "her2_monai.kind": kind}
     parent = find_run(client, experiment_id, training_run_name) if training_run_name else None
     if parent is not None:
         tags.update({"mlflow.parentRunId": parent.info.run_id, "training_run_id": parent.info.run_id})

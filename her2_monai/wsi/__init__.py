@@ -1,8 +1,9 @@
-"""Whole-slide HER2 scoring: slide reading, tissue tiles, batched inference, the slide-level call and its files."""
+"""Whole-slide HER2 scoring: slide reading, tissue tiles, batched inference, the slide call, its files, cohorts."""
 
 from __future__ import annotations
 
 from her2_monai.wsi.call import RULE, slide_call
+from her2_monai.wsi.cohort import CohortError, CohortIncompleteError, list_slides, run_cohort
 from her2_monai.wsi.inference import STAIN_MODES, TilePlan, TilingSettings, WholeSlideScorer, plan_tiles
 from her2_monai.wsi.reader import BACKENDS, Slide, SlideOpenError, open_slide
 from her2_monai.wsi.run import run_wsi, slide_summary
@@ -10,6 +11,8 @@ from her2_monai.wsi.tissue import Tile, tile_grid, tissue_mask
 
 __all__ = [
     "BACKENDS",
+    "CohortError",
+    "CohortIncompleteError",
     "RULE",
     "STAIN_MODES",
     "Slide",
@@ -19,7 +22,9 @@ __all__ = [
     "TilingSettings",
     "WholeSlideScorer",
     "open_slide",
+    "list_slides",
     "plan_tiles",
+    "run_cohort",
     "run_wsi",
     "slide_call",
     "slide_summary",

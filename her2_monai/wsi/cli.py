@@ -48,8 +48,12 @@ def wsi(
     stain_reference_ihc: str | None = None,
     device: str | None = None,
     compile: bool = False,
+    slides: str | None = None,
+    tracking_uri: str | None = None,
+    experiment_name: str = "her2-monai",
+    run_name: str | None = None,
 ) -> None:
-    """Score the tissue of a whole slide tile by tile and make a slide-level HER2 call.
+    """Score the tissue of a whole slide tile by tile and make a slide-level HER2 call; or a cohort with --slides.
 
     Writes into OUTPUT: slide.json (slide-level score, tile counts per class, tissue tile count, the call's shares,
     tiling and timing), tiles.csv (one row per tile), tiles.geojson (tile squares with scores; QuPath: File > Import
@@ -81,8 +85,18 @@ def wsi(
         device: cpu, cuda, cuda:N (default: the bundle's choice).
         compile: run the classifier through torch.compile: the first batch pays the compilation (minutes on 2 CPU
             cores), later ones run faster; worth it for slides of hundreds of tiles (see docs/performance.md).
+        slides: a cohort instead of --slide: a folder of slides or a CSV with a 'slide' column (optional 'slide_id',
+            'ihc_slide'); OUTPUT gets one folder per slide and cohort.csv/cohort.json. Done slides are skipped;
+            under torchrun the slides are split across the processes (docs/wsi.md).
+        tracking_uri: cohort only: log the run and its table to this MLflow store.
+        experiment_name: cohort only: the MLflow experiment.
+        run_name: cohort only: the MLflow run name (default wsi-cohort-<OUTPUT folder name>).
     """
-    for flag, value in (("slide", slide), ("output", output)):
+    if slides is not None:
+        if slide is not None or ihc_slide is not None:
+            raise ValueError("give either --slide (one slide) or --slides (a cohort folder or CSV), not both")
+        slide = str(slides)
+    for flag, value in (("slides" if slides is not None else "slide", slide), ("output", output)):
         if value is None or isinstance(value, bool):
             raise ValueError(f"--{flag} is required and needs a path")
     if isinstance(ihc_slide, bool):
@@ -109,6 +123,14 @@ def wsi(
     stain_options = {"stain_normalization": stain_normalization, "stain_reference": stain_reference}
     stain_options["stain_reference_ihc"] = stain_reference_ihc
     overrides.update({k: str(v) for k, v in stain_options.items() if v is not None})
+    if slides is not None:
+        from her2_monai.wsi.cohort_cli import score_cohort
+
+        options = {"stain": str(stain), "region": parse_region(region), "backend": str(backend)}
+        options["progress"] = as_bool(progress, "--progress")
+        tracking = None if tracking_uri is None else (str(tracking_uri), str(experiment_name), run_name)
+        score_cohort(str(slides), str(output), bundle, config_file, settings, options, overrides, tracking)
+        return
     summary = run_wsi(
         str(slide),
         str(output),
