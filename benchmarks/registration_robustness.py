@@ -89,6 +89,26 @@ def displace(image: np.ndarray, matrix: np.ndarray, fill: float) -> np.ndarray:
     return warp_rgb(image, RegistrationResult("affine", matrix, matrix, 1.0, shape, shape, shape), fill=fill)
 
 
+def _similarity_errors(
+    result: RegistrationResult, reference: RegistrationResult, known: np.ndarray, size: int
+) -> dict[str, float]:
+    """Both errors of the similarity stage alone (before the affine stage), when the result records it."""
+    key = "similarity_matrix_registration_resolution"
+    if key not in result.details or key not in reference.details:
+        return {}
+
+    def full(r: RegistrationResult) -> np.ndarray:
+        to_low = np.diag([r.scale, r.scale, 1.0])
+        to_low[:2, 2] = 0.5 * r.scale - 0.5
+        return np.linalg.inv(to_low) @ np.asarray(r.details[key]) @ to_low
+
+    matrix = full(result)
+    return {
+        "error_similarity": grid_error(matrix, np.linalg.inv(known), size),
+        "consistency_similarity": grid_error(matrix, np.linalg.inv(known) @ full(reference), size),
+    }
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Register every displaced pair of the part; one row per displaced pair."""
     second = None if args.second_channel == "none" else args.second_channel
@@ -100,6 +120,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         second_channel=second,
         method=args.method,
         affine_min_gain=args.affine_min_gain,
+        inverse_check=args.inverse_check == "true",
     )
     rng = np.random.default_rng(args.seed)
     rows = []
@@ -126,10 +147,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                             "angle": math.degrees(math.atan2(known[1, 0], known[0, 0])),
                             "error": grid_error(result.matrix, np.linalg.inv(known), size),
                             "consistency": grid_error(result.matrix, target, size),
+                            **_similarity_errors(result, reference, known, size),
                             "reference_offset": grid_error(reference.matrix, np.eye(3), size),
                             "reference_verdict": reference.verdict,
                             "verdict": result.verdict,
                             "reasons": ",".join(result.verdict_reasons),
+                            "matrix": result.matrix.tolist(),
                             "status": result.status,
                             **result.details["verdict_measures"],
                             "seconds": seconds,
@@ -199,6 +222,7 @@ def main() -> None:
     parser.add_argument("--second_channel", default="od", help="second channel, or none (itk method)")
     parser.add_argument("--method", default="ncc", help="ncc (default) or itk (the earlier method)")
     parser.add_argument("--affine_min_gain", type=float, default=0.0, help="NCC gain an affine stage must bring")
+    parser.add_argument("--inverse_check", default="true", help="true/false: register both ways (ncc method)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("--rescore", default="", help="summarise the rows of this JSON file with the current verdict")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ from her2_monai.registration import (
     RegistrationResult,
     RegistrationWarning,
     euler_matrix,
+    linear,
     register_folder,
     warp_rgb,
 )
@@ -126,10 +127,14 @@ def test_affine_and_bspline_refinements(data):
     json.dumps(description)
 
 
-def test_worse_alignment_falls_back_to_identity_with_warning(data, registration, monkeypatch):
+@pytest.mark.parametrize("method", ["ncc", "itk"])
+def test_worse_alignment_falls_back_to_identity_with_warning(data, monkeypatch, method):
     he, ihc = (_load(data / p, 128) for p in PAIRS["mist"])
     # An optimiser that wanders off (here: forced to a 30 px shift) must not make the pair worse than it was.
-    monkeypatch.setattr(PairRegistration, "_linear", lambda self, *args: [euler_matrix(0.0, (30.0, 30.0), (0, 0))])
+    wrong = euler_matrix(0.0, (30.0, 30.0), (0, 0))
+    monkeypatch.setattr(PairRegistration, "_linear", lambda self, *args: [wrong])
+    monkeypatch.setattr(linear, "refine", lambda fixed, moving, *args: (wrong, linear.masked_ncc(fixed, moving, wrong)))
+    registration = PairRegistration(transform="rigid", max_side=SIZE, method=method)
     with pytest.warns(RegistrationWarning, match="did not improve alignment"):
         result = registration(he, ihc)
     assert result.status == "identity"

@@ -244,6 +244,8 @@ class PairRegistration:
             refinement (rigid; ``similarity`` is treated as rigid there).
         candidates: global-search candidates refined by the ``ncc`` method.
         affine_min_gain: NCC gain an affine stage must bring over the similarity fit to be kept (``ncc`` method).
+        inverse_check: also register the IHC to the H&E and measure how far the composition of both is from the
+            identity (``inverse_consistency_px`` in the verdict measures; doubles the time; ``ncc`` method).
 
     Raises:
         ValueError: on an unknown transform or channel.
@@ -267,6 +269,7 @@ class PairRegistration:
         method: str = "ncc",
         candidates: int = 4,
         affine_min_gain: float = 0.0,
+        inverse_check: bool = False,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown registration method '{method}'; expected one of {list(METHODS)}")
@@ -294,6 +297,7 @@ class PairRegistration:
         self.method = method
         self.candidates = max(1, int(candidates))
         self.affine_min_gain = float(affine_min_gain)
+        self.inverse_check = bool(inverse_check)
 
     # -- preparation ---------------------------------------------------------------------------------------------------
 
@@ -474,35 +478,42 @@ class PairRegistration:
     # -- alignment methods --------------------------------------------------------------------------------------------
 
     def _ncc_alignment(
-        self, fixed: np.ndarray, moving: np.ndarray, scale: float
+        self, fixed_rgb: np.ndarray, moving_rgb: np.ndarray, scale: float, fixed: np.ndarray, moving: np.ndarray
     ) -> tuple[np.ndarray, dict[str, float], dict[str, Any]]:
         """The ``ncc`` method on the reduced channels: ``(matrix, verdict measures, details)``.
 
         The band-passed channels are searched over rotation x scale (:func:`linear.search_similarity`); each of the
         ``candidates`` best starts is refined (rigid or similarity) and the highest NCC wins; ``affine`` then refines
-        the winner further, kept when it gains more than ``affine_min_gain`` of NCC.
+        the winner further, kept when it gains more than ``affine_min_gain`` of NCC. Two agreement checks feed the
+        verdict: the winner is refined again on other evidence (the band-passed ``second_channel``, and the main
+        channel at a coarser band) and how far it moves is measured (:func:`_ncc_measures`).
         """
         f, m = linear.band_pass(fixed), linear.band_pass(moving)
-        scales = (1.0,) if self.transform == "rigid" else (0.95, 1.0, 1.05)
-        starts = linear.search_similarity(
-            f, m, self.max_angle, 2.0, scales, self.max_shift, self.candidates, self.prior_weight
-        )
         model = "rigid" if self.transform == "rigid" else "similarity"
-        # each start converges roughly (coarse tolerance), the best one is then polished
-        refined = sorted(
-            ((*linear.refine(f, m, start, model, 0.25, 150), score, start) for score, start in starts),
-            key=lambda r: -r[1],
-        )
-        best_matrix, best_ncc = linear.refine(f, m, refined[0][0], model, 0.05, 300)
-        refined[0] = (best_matrix, best_ncc, *refined[0][2:])
+        refined, starts = self._ncc_fit(f, m, model)
+        best_matrix, best_ncc = refined[0][:2]
         stages = {model: best_ncc}
         if self.transform == "affine":
             matrix, value = linear.refine(f, m, best_matrix, "affine", 0.05, 300)
             stages["affine"] = value
             if value > best_ncc + self.affine_min_gain:
                 best_matrix = matrix
+        similarity_matrix = refined[0][0]
         measures = _ncc_measures(refined, best_ncc, fixed.shape)
         measures["ncc_identity"] = linear.masked_ncc(f, m, np.eye(3))
+        other = self.second_channel or "od"
+        checks = {
+            "channel_drift_px": tuple(
+                map(linear.band_pass, self._channels(fixed_rgb, moving_rgb, scale, [other])[other])
+            ),
+            "coarse_drift_px": (linear.band_pass(fixed, 2.0, 16.0), linear.band_pass(moving, 2.0, 16.0)),
+        }
+        for name, (a, b) in checks.items():  # registration-resolution px the winner moves on other evidence
+            matrix = linear.refine(a, b, similarity_matrix, model, 0.1, 200)[0]
+            measures[name] = linear.grid_distance(matrix, similarity_matrix, fixed.shape)
+        if self.inverse_check:  # IHC -> H&E registered on its own, composed with H&E -> IHC: identity if consistent
+            reverse = self._ncc_fit(m, f, model)[0][0][0]
+            measures["inverse_consistency_px"] = linear.grid_distance(reverse @ similarity_matrix, np.eye(3), f.shape)
         measures["tissue_dice"] = _tissue_dice(fixed, moving, best_matrix)
         details = {
             "global_search": {
@@ -519,8 +530,27 @@ class PairRegistration:
                 for matrix, value, score, _ in refined
             ],
             "stages_ncc": stages,
+            "similarity_matrix_registration_resolution": similarity_matrix.tolist(),
         }
         return best_matrix, measures, details
+
+    def _ncc_fit(
+        self, f: np.ndarray, m: np.ndarray, model: str
+    ) -> tuple[list[tuple[np.ndarray, float, float, np.ndarray]], list[tuple[float, np.ndarray]]]:
+        """Search and refine band-passed channels: ``(refined, starts)``, ``refined`` = ``(matrix, ncc, search
+        score, start)`` per start, best first (the best one polished), ``starts`` the search's ``(score, matrix)``."""
+        scales = (1.0,) if model == "rigid" else (0.95, 1.0, 1.05)
+        starts = linear.search_similarity(
+            f, m, self.max_angle, 2.0, scales, self.max_shift, self.candidates, self.prior_weight
+        )
+        # each start converges roughly (coarse tolerance), the best one is then polished
+        refined = sorted(
+            ((*linear.refine(f, m, start, model, 0.25, 150), score, start) for score, start in starts),
+            key=lambda r: -r[1],
+        )
+        best_matrix, best_ncc = linear.refine(f, m, refined[0][0], model, 0.05, 300)
+        refined[0] = (best_matrix, best_ncc, *refined[0][2:])
+        return refined, starts
 
     def _itk_alignment(
         self, fixed_rgb: np.ndarray, moving_rgb: np.ndarray, scale: float, f: np.ndarray, m: np.ndarray
@@ -606,7 +636,7 @@ class PairRegistration:
         before = _quality(f, m, identity, None)
         stages = {"identity": before["nmi"]}
         if self.method == "ncc":
-            best_matrix, measures, search_details = self._ncc_alignment(f, m, scale)
+            best_matrix, measures, search_details = self._ncc_alignment(fixed, moving, scale, f, m)
         else:
             best_matrix, measures, search_details = self._itk_alignment(fixed, moving, scale, f, m)
         best_nmi = _quality(f, m, best_matrix, None)["nmi"]
