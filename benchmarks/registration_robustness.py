@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                             "reasons": ",".join(result.verdict_reasons),
                             "matrix": result.matrix.tolist(),
                             "status": result.status,
+                            "method": args.method,
                             **result.details["verdict_measures"],
                             "seconds": seconds,
                         }
@@ -203,8 +204,47 @@ def summarise(rows: list[dict]) -> None:
             f"verdict: large errors (> 20 px) caught {int((flagged & large).sum())} of {int(large.sum())}; "
             f"good registrations (< 5 px) flagged {int((flagged & good).sum())} of {int(good.sum())}"
         )
+    for key in ("error_similarity", "consistency_similarity"):  # the affine stage's worth
+        if all(key in r for r in rows):
+            for size in sorted({r["size"] for r in rows}):
+                e = np.array([r[key] for r in rows if r["size"] == size])
+                print(
+                    f"{key} (similarity stage alone) at {size}: median {np.median(e):.2f} px, "
+                    f"< 5 px {(e < 5).sum()} of {len(e)}, > 20 px {(e > 20).sum()}"
+                )
     seconds = np.array([r["seconds"] for r in rows])
     print(f"\n{np.mean(seconds):.1f} s per registration (median {np.median(seconds):.1f}, max {seconds.max():.1f})")
+
+
+#: Candidate verdict measures and the direction that means "suspect" (larger or smaller), with thresholds to try.
+CANDIDATES = {
+    "inverse_consistency_px": ("max", (0.5, 1.0, 1.5, 2.0, 3.0, 5.0)),
+    "channel_drift_px": ("max", (0.5, 1.0, 2.0, 3.0)),
+    "coarse_drift_px": ("max", (1.0, 2.0, 3.0, 5.0)),
+    "margin": ("min", (0.05, 0.1, 0.2)),
+    "ncc": ("min", (0.1, 0.15, 0.2)),
+}
+
+
+def compare_measures(rows: list[dict], key: str = "error") -> None:
+    """For each candidate verdict measure and threshold: large errors (> 20 px) caught and good registrations
+    (< 5 px) flagged, on ``key``; how the verdict rule is chosen on tune."""
+    errors = np.array([r[key] for r in rows])
+    large, good = errors > 20, errors < 5
+    print(f"\nverdict candidates on {key}: {int(large.sum())} large (> 20 px), {int(good.sum())} good (< 5 px)")
+    print("| measure | flagged when | caught large | flagged good |")
+    print("|---|---|---|---|")
+    for name, (bound, thresholds) in CANDIDATES.items():
+        if not all(name in r for r in rows):
+            continue
+        values = np.array([r[name] for r in rows])
+        for threshold in thresholds:
+            flagged = values > threshold if bound == "max" else values < threshold
+            sign = ">" if bound == "max" else "<"
+            print(
+                f"| {name} | {sign} {threshold} | {int((flagged & large).sum())} of {int(large.sum())} | "
+                f"{int((flagged & good).sum())} of {int(good.sum())} |"
+            )
 
 
 def main() -> None:
@@ -223,6 +263,7 @@ def main() -> None:
     parser.add_argument("--method", default="ncc", help="ncc (default) or itk (the earlier method)")
     parser.add_argument("--affine_min_gain", type=float, default=0.0, help="NCC gain an affine stage must bring")
     parser.add_argument("--inverse_check", default="true", help="true/false: register both ways (ncc method)")
+    parser.add_argument("--candidates", action="store_true", help="also compare candidate verdict measures")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("--rescore", default="", help="summarise the rows of this JSON file with the current verdict")
     args = parser.parse_args()
@@ -230,11 +271,14 @@ def main() -> None:
         rows = json.loads(Path(args.rescore).read_text())
         for row in rows:  # the verdict of the current thresholds, from the stored measurements
             status = row.get("status") or ("identity" if row["reasons"].startswith("no alignment") else "registered")
-            row["verdict"], reasons = _verdict(row, status)
+            row["verdict"], reasons = _verdict(row, status, row.get("method", "ncc"))
             row["reasons"] = ",".join(reasons)
     else:
         rows = run(args)
     summarise(rows)
+    if args.candidates:
+        for key in ("error", "consistency"):
+            compare_measures(rows, key)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

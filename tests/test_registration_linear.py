@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 
 from her2_monai.registration import PairRegistration, RegistrationResult, linear, warp_rgb
+from her2_monai.registration.pairwise import _verdict
 
 SIZE = 128
 
@@ -88,3 +89,22 @@ def test_pair_registration_recovers_scale_and_rotation_across_stains():
     measures = result.details["verdict_measures"]
     assert {"ncc", "margin", "support", "tissue_dice", "ncc_identity"} <= set(measures)
     assert measures["ncc"] > measures["ncc_identity"]
+
+
+def test_verdict_rules_flag_an_inconsistent_or_unmeasured_registration():
+    assert _verdict({"inverse_consistency_px": 0.2}, "registered") == ("registered", [])
+    verdict, reasons = _verdict({"inverse_consistency_px": 9.0}, "registered")
+    assert verdict == "uncertain" and reasons[0].startswith("inverse_consistency_px 9.000 >")
+    assert _verdict({}, "registered") == ("uncertain", ["inverse_consistency_px not measured"])
+    assert _verdict({"inverse_consistency_px": 0.2}, "identity")[0] == "failed"
+    assert _verdict({"support": 0.25}, "registered", "itk")[0] == "uncertain"
+
+
+def test_unrelated_tissue_is_not_trusted():
+    """A forced failure: the 'IHC' shows other tissue, so the two directions of registration do not agree."""
+    he, _ = _stained_pair(5)
+    _, other = _stained_pair(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = PairRegistration(max_side=SIZE)(he, other)
+    assert result.verdict in ("uncertain", "failed") and result.verdict_reasons, result.details["verdict_measures"]

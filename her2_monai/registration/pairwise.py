@@ -1,28 +1,24 @@
-"""Register an IHC section to its H&E neighbour with ITK: rigid or affine, optionally B-spline, computed at low
+"""Register an IHC section to its H&E neighbour: rigid, similarity or affine, optionally B-spline, computed at low
 resolution on a stain-robust channel and applied at full resolution.
 
 Steps (:class:`PairRegistration`):
 
 1. both images are reduced by one common factor so the longer side is ``max_side`` (the sections are assumed to be
    scanned at the same pixel size), and turned into a stain-robust grey channel
-   (:func:`~her2_monai.registration.channels.registration_channel`);
-2. a coarse global search (black fill read as white glass first): every rotation in ``[-max_angle, max_angle]``
-   (2 degree steps) is tried, each with the translation that maximises the masked normalised cross-correlation of the
-   rotated moving image with the fixed image (computed for all translations at once with FFTs, at half resolution, up
-   to ``max_shift`` of the side), with a small handicap for large rotations and shifts (``prior_weight``); the best
-   ``starts`` distinct candidates are kept, on the main channel and on ``second_channel``;
-3. each candidate is refined (rigid) at half the registration resolution and scored by the NMI of both channels; the
-   best starts ITK's ``ImageRegistrationMethodv4`` with Mattes mutual information (multi-modal, 32
-   bins), a regular-step gradient descent with physical-shift parameter scales, at the registration resolution, on an
-   ``Euler2DTransform`` (rigid) and then, for ``affine``, an ``AffineTransform`` started from the rigid result;
-4. optionally a cubic ``BSplineTransform`` (``bspline_grid`` control cells a side) refines the linearly aligned image;
-5. the low-resolution transform is expressed in full-resolution pixel coordinates (translations scaled by the
+   (:func:`~her2_monai.registration.channels.registration_channel`; black fill is read as white glass);
+2. ``method="ncc"`` (default, :mod:`~her2_monai.registration.linear`): the channels are band-passed (difference of
+   Gaussians, 1-8 px), searched over rotation x scale (every translation at once, masked NCC by FFT, at half
+   resolution), the best ``candidates`` starts are refined (Powell, masked NCC; rigid or similarity) and the best is
+   kept; ``affine`` refines it further, kept when it raises the NCC. ``method="itk"`` (the earlier method): a
+   rotation search on two channels and ITK's ``ImageRegistrationMethodv4`` with Mattes mutual information;
+3. optionally a cubic ``BSplineTransform`` (``bspline_grid`` control cells a side) refines the linearly aligned image;
+4. the low-resolution transform is expressed in full-resolution pixel coordinates (translations scaled by the
    reduction factor) and each RGB channel of the full-resolution IHC is resampled on the H&E's grid, with white fill;
-6. the alignment quality (NCC and normalised MI on the channel, over the overlap) is measured before and after each
-   stage; affine and B-spline stages are kept only if they raise NMI, and when registration did not improve NMI at
-   all, the identity is kept and a warning says so;
-7. a verdict (``registered``, ``uncertain`` or ``failed``) from how many starts converged to the chosen alignment
-   (:func:`_measures`, :data:`VERDICT_THRESHOLDS`).
+5. the alignment quality (NCC and normalised MI on the channel, over the overlap) is measured before and after; when
+   registration did not improve the method's metric, the identity is kept and a warning says so;
+6. a verdict (``registered``, ``uncertain`` or ``failed``) from measurements that predict a large error
+   (:func:`_ncc_measures`, :func:`_measures`, :data:`VERDICT_THRESHOLDS`): for ``ncc``, whether the IHC -> H&E
+   registration, done on its own, composes with the H&E -> IHC one to the identity.
 
 Transforms map H&E (fixed) pixel coordinates ``(x = column, y = row)`` to IHC (moving) pixel coordinates, the ITK
 convention; ``output(x) = moving(T(x))``.
@@ -48,6 +44,7 @@ from her2_monai.registration.channels import (
 )
 
 __all__ = [
+    "DEFAULT_TRANSFORM",
     "TRANSFORMS",
     "METHODS",
     "RegistrationWarning",
@@ -59,6 +56,8 @@ __all__ = [
 
 TRANSFORMS = ("rigid", "similarity", "affine")
 METHODS = ("ncc", "itk")
+#: The default transform (chosen on the tune part of the sealed split, docs/registration.md).
+DEFAULT_TRANSFORM = "affine"
 _MAX_SIZE_RATIO = 1.5  # larger H&E/IHC size differences suggest another magnification: refuse rather than guess
 
 
@@ -253,7 +252,7 @@ class PairRegistration:
 
     def __init__(
         self,
-        transform: str = "affine",
+        transform: str = DEFAULT_TRANSFORM,
         bspline: bool = False,
         channel: str = "tissue",
         max_side: int = 256,
@@ -269,7 +268,7 @@ class PairRegistration:
         method: str = "ncc",
         candidates: int = 4,
         affine_min_gain: float = 0.0,
-        inverse_check: bool = False,
+        inverse_check: bool = True,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown registration method '{method}'; expected one of {list(METHODS)}")
@@ -702,7 +701,7 @@ class PairRegistration:
             result.matrix, result.matrix_low, result.displacement_low = identity, identity, None
             result.status = "identity"
             result.quality["ncc_after"], result.quality["nmi_after"] = before["ncc"], before["nmi"]
-        result.verdict, result.verdict_reasons = _verdict(measures, result.status)
+        result.verdict, result.verdict_reasons = _verdict(measures, result.status, self.method)
         return result
 
 
@@ -827,23 +826,37 @@ def _ncc_measures(
     }
 
 
-#: Verdict thresholds, chosen on the tune part of the sealed split (docs/registration.md).
-VERDICT_THRESHOLDS = {"support": 0.6}
+#: Verdict rules per method, chosen on the tune part of the sealed split (docs/registration.md): measure ->
+#: ``("max", t)`` (flagged above ``t``) or ``("min", t)`` (flagged below ``t``).
+VERDICT_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
+    "ncc": {"inverse_consistency_px": ("max", 1.5)},
+    "itk": {"support": ("min", 0.6)},
+}
 
 
-def _verdict(measures: dict[str, float], status: str) -> tuple[str, list[str]]:
-    """``(verdict, reasons)`` of a registration from its :func:`_measures` and status.
+def _verdict(measures: dict[str, float], status: str, method: str = "ncc") -> tuple[str, list[str]]:
+    """``(verdict, reasons)`` of a registration from its verdict measures, status and method.
 
-    ``failed`` when registration kept the identity; ``uncertain`` when any measure is under its threshold in
-    :data:`VERDICT_THRESHOLDS`; ``registered`` otherwise.
+    Args:
+        measures: :func:`_ncc_measures` or :func:`_measures` output.
+        status: ``registered`` or ``identity``.
+        method: the registration method (selects the rules of :data:`VERDICT_THRESHOLDS`).
+
+    Returns:
+        ``failed`` when registration kept the identity; ``uncertain`` when a measure is beyond its threshold (or a
+        measure a rule needs is missing); ``registered`` otherwise; with the reasons.
     """
     if status == "identity":
         return "failed", ["no alignment beat the unregistered pair"]
-    reasons = [
-        f"{name} {measures[name]:.3f} < {threshold}"
-        for name, threshold in VERDICT_THRESHOLDS.items()
-        if name in measures and measures[name] < threshold
-    ]
+    reasons = []
+    for name, (bound, threshold) in VERDICT_THRESHOLDS[method].items():
+        value = measures.get(name)
+        if value is None:
+            reasons.append(f"{name} not measured")
+        elif bound == "max" and value > threshold:
+            reasons.append(f"{name} {value:.3f} > {threshold}")
+        elif bound == "min" and value < threshold:
+            reasons.append(f"{name} {value:.3f} < {threshold}")
     return ("uncertain", reasons) if reasons else ("registered", [])
 
 
