@@ -255,7 +255,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_angle", type=float, default=15.0)
     parser.add_argument("--max_shift", type=float, default=0.1)
-    parser.add_argument("--transform", default="affine")
+    parser.add_argument("--transform", default="affine", help="affine also records the similarity stage alone")
     parser.add_argument("--channel", default="tissue")
     parser.add_argument("--max_side", type=int, default=256)
     parser.add_argument("--starts", type=int, default=3, help="global-search starts per channel")
@@ -263,6 +263,9 @@ def main() -> None:
     parser.add_argument("--method", default="ncc", help="ncc (default) or itk (the earlier method)")
     parser.add_argument("--affine_min_gain", type=float, default=0.0, help="NCC gain an affine stage must bring")
     parser.add_argument("--inverse_check", default="true", help="true/false: register both ways (ncc method)")
+    parser.add_argument(
+        "--stage", default="final", help="with --rescore: final, or similarity (the similarity stage's errors)"
+    )
     parser.add_argument("--candidates", action="store_true", help="also compare candidate verdict measures")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("--rescore", default="", help="summarise the rows of this JSON file with the current verdict")
@@ -273,6 +276,8 @@ def main() -> None:
             status = row.get("status") or ("identity" if row["reasons"].startswith("no alignment") else "registered")
             row["verdict"], reasons = _verdict(row, status, row.get("method", "ncc"))
             row["reasons"] = ",".join(reasons)
+            if args.stage == "similarity":  # score the similarity stage alone (the verdict measures are its own)
+                row["error"], row["consistency"] = row["error_similarity"], row["consistency_similarity"]
     else:
         rows = run(args)
     summarise(rows)

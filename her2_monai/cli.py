@@ -69,7 +69,7 @@ def datalist(
     pairs_dir: str | None = None,
     register: bool = False,
     register_dir: str | None = None,
-    register_transform: str = "affine",
+    register_transform: str = "similarity",
     register_keep_flagged: bool = False,
     split_by: str = "",
 ) -> None:

@@ -11,7 +11,7 @@ def register(
     he: str | None = None,
     ihc: str | None = None,
     output: str | None = None,
-    transform: str = "affine",
+    transform: str = "similarity",
     bspline: bool = False,
     channel: str = "tissue",
     max_side: int = 256,

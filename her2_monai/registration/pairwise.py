@@ -57,7 +57,7 @@ __all__ = [
 TRANSFORMS = ("rigid", "similarity", "affine")
 METHODS = ("ncc", "itk")
 #: The default transform (chosen on the tune part of the sealed split, docs/registration.md).
-DEFAULT_TRANSFORM = "affine"
+DEFAULT_TRANSFORM = "similarity"
 _MAX_SIZE_RATIO = 1.5  # larger H&E/IHC size differences suggest another magnification: refuse rather than guess
 
 
@@ -829,7 +829,7 @@ def _ncc_measures(
 #: Verdict rules per method, chosen on the tune part of the sealed split (docs/registration.md): measure ->
 #: ``("max", t)`` (flagged above ``t``) or ``("min", t)`` (flagged below ``t``).
 VERDICT_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
-    "ncc": {"inverse_consistency_px": ("max", 1.5)},
+    "ncc": {"inverse_consistency_px": ("max", 1.0)},
     "itk": {"support": ("min", 0.6)},
 }
 
