@@ -152,7 +152,7 @@ def test_register_command_writes_outputs(data, tmp_path, capsys):
     Image.fromarray(_displace(_load(data / PAIRS["mist"][1], 320), KNOWN)).save(ihc, quality=95)
     out = tmp_path / "out"
     assert main(["register", "--he", str(he), "--ihc", str(ihc), "--output", str(out)]) == 0
-    assert "registered: rigid" in capsys.readouterr().out
+    assert "registered: similarity" in capsys.readouterr().out  # the default transform
     for name in ("ihc_registered.png", "he.png", "checkerboard.png", "registration.json"):
         assert (out / name).is_file(), name
     document = json.loads((out / "registration.json").read_text())
@@ -175,8 +175,10 @@ def test_bad_inputs_give_clear_errors(data, tmp_path, capsys, registration):
     assert "notes.png: not an image file" in capsys.readouterr().err
     assert main(["register", "--he", he, "--output", str(tmp_path)]) == 2
     assert "--ihc is required" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown transform 'similarity'"):
-        PairRegistration(transform="similarity")
+    with pytest.raises(ValueError, match="unknown transform 'projective'"):
+        PairRegistration(transform="projective")
+    with pytest.raises(ValueError, match="unknown registration method 'elastix'"):
+        PairRegistration(method="elastix")
     with pytest.raises(ValueError, match="unknown registration channel 'dab'"):
         PairRegistration(channel="dab")
     image = _load(data / PAIRS["bci"][0], 128)
