@@ -5,18 +5,25 @@ Every real H&E / IHC pair of one part of ``benchmarks/sealed_split.py`` (tune: B
 centre: rotation up to ``--max_angle`` degrees, translation up to ``--max_shift`` of the side, scale 0.95-1.05, shear
 up to 0.03, with a white or black fill (alternating). The displaced IHC is registered back to the H&E.
 
-``error`` is the mean distance (px at that size) over a 5x5 grid spanning the central 60% of the image between ``T``
-(the registration of the displaced pair) and ``D^-1`` (``D`` the known displacement), as in issue 24. Consecutive
-sections are not perfectly aligned to begin with, so this includes the pair's own misalignment; ``ref offset`` is the
-rigid registration of the undisplaced pair (its distance from the identity, a rough estimate of that misalignment) and
-``vs reference`` compares ``T`` with ``D^-1 R0`` (``R0`` that registration).
+Two errors, each the mean distance (px at that size) over a 5x5 grid spanning the central 60% of the image:
 
-The verdict (``registered`` / ``uncertain`` / ``failed``) is scored against the error: large errors (> 20 px) it
-catches (marked uncertain or failed) and good registrations (< 5 px) it wrongly flags.
+- ``error``: ``T`` (the registration of the displaced pair) against ``D^-1`` (``D`` the known displacement), as in
+  issue 24. Consecutive sections are not perfectly aligned to begin with, so this includes the pair's own
+  misalignment (and any bias of the method on that pair);
+- ``consistency``: ``T`` against ``D^-1 R0``, ``R0`` the same method's registration of the undisplaced pair (``ref
+  offset``: its distance from the identity): does the displacement change the answer? It does not say the answer is
+  right.
+
+With ``--transform affine`` (the default here) the similarity stage is recorded too (``error_similarity``,
+``consistency_similarity``; ``--rescore FILE --stage similarity`` scores it: the default transform). The verdict
+(``registered`` / ``uncertain`` / ``failed``) is scored against both: large errors (> 20 px) it catches (marked
+uncertain or failed) and good registrations (< 5 px) it wrongly flags; ``--candidates`` compares every recorded
+verdict measure at several thresholds (how the rule is chosen on tune).
 
 Run (choose on tune, score report once)::
 
-    python benchmarks/registration_robustness.py --part tune [--sizes 1024 512] [--per_pair 3] [--transform affine]
+    python benchmarks/registration_robustness.py --part tune [--sizes 1024 512] [--per_pair 3] --json tune.json
+    python benchmarks/registration_robustness.py --rescore tune.json --stage similarity --candidates
 """
 
 from __future__ import annotations
