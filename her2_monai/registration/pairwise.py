@@ -244,7 +244,8 @@ class PairRegistration:
         candidates: global-search candidates refined by the ``ncc`` method.
         affine_min_gain: NCC gain an affine stage must bring over the similarity fit to be kept (``ncc`` method).
         inverse_check: also register the IHC to the H&E and measure how far the composition of both is from the
-            identity (``inverse_consistency_px`` in the verdict measures; doubles the time; ``ncc`` method).
+            identity (``inverse_consistency_px`` in the verdict measures; doubles the time; ``ncc`` method). The
+            ``ncc`` verdict rests on it: without it every result is ``uncertain`` ("not measured").
 
     Raises:
         ValueError: on an unknown transform or channel.
@@ -675,6 +676,8 @@ class PairRegistration:
                 "prior_weight": self.prior_weight,
                 "method": self.method,
                 "transform": self.transform,
+                "candidates": self.candidates,
+                "inverse_check": self.inverse_check,
                 "metric": "masked NCC, band-passed channel" if self.method == "ncc" else "MattesMutualInformation",
                 "optimizer": "Powell (scipy)" if self.method == "ncc" else "RegularStepGradientDescentv4",
                 "learning_rate": self.learning_rate,
