@@ -5,18 +5,25 @@ Every real H&E / IHC pair of one part of ``benchmarks/sealed_split.py`` (tune: B
 centre: rotation up to ``--max_angle`` degrees, translation up to ``--max_shift`` of the side, scale 0.95-1.05, shear
 up to 0.03, with a white or black fill (alternating). The displaced IHC is registered back to the H&E.
 
-``error`` is the mean distance (px at that size) over a 5x5 grid spanning the central 60% of the image between ``T``
-(the registration of the displaced pair) and ``D^-1`` (``D`` the known displacement), as in issue 24. Consecutive
-sections are not perfectly aligned to begin with, so this includes the pair's own misalignment; ``ref offset`` is the
-rigid registration of the undisplaced pair (its distance from the identity, a rough estimate of that misalignment) and
-``vs reference`` compares ``T`` with ``D^-1 R0`` (``R0`` that registration).
+Two errors, each the mean distance (px at that size) over a 5x5 grid spanning the central 60% of the image:
 
-The verdict (``registered`` / ``uncertain`` / ``failed``) is scored against the error: large errors (> 20 px) it
-catches (marked uncertain or failed) and good registrations (< 5 px) it wrongly flags.
+- ``error``: ``T`` (the registration of the displaced pair) against ``D^-1`` (``D`` the known displacement), as in
+  issue 24. Consecutive sections are not perfectly aligned to begin with, so this includes the pair's own
+  misalignment (and any bias of the method on that pair);
+- ``consistency``: ``T`` against ``D^-1 R0``, ``R0`` the same method's registration of the undisplaced pair (``ref
+  offset``: its distance from the identity): does the displacement change the answer? It does not say the answer is
+  right.
+
+With ``--transform affine`` (the default here) the similarity stage is recorded too (``error_similarity``,
+``consistency_similarity``; ``--rescore FILE --stage similarity`` scores it: the default transform). The verdict
+(``registered`` / ``uncertain`` / ``failed``) is scored against both: large errors (> 20 px) it catches (marked
+uncertain or failed) and good registrations (< 5 px) it wrongly flags; ``--candidates`` compares every recorded
+verdict measure at several thresholds (how the rule is chosen on tune).
 
 Run (choose on tune, score report once)::
 
-    python benchmarks/registration_robustness.py --part tune [--sizes 1024 512] [--per_pair 3] [--transform affine]
+    python benchmarks/registration_robustness.py --part tune [--sizes 1024 512] [--per_pair 3] --json tune.json
+    python benchmarks/registration_robustness.py --rescore tune.json --stage similarity --candidates
 """
 
 from __future__ import annotations
@@ -89,6 +96,26 @@ def displace(image: np.ndarray, matrix: np.ndarray, fill: float) -> np.ndarray:
     return warp_rgb(image, RegistrationResult("affine", matrix, matrix, 1.0, shape, shape, shape), fill=fill)
 
 
+def _similarity_errors(
+    result: RegistrationResult, reference: RegistrationResult, known: np.ndarray, size: int
+) -> dict[str, float]:
+    """Both errors of the similarity stage alone (before the affine stage), when the result records it."""
+    key = "similarity_matrix_registration_resolution"
+    if key not in result.details or key not in reference.details:
+        return {}
+
+    def full(r: RegistrationResult) -> np.ndarray:
+        to_low = np.diag([r.scale, r.scale, 1.0])
+        to_low[:2, 2] = 0.5 * r.scale - 0.5
+        return np.linalg.inv(to_low) @ np.asarray(r.details[key]) @ to_low
+
+    matrix = full(result)
+    return {
+        "error_similarity": grid_error(matrix, np.linalg.inv(known), size),
+        "consistency_similarity": grid_error(matrix, np.linalg.inv(known) @ full(reference), size),
+    }
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Register every displaced pair of the part; one row per displaced pair."""
     second = None if args.second_channel == "none" else args.second_channel
@@ -98,8 +125,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         max_side=args.max_side,
         starts=args.starts,
         second_channel=second,
+        method=args.method,
+        affine_min_gain=args.affine_min_gain,
+        inverse_check=args.inverse_check == "true",
     )
-    rigid = PairRegistration(transform="rigid", channel=args.channel, max_side=args.max_side)
     rng = np.random.default_rng(args.seed)
     rows = []
     for pair in real_pairs(args.part):
@@ -108,7 +137,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             ihc = np.asarray(Image.fromarray(pair.ihc).resize((size, size), Image.BILINEAR))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RegistrationWarning)
-                reference = rigid(he, ihc)
+                reference = registration(he, ihc)
                 for k in range(args.per_pair):
                     known = random_displacement(rng, size, args.max_angle, args.max_shift)
                     fill = 255.0 if k % 2 == 0 else 0.0
@@ -124,11 +153,15 @@ def run(args: argparse.Namespace) -> list[dict]:
                             "fill": "white" if fill else "black",
                             "angle": math.degrees(math.atan2(known[1, 0], known[0, 0])),
                             "error": grid_error(result.matrix, np.linalg.inv(known), size),
-                            "error_vs_reference": grid_error(result.matrix, target, size),
+                            "consistency": grid_error(result.matrix, target, size),
+                            **_similarity_errors(result, reference, known, size),
                             "reference_offset": grid_error(reference.matrix, np.eye(3), size),
                             "reference_verdict": reference.verdict,
                             "verdict": result.verdict,
                             "reasons": ",".join(result.verdict_reasons),
+                            "matrix": result.matrix.tolist(),
+                            "status": result.status,
+                            "method": args.method,
                             **result.details["verdict_measures"],
                             "seconds": seconds,
                         }
@@ -136,38 +169,89 @@ def run(args: argparse.Namespace) -> list[dict]:
                     r = rows[-1]
                     print(
                         f"{r['pair']:28s} {size:5d} {r['fill']:5s} angle {r['angle']:6.1f}  error {r['error']:7.2f} px"
-                        f"  (vs reference {r['error_vs_reference']:6.2f}, ref offset {r['reference_offset']:5.2f} "
-                        f"{r['reference_verdict']})  margin {r['margin']:.3f} support {r['support']:.2f} "
-                        f"dice {r['tissue_dice']:.3f}  {r['verdict']:10s} {r['reasons']}  {seconds:.1f} s",
+                        f"  consistency {r['consistency']:6.2f} (ref offset {r['reference_offset']:5.2f} "
+                        f"{r['reference_verdict']})  "
+                        + " ".join(f"{k} {v:.3f}" for k, v in result.details["verdict_measures"].items())
+                        + f"  {r['verdict']:10s} {r['reasons']}  {seconds:.1f} s",
                         flush=True,
                     )
     return rows
 
 
 def summarise(rows: list[dict]) -> None:
-    """Print the error distribution and verdict counts per source and size, and how the verdict predicts errors."""
-    groups = defaultdict(list)
-    for row in rows:
-        groups[(row["source"], row["size"])].append(row)
-        groups[("all", row["size"])].append(row)
-    print("\n| source | size | n | median px | p90 px | max px | < 5 px | > 20 px | registered / uncertain / failed |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for (source, size), group in sorted(groups.items()):
-        e = np.array([r["error"] for r in group])
-        verdicts = [r["verdict"] for r in group]
-        counts = " / ".join(str(verdicts.count(v)) for v in ("registered", "uncertain", "failed"))
+    """Print, for both error definitions, the distribution and verdict counts per source and size, and how the
+    verdict predicts large errors."""
+    for key, meaning in (
+        ("error", "error: vs the inverse of the known displacement (includes the pair's own misalignment)"),
+        (
+            "consistency",
+            "consistency: vs the method's own result on the undisplaced pair (does the displacement change it?)",
+        ),
+    ):
+        print(f"\n{meaning}")
+        groups = defaultdict(list)
+        for row in rows:
+            groups[(row["source"], row["size"])].append(row)
         print(
-            f"| {source} | {size} | {len(e)} | {np.median(e):.2f} | {np.percentile(e, 90):.2f} | {e.max():.2f} | "
-            f"{(e < 5).sum()} ({100 * (e < 5).mean():.0f}%) | {(e > 20).sum()} | {counts} |"
+            "| source | size | n | median px | p90 px | max px | < 5 px | > 20 px | registered / uncertain / failed |"
         )
-    errors = np.array([r["error"] for r in rows])
-    flagged = np.array([r["verdict"] != "registered" for r in rows])
+        print("|---|---|---|---|---|---|---|---|---|")
+        for (source, size), group in sorted(groups.items()):
+            e = np.array([r[key] for r in group])
+            verdicts = [r["verdict"] for r in group]
+            counts = " / ".join(str(verdicts.count(v)) for v in ("registered", "uncertain", "failed"))
+            print(
+                f"| {source} | {size} | {len(e)} | {np.median(e):.2f} | {np.percentile(e, 90):.2f} | {e.max():.2f} | "
+                f"{(e < 5).sum()} ({100 * (e < 5).mean():.0f}%) | {(e > 20).sum()} | {counts} |"
+            )
+        errors = np.array([r[key] for r in rows])
+        flagged = np.array([r["verdict"] != "registered" for r in rows])
+        large, good = errors > 20, errors < 5
+        print(
+            f"verdict: large errors (> 20 px) caught {int((flagged & large).sum())} of {int(large.sum())}; "
+            f"good registrations (< 5 px) flagged {int((flagged & good).sum())} of {int(good.sum())}"
+        )
+    for key in ("error_similarity", "consistency_similarity"):  # the affine stage's worth
+        if all(key in r for r in rows):
+            for size in sorted({r["size"] for r in rows}):
+                e = np.array([r[key] for r in rows if r["size"] == size])
+                print(
+                    f"{key} (similarity stage alone) at {size}: median {np.median(e):.2f} px, "
+                    f"< 5 px {(e < 5).sum()} of {len(e)}, > 20 px {(e > 20).sum()}"
+                )
+    seconds = np.array([r["seconds"] for r in rows])
+    print(f"\n{np.mean(seconds):.1f} s per registration (median {np.median(seconds):.1f}, max {seconds.max():.1f})")
+
+
+#: Candidate verdict measures and the direction that means "suspect" (larger or smaller), with thresholds to try.
+CANDIDATES = {
+    "inverse_consistency_px": ("max", (0.5, 1.0, 1.5, 2.0, 3.0, 5.0)),
+    "channel_drift_px": ("max", (0.5, 1.0, 2.0, 3.0)),
+    "coarse_drift_px": ("max", (1.0, 2.0, 3.0, 5.0)),
+    "margin": ("min", (0.05, 0.1, 0.2)),
+    "ncc": ("min", (0.1, 0.15, 0.2)),
+}
+
+
+def compare_measures(rows: list[dict], key: str = "error") -> None:
+    """For each candidate verdict measure and threshold: large errors (> 20 px) caught and good registrations
+    (< 5 px) flagged, on ``key``; how the verdict rule is chosen on tune."""
+    errors = np.array([r[key] for r in rows])
     large, good = errors > 20, errors < 5
-    print(
-        f"\nlarge errors (> 20 px) caught: {int((flagged & large).sum())} of {int(large.sum())}; "
-        f"good registrations (< 5 px) flagged: {int((flagged & good).sum())} of {int(good.sum())}; "
-        f"mean {np.mean([r['seconds'] for r in rows]):.1f} s per registration"
-    )
+    print(f"\nverdict candidates on {key}: {int(large.sum())} large (> 20 px), {int(good.sum())} good (< 5 px)")
+    print("| measure | flagged when | caught large | flagged good |")
+    print("|---|---|---|---|")
+    for name, (bound, thresholds) in CANDIDATES.items():
+        if not all(name in r for r in rows):
+            continue
+        values = np.array([r[name] for r in rows])
+        for threshold in thresholds:
+            flagged = values > threshold if bound == "max" else values < threshold
+            sign = ">" if bound == "max" else "<"
+            print(
+                f"| {name} | {sign} {threshold} | {int((flagged & large).sum())} of {int(large.sum())} | "
+                f"{int((flagged & good).sum())} of {int(good.sum())} |"
+            )
 
 
 def main() -> None:
@@ -178,23 +262,35 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_angle", type=float, default=15.0)
     parser.add_argument("--max_shift", type=float, default=0.1)
-    parser.add_argument("--transform", default="rigid")
+    parser.add_argument("--transform", default="affine", help="affine also records the similarity stage alone")
     parser.add_argument("--channel", default="tissue")
     parser.add_argument("--max_side", type=int, default=256)
     parser.add_argument("--starts", type=int, default=3, help="global-search starts per channel")
-    parser.add_argument("--second_channel", default="od", help="second channel, or none")
+    parser.add_argument("--second_channel", default="od", help="second channel, or none (itk method)")
+    parser.add_argument("--method", default="ncc", help="ncc (default) or itk (the earlier method)")
+    parser.add_argument("--affine_min_gain", type=float, default=0.0, help="NCC gain an affine stage must bring")
+    parser.add_argument("--inverse_check", default="true", help="true/false: register both ways (ncc method)")
+    parser.add_argument(
+        "--stage", default="final", help="with --rescore: final, or similarity (the similarity stage's errors)"
+    )
+    parser.add_argument("--candidates", action="store_true", help="also compare candidate verdict measures")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("--rescore", default="", help="summarise the rows of this JSON file with the current verdict")
     args = parser.parse_args()
     if args.rescore:
         rows = json.loads(Path(args.rescore).read_text())
         for row in rows:  # the verdict of the current thresholds, from the stored measurements
-            status = "identity" if row["reasons"].startswith("no alignment") else "registered"
-            row["verdict"], reasons = _verdict(row, status)
+            status = row.get("status") or ("identity" if row["reasons"].startswith("no alignment") else "registered")
+            row["verdict"], reasons = _verdict(row, status, row.get("method", "ncc"))
             row["reasons"] = ",".join(reasons)
+            if args.stage == "similarity":  # score the similarity stage alone (the verdict measures are its own)
+                row["error"], row["consistency"] = row["error_similarity"], row["consistency_similarity"]
     else:
         rows = run(args)
     summarise(rows)
+    if args.candidates:
+        for key in ("error", "consistency"):
+            compare_measures(rows, key)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -69,7 +69,7 @@ def datalist(
     pairs_dir: str | None = None,
     register: bool = False,
     register_dir: str | None = None,
-    register_transform: str = "rigid",
+    register_transform: str = "similarity",
     register_keep_flagged: bool = False,
     split_by: str = "",
 ) -> None:
@@ -90,7 +90,7 @@ def datalist(
         pairs_dir: where halves of AB images are written (default: beside dataset_dir).
         register: register every IHC to its H&E first (BCI layout: HE/ and IHC/ with the same file names).
         register_dir: where the registered copy goes (default: <dataset_dir>-registered beside it; must be empty).
-        register_transform: rigid or affine.
+        register_transform: rigid, similarity or affine.
         register_keep_flagged: keep pairs whose registration is marked uncertain or failed in the datalist.
         split_by: how validation is drawn: "" (patch by patch), id_block:N (blocks of N consecutive ids stay
             together, e.g. id_block:8) or csv:PATH (a CSV with columns id and slide).

@@ -11,10 +11,11 @@ def register(
     he: str | None = None,
     ihc: str | None = None,
     output: str | None = None,
-    transform: str = "rigid",
+    transform: str = "similarity",
     bspline: bool = False,
     channel: str = "tissue",
     max_side: int = 256,
+    method: str = "ncc",
 ) -> None:
     """Register an IHC image to its H&E (consecutive sections) and write the aligned IHC at full resolution.
 
@@ -26,10 +27,11 @@ def register(
         he: H&E image file (the fixed reference).
         ihc: IHC image file (moved onto the H&E grid).
         output: output folder (created if needed).
-        transform: rigid or affine.
+        transform: rigid, similarity or affine (the affine stage is kept only when it improves the fit).
         bspline: add a B-spline (deformable) refinement.
         channel: registration channel: tissue, od, hematoxylin or grey.
         max_side: longer side (px) of the resolution the transform is computed at.
+        method: ncc (default: band-passed NCC, rotation x scale search, both-way check) or itk (the earlier method).
     """
     for flag, value in (("he", he), ("ihc", ihc), ("output", output)):
         if value is None or isinstance(value, bool):
@@ -39,7 +41,11 @@ def register(
     from her2_monai.utils import as_bool
 
     registration = PairRegistration(
-        transform=str(transform), bspline=as_bool(bspline, "--bspline"), channel=str(channel), max_side=int(max_side)
+        transform=str(transform),
+        bspline=as_bool(bspline, "--bspline"),
+        channel=str(channel),
+        max_side=int(max_side),
+        method=str(method),
     )
     fixed, aligned, result = register_files(str(he), str(ihc), registration)
     from her2_monai.data.image_reader import read_rgb

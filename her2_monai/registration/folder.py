@@ -109,12 +109,13 @@ def _pairs(dataset_dir: Path) -> tuple[list[tuple[Path, Path | None, Path]], lis
 def register_folder(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    transform: str = "rigid",
+    transform: str = "similarity",
     bspline: bool = False,
     channel: str = "tissue",
     max_side: int = 256,
     overwrite: bool = False,
     set_aside_flagged: bool = False,
+    method: str = "ncc",
 ) -> dict[str, Any]:
     """Write a registered copy of a BCI-layout folder: each ``IHC/<path>`` aligned to ``HE/<path>``.
 
@@ -126,7 +127,7 @@ def register_folder(
     Args:
         dataset_dir: folder with ``HE/`` and ``IHC/`` (e.g. ``HE/test/00011_test_3+.png`` and ``IHC/test/...``).
         output_dir: destination folder (must not contain files unless ``overwrite``).
-        transform: ``rigid`` or ``affine``.
+        transform: ``rigid``, ``similarity`` or ``affine``.
         bspline: add a B-spline refinement.
         channel: registration channel (see :data:`~her2_monai.registration.channels.CHANNELS`).
         max_side: registration resolution.
@@ -134,6 +135,7 @@ def register_folder(
         set_aside_flagged: write the pairs whose verdict is ``uncertain`` or ``failed`` under
             ``output_dir/flagged/HE`` and ``output_dir/flagged/IHC`` instead of ``HE/`` and ``IHC/``, so a datalist
             of ``output_dir`` leaves them out while a person can still review them.
+        method: ``ncc`` (default) or ``itk`` (see :class:`~her2_monai.registration.pairwise.PairRegistration`).
 
     Returns:
         Summary: counts (``registered``, ``identity``, ``unpaired``, ``failed``; ``failed`` = unreadable), verdict
@@ -149,7 +151,9 @@ def register_folder(
     pairs, ihc_only = _pairs(dataset_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir}: output folder is not empty (pass overwrite=True to write into it)")
-    registration = PairRegistration(transform=transform, bspline=bspline, channel=channel, max_side=max_side)
+    registration = PairRegistration(
+        transform=transform, bspline=bspline, channel=channel, max_side=max_side, method=method
+    )
     start = time.perf_counter()
     records, problems = [], []
     counts = {"registered": 0, "identity": 0, "unpaired": 0, "failed": 0}

@@ -1,28 +1,24 @@
-"""Register an IHC section to its H&E neighbour with ITK: rigid or affine, optionally B-spline, computed at low
+"""Register an IHC section to its H&E neighbour: rigid, similarity or affine, optionally B-spline, computed at low
 resolution on a stain-robust channel and applied at full resolution.
 
 Steps (:class:`PairRegistration`):
 
 1. both images are reduced by one common factor so the longer side is ``max_side`` (the sections are assumed to be
    scanned at the same pixel size), and turned into a stain-robust grey channel
-   (:func:`~her2_monai.registration.channels.registration_channel`);
-2. a coarse global search (black fill read as white glass first): every rotation in ``[-max_angle, max_angle]``
-   (2 degree steps) is tried, each with the translation that maximises the masked normalised cross-correlation of the
-   rotated moving image with the fixed image (computed for all translations at once with FFTs, at half resolution, up
-   to ``max_shift`` of the side), with a small handicap for large rotations and shifts (``prior_weight``); the best
-   ``starts`` distinct candidates are kept, on the main channel and on ``second_channel``;
-3. each candidate is refined (rigid) at half the registration resolution and scored by the NMI of both channels; the
-   best starts ITK's ``ImageRegistrationMethodv4`` with Mattes mutual information (multi-modal, 32
-   bins), a regular-step gradient descent with physical-shift parameter scales, at the registration resolution, on an
-   ``Euler2DTransform`` (rigid) and then, for ``affine``, an ``AffineTransform`` started from the rigid result;
-4. optionally a cubic ``BSplineTransform`` (``bspline_grid`` control cells a side) refines the linearly aligned image;
-5. the low-resolution transform is expressed in full-resolution pixel coordinates (translations scaled by the
+   (:func:`~her2_monai.registration.channels.registration_channel`; black fill is read as white glass);
+2. ``method="ncc"`` (default, :mod:`~her2_monai.registration.linear`): the channels are band-passed (difference of
+   Gaussians, 1-8 px), searched over rotation x scale (every translation at once, masked NCC by FFT, at half
+   resolution), the best ``candidates`` starts are refined (Powell, masked NCC; rigid or similarity) and the best is
+   kept; ``affine`` refines it further, kept when it raises the NCC. ``method="itk"`` (the earlier method): a
+   rotation search on two channels and ITK's ``ImageRegistrationMethodv4`` with Mattes mutual information;
+3. optionally a cubic ``BSplineTransform`` (``bspline_grid`` control cells a side) refines the linearly aligned image;
+4. the low-resolution transform is expressed in full-resolution pixel coordinates (translations scaled by the
    reduction factor) and each RGB channel of the full-resolution IHC is resampled on the H&E's grid, with white fill;
-6. the alignment quality (NCC and normalised MI on the channel, over the overlap) is measured before and after each
-   stage; affine and B-spline stages are kept only if they raise NMI, and when registration did not improve NMI at
-   all, the identity is kept and a warning says so;
-7. a verdict (``registered``, ``uncertain`` or ``failed``) from how many starts converged to the chosen alignment
-   (:func:`_measures`, :data:`VERDICT_THRESHOLDS`).
+5. the alignment quality (NCC and normalised MI on the channel, over the overlap) is measured before and after; when
+   registration did not improve the method's metric, the identity is kept and a warning says so;
+6. a verdict (``registered``, ``uncertain`` or ``failed``) from measurements that predict a large error
+   (:func:`_ncc_measures`, :func:`_measures`, :data:`VERDICT_THRESHOLDS`): for ``ncc``, whether the IHC -> H&E
+   registration, done on its own, composes with the H&E -> IHC one to the identity.
 
 Transforms map H&E (fixed) pixel coordinates ``(x = column, y = row)`` to IHC (moving) pixel coordinates, the ITK
 convention; ``output(x) = moving(T(x))``.
@@ -39,6 +35,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from her2_monai.registration import linear
 from her2_monai.registration.channels import (
     CHANNELS,
     mutual_information,
@@ -46,9 +43,21 @@ from her2_monai.registration.channels import (
     registration_channel,
 )
 
-__all__ = ["TRANSFORMS", "RegistrationWarning", "RegistrationResult", "PairRegistration", "warp_rgb", "euler_matrix"]
+__all__ = [
+    "DEFAULT_TRANSFORM",
+    "TRANSFORMS",
+    "METHODS",
+    "RegistrationWarning",
+    "RegistrationResult",
+    "PairRegistration",
+    "warp_rgb",
+    "euler_matrix",
+]
 
-TRANSFORMS = ("rigid", "affine")
+TRANSFORMS = ("rigid", "similarity", "affine")
+METHODS = ("ncc", "itk")
+#: The default transform (chosen on the tune part of the sealed split, docs/registration.md).
+DEFAULT_TRANSFORM = "similarity"
 _MAX_SIZE_RATIO = 1.5  # larger H&E/IHC size differences suggest another magnification: refuse rather than guess
 
 
@@ -210,7 +219,8 @@ class PairRegistration:
     """Register an IHC image to an H&E image of a neighbouring section.
 
     Args:
-        transform: ``rigid`` (rotation + translation) or ``affine``.
+        transform: ``rigid`` (rotation + translation), ``similarity`` (+ scale) or ``affine`` (+ shear and
+            anisotropic scale; kept only when it improves the fit).
         bspline: add a B-spline (deformable) refinement.
         channel: stain-robust channel, one of :data:`~her2_monai.registration.channels.CHANNELS`.
         max_side: longer side of the registration resolution (256-512 is plenty; the transform is applied at full
@@ -227,7 +237,15 @@ class PairRegistration:
         starts: distinct global-search candidates (rotation and shift) refined per channel; the best refined result
             wins, and the spread of the others feeds the verdict.
         second_channel: another channel whose global search adds starts and whose NMI adds to the score of each
-            refined start (``None``: the main channel only).
+            refined start (``None``: the main channel only); ``itk`` method only.
+        method: ``ncc`` (default): rotation x scale search and Powell refinement of the masked NCC of the band-passed
+            channel (:mod:`~her2_monai.registration.linear`); ``itk``: the earlier rotation search and ITK Mattes MI
+            refinement (rigid; ``similarity`` is treated as rigid there).
+        candidates: global-search candidates refined by the ``ncc`` method.
+        affine_min_gain: NCC gain an affine stage must bring over the similarity fit to be kept (``ncc`` method).
+        inverse_check: also register the IHC to the H&E and measure how far the composition of both is from the
+            identity (``inverse_consistency_px`` in the verdict measures; doubles the time; ``ncc`` method). The
+            ``ncc`` verdict rests on it: without it every result is ``uncertain`` ("not measured").
 
     Raises:
         ValueError: on an unknown transform or channel.
@@ -235,7 +253,7 @@ class PairRegistration:
 
     def __init__(
         self,
-        transform: str = "rigid",
+        transform: str = DEFAULT_TRANSFORM,
         bspline: bool = False,
         channel: str = "tissue",
         max_side: int = 256,
@@ -248,7 +266,13 @@ class PairRegistration:
         prior_weight: float = 0.02,
         starts: int = 3,
         second_channel: str | None = "od",
+        method: str = "ncc",
+        candidates: int = 4,
+        affine_min_gain: float = 0.0,
+        inverse_check: bool = True,
     ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown registration method '{method}'; expected one of {list(METHODS)}")
         if transform not in TRANSFORMS:
             raise ValueError(f"unknown transform '{transform}'; expected one of {list(TRANSFORMS)}")
         if channel not in CHANNELS:
@@ -270,6 +294,10 @@ class PairRegistration:
             raise ValueError(f"unknown registration channel '{second_channel}'; expected one of {list(CHANNELS)}")
         self.starts = max(1, int(starts))
         self.second_channel = None if second_channel == channel else second_channel
+        self.method = method
+        self.candidates = max(1, int(candidates))
+        self.affine_min_gain = float(affine_min_gain)
+        self.inverse_check = bool(inverse_check)
 
     # -- preparation ---------------------------------------------------------------------------------------------------
 
@@ -413,7 +441,7 @@ class PairRegistration:
         rigid.SetAngle(math.radians(angle))
         rigid.SetTranslation([float(t) for t in translation])
         matrices = [as_matrix(self._itk_register(fixed, moving, rigid))]
-        if affine and self.transform == "affine":
+        if affine and self.transform == "affine":  # itk method
             affine = itk.AffineTransform[itk.D, 2].New()
             affine.SetCenter(rigid.GetCenter())
             affine.SetMatrix(rigid.GetMatrix())
@@ -447,6 +475,140 @@ class PairRegistration:
         details = {"grid_cells": self.bspline_grid, "parameters": [float(p) for p in bspline.GetParameters()]}
         return displacement, details
 
+    # -- alignment methods --------------------------------------------------------------------------------------------
+
+    def _ncc_alignment(
+        self, fixed_rgb: np.ndarray, moving_rgb: np.ndarray, scale: float, fixed: np.ndarray, moving: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, float], dict[str, Any]]:
+        """The ``ncc`` method on the reduced channels: ``(matrix, verdict measures, details)``.
+
+        The band-passed channels are searched over rotation x scale (:func:`linear.search_similarity`); each of the
+        ``candidates`` best starts is refined (rigid or similarity) and the highest NCC wins; ``affine`` then refines
+        the winner further, kept when it gains more than ``affine_min_gain`` of NCC. Two agreement checks feed the
+        verdict: the winner is refined again on other evidence (the band-passed ``second_channel``, and the main
+        channel at a coarser band) and how far it moves is measured (:func:`_ncc_measures`).
+        """
+        f, m = linear.band_pass(fixed), linear.band_pass(moving)
+        model = "rigid" if self.transform == "rigid" else "similarity"
+        refined, starts = self._ncc_fit(f, m, model)
+        best_matrix, best_ncc = refined[0][:2]
+        stages = {model: best_ncc}
+        if self.transform == "affine":
+            matrix, value = linear.refine(f, m, best_matrix, "affine", 0.05, 300)
+            stages["affine"] = value
+            if value > best_ncc + self.affine_min_gain:
+                best_matrix = matrix
+        similarity_matrix = refined[0][0]
+        measures = _ncc_measures(refined, best_ncc, fixed.shape)
+        measures["ncc_identity"] = linear.masked_ncc(f, m, np.eye(3))
+        other = self.second_channel or "od"
+        checks = {
+            "channel_drift_px": tuple(
+                map(linear.band_pass, self._channels(fixed_rgb, moving_rgb, scale, [other])[other])
+            ),
+            "coarse_drift_px": (linear.band_pass(fixed, 2.0, 16.0), linear.band_pass(moving, 2.0, 16.0)),
+        }
+        for name, (a, b) in checks.items():  # registration-resolution px the winner moves on other evidence
+            matrix = linear.refine(a, b, similarity_matrix, model, 0.1, 200)[0]
+            measures[name] = linear.grid_distance(matrix, similarity_matrix, fixed.shape)
+        if self.inverse_check:  # IHC -> H&E registered on its own, composed with H&E -> IHC: identity if consistent
+            reverse = self._ncc_fit(m, f, model)[0][0][0]
+            measures["inverse_consistency_px"] = linear.grid_distance(reverse @ similarity_matrix, np.eye(3), f.shape)
+        measures["tissue_dice"] = _tissue_dice(fixed, moving, best_matrix)
+        details = {
+            "global_search": {
+                "method": "rotation x scale, masked NCC of the band-passed channel",
+                "ncc": starts[0][0],
+                "matrix_registration_resolution": starts[0][1].tolist(),
+            },
+            "starts": [
+                {
+                    "search_ncc": score,
+                    "score": value,
+                    "distance_to_best_px": linear.grid_distance(matrix, best_matrix, fixed.shape) / scale,
+                }
+                for matrix, value, score, _ in refined
+            ],
+            "stages_ncc": stages,
+            "similarity_matrix_registration_resolution": similarity_matrix.tolist(),
+        }
+        return best_matrix, measures, details
+
+    def _ncc_fit(
+        self, f: np.ndarray, m: np.ndarray, model: str
+    ) -> tuple[list[tuple[np.ndarray, float, float, np.ndarray]], list[tuple[float, np.ndarray]]]:
+        """Search and refine band-passed channels: ``(refined, starts)``, ``refined`` = ``(matrix, ncc, search
+        score, start)`` per start, best first (the best one polished), ``starts`` the search's ``(score, matrix)``."""
+        scales = (1.0,) if model == "rigid" else (0.95, 1.0, 1.05)
+        starts = linear.search_similarity(
+            f, m, self.max_angle, 2.0, scales, self.max_shift, self.candidates, self.prior_weight
+        )
+        # each start converges roughly (coarse tolerance), the best one is then polished
+        refined = sorted(
+            ((*linear.refine(f, m, start, model, 0.25, 150), score, start) for score, start in starts),
+            key=lambda r: -r[1],
+        )
+        best_matrix, best_ncc = linear.refine(f, m, refined[0][0], model, 0.05, 300)
+        refined[0] = (best_matrix, best_ncc, *refined[0][2:])
+        return refined, starts
+
+    def _itk_alignment(
+        self, fixed_rgb: np.ndarray, moving_rgb: np.ndarray, scale: float, f: np.ndarray, m: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, float], dict[str, Any]]:
+        """The earlier ``itk`` method (rotation search on two channels, ITK Mattes MI refinement):
+        ``(matrix, verdict measures, details)``."""
+        names = [self.channel] + ([self.second_channel] if self.second_channel else [])
+        channels = {self.channel: (f, m)}
+        if self.second_channel:
+            channels.update(self._channels(fixed_rgb, moving_rgb, scale, [self.second_channel]))
+        starts = [
+            {"channel": name, "angle_deg": angle, "translation": translation, "ncc": ncc}
+            for name in names
+            for angle, translation, ncc in self._candidates(*channels[name], self.starts)
+        ]
+        angle, translation, score = starts[0]["angle_deg"], starts[0]["translation"], starts[0]["ncc"]
+
+        def combined(matrix: np.ndarray) -> float:
+            """Sum over the channels of NMI - 1 on the overlap (0 when the overlap is implausibly small)."""
+            return float(sum(_quality(*channels[name], matrix, None)["nmi"] - 1.0 for name in names))
+
+        # every start is refined (rigid) at half the registration resolution, where it is 4x cheaper; the best one
+        # is then refined at the registration resolution
+        half = _scale_matrix(0.5)
+
+        def shrink(image: np.ndarray) -> np.ndarray:
+            return ndimage.zoom(ndimage.gaussian_filter(image, 1.0), 0.5, order=1, grid_mode=True, mode="nearest")
+
+        f2, m2 = shrink(f), shrink(m)
+        refined = []
+        for candidate in starts:
+            matrix = euler_matrix(candidate["angle_deg"], tuple(candidate["translation"]), _center(f.shape))
+            angle2, translation2 = _euler_parameters(half @ matrix @ np.linalg.inv(half), f2.shape)
+            matrix = np.linalg.inv(half) @ self._linear(f2, m2, angle2, translation2, False)[0] @ half
+            refined.append((combined(matrix), matrix, candidate))
+        refined.sort(key=lambda r: -r[0])
+        best_matrix, best_start = refined[0][1], refined[0][2]
+        matrices = self._linear(f, m, *_euler_parameters(best_matrix, f.shape))
+        best_matrix = matrices[0]
+        if len(matrices) > 1 and _quality(f, m, matrices[1], None)["nmi"] > _quality(f, m, best_matrix, None)["nmi"]:
+            best_matrix = matrices[1]
+        measures = _measures(channels, names, f, m, best_matrix, refined, combined(np.eye(3)))
+        details = {
+            "global_search": {"angle_deg": angle, "translation_px": (translation / scale).tolist(), "ncc": score},
+            "starts": [
+                {
+                    "channel": c["channel"],
+                    "angle_deg": c["angle_deg"],
+                    "ncc": c["ncc"],
+                    "score": float(value),
+                    "distance_to_best_px": _grid_distance(matrix, best_matrix, f.shape) / scale,
+                }
+                for value, matrix, c in refined
+            ],
+            "chosen_start": {"channel": best_start["channel"], "angle_deg": best_start["angle_deg"]},
+        }
+        return best_matrix, measures, details
+
     # -- public --------------------------------------------------------------------------------------------------------
 
     def __call__(self, fixed: np.ndarray, moving: np.ndarray) -> RegistrationResult:
@@ -470,50 +632,16 @@ class PairRegistration:
         for name, image in (("H&E", f), ("IHC", m)):
             if float(np.ptp(image)) < 1e-3:
                 raise ValueError(f"the {name} image has no structure to register (blank or flat)")
-        names = [self.channel] + ([self.second_channel] if self.second_channel else [])
-        channels = {self.channel: (f, m)}
-        if self.second_channel:
-            channels.update(self._channels(fixed, moving, scale, [self.second_channel]))
-        starts = [
-            {"channel": name, "angle_deg": angle, "translation": translation, "ncc": ncc}
-            for name in names
-            for angle, translation, ncc in self._candidates(*channels[name], self.starts)
-        ]
-        angle, translation, score = starts[0]["angle_deg"], starts[0]["translation"], starts[0]["ncc"]
-        searched = time.perf_counter()
         identity = np.eye(3)
         before = _quality(f, m, identity, None)
         stages = {"identity": before["nmi"]}
-
-        def combined(matrix: np.ndarray) -> float:
-            """Sum over the channels of NMI - 1 on the overlap (0 when the overlap is implausibly small)."""
-            return float(sum(_quality(*channels[name], matrix, None)["nmi"] - 1.0 for name in names))
-
-        # every start is refined (rigid) at half the registration resolution, where it is 4x cheaper; the best one
-        # is then refined at the registration resolution
-        half = _scale_matrix(0.5)
-
-        def shrink(image: np.ndarray) -> np.ndarray:
-            return ndimage.zoom(ndimage.gaussian_filter(image, 1.0), 0.5, order=1, grid_mode=True, mode="nearest")
-
-        f2, m2 = shrink(f), shrink(m)
-        refined = []
-        for candidate in starts:
-            matrix = euler_matrix(candidate["angle_deg"], tuple(candidate["translation"]), _center(f.shape))
-            angle2, translation2 = _euler_parameters(half @ matrix @ np.linalg.inv(half), f2.shape)
-            matrix = np.linalg.inv(half) @ self._linear(f2, m2, angle2, translation2, False)[0] @ half
-            refined.append((combined(matrix), matrix, candidate))
-        refined.sort(key=lambda r: -r[0])
-        best_score, best_matrix, best_start = refined[0]
-        matrices = self._linear(f, m, *_euler_parameters(best_matrix, f.shape))
-        best_matrix = matrices[0]
+        if self.method == "ncc":
+            best_matrix, measures, search_details = self._ncc_alignment(fixed, moving, scale, f, m)
+        else:
+            best_matrix, measures, search_details = self._itk_alignment(fixed, moving, scale, f, m)
         best_nmi = _quality(f, m, best_matrix, None)["nmi"]
-        stages["rigid"] = best_nmi
-        if len(matrices) > 1:
-            stages[self.transform] = _quality(f, m, matrices[1], None)["nmi"]
-            if stages[self.transform] > best_nmi:
-                best_matrix, best_nmi = matrices[1], stages[self.transform]
-        measures = _measures(channels, names, f, m, best_matrix, refined, combined(identity))
+        stages[self.transform] = best_nmi
+        searched = time.perf_counter()
         displacement, bspline_details, step = None, {}, 8
         if self.bspline:
             candidate, bspline_details = self._bspline(f, _warp_channel(m, best_matrix, f.shape), step)
@@ -546,31 +674,29 @@ class PairRegistration:
                 "max_angle_deg": self.max_angle,
                 "max_shift_fraction": self.max_shift,
                 "prior_weight": self.prior_weight,
-                "metric": "MattesMutualInformation (32 bins)",
-                "optimizer": "RegularStepGradientDescentv4",
+                "method": self.method,
+                "transform": self.transform,
+                "candidates": self.candidates,
+                "inverse_check": self.inverse_check,
+                "metric": "masked NCC, band-passed channel" if self.method == "ncc" else "MattesMutualInformation",
+                "optimizer": "Powell (scipy)" if self.method == "ncc" else "RegularStepGradientDescentv4",
                 "learning_rate": self.learning_rate,
                 "iterations": self.iterations,
             },
-            "global_search": {"angle_deg": angle, "translation_px": (translation / scale).tolist(), "ncc": score},
-            "starts": [
-                {
-                    "channel": c["channel"],
-                    "angle_deg": c["angle_deg"],
-                    "ncc": c["ncc"],
-                    "score": float(value),
-                    "distance_to_best_px": _grid_distance(matrix, best_matrix, f.shape) / scale,
-                }
-                for value, matrix, c in refined
-            ],
-            "chosen_start": {"channel": best_start["channel"], "angle_deg": best_start["angle_deg"]},
+            **search_details,
             "verdict_measures": measures,
             "stages_nmi": stages,
             "bspline": {**bspline_details, "kept": displacement is not None} if self.bspline else {},
             "seconds": {"search": searched - start, "total": time.perf_counter() - start},
         }
-        if after["nmi"] <= before["nmi"]:
+        if self.method == "ncc":  # the method's own metric decides: NMI of the raw channel misjudges near-ties
+            no_gain = measures["ncc"] <= measures["ncc_identity"] and displacement is None
+        else:
+            no_gain = after["nmi"] <= before["nmi"]
+        if no_gain:
             warnings.warn(
-                f"registration did not improve alignment (NMI {before['nmi']:.4f} -> {after['nmi']:.4f}); "
+                f"registration did not improve alignment (NMI {before['nmi']:.4f} -> {after['nmi']:.4f}, "
+                f"{self.method} metric); "
                 "keeping the identity transform",
                 RegistrationWarning,
                 stacklevel=2,
@@ -578,7 +704,7 @@ class PairRegistration:
             result.matrix, result.matrix_low, result.displacement_low = identity, identity, None
             result.status = "identity"
             result.quality["ncc_after"], result.quality["nmi_after"] = before["ncc"], before["nmi"]
-        result.verdict, result.verdict_reasons = _verdict(measures, result.status)
+        result.verdict, result.verdict_reasons = _verdict(measures, result.status, self.method)
         return result
 
 
@@ -660,38 +786,80 @@ def _measures(
     gain = max(best_score - identity_score, 1e-6)
     margin = 1.0 if not others else float(np.clip((best_score - max(others)) / gain, 0.0, 1.0))
     support = float(np.mean([d <= 2.0 for d in distances]))
+    dice = _tissue_dice(fixed, moving, matrix)
+    return {"margin": margin, "support": support, "tissue_dice": dice, "starts": float(len(refined))}
+
+
+def _tissue_dice(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray) -> float:
+    """Dice overlap of the two tissue masks (each image's Otsu threshold) where both images have data, after
+    warping ``moving`` with ``matrix``."""
     shape = fixed.shape
     result = RegistrationResult("rigid", matrix, matrix, 1.0, shape, moving.shape, shape)
     coordinates = result.coordinates()[::-1]
     warped = ndimage.map_coordinates(moving, coordinates, order=1, cval=0.0)
     inside = ndimage.map_coordinates(np.ones_like(moving), coordinates, order=1, cval=0.0) > 0.99
-    dice = 0.0
-    if inside.sum() > 16 and np.ptp(fixed) > 1e-6 and np.ptp(moving) > 1e-6:
-        from skimage.filters import threshold_otsu
+    if inside.sum() <= 16 or np.ptp(fixed) <= 1e-6 or np.ptp(moving) <= 1e-6:
+        return 0.0
+    from skimage.filters import threshold_otsu
 
-        a = (fixed > threshold_otsu(fixed)) & inside
-        b = (warped > threshold_otsu(moving)) & inside
-        dice = float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
-    return {"margin": margin, "support": support, "tissue_dice": dice, "starts": float(len(refined))}
-
-
-#: Verdict thresholds, chosen on the tune part of the sealed split (docs/registration.md).
-VERDICT_THRESHOLDS = {"support": 0.6}
+    a = (fixed > threshold_otsu(fixed)) & inside
+    b = (warped > threshold_otsu(moving)) & inside
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def _verdict(measures: dict[str, float], status: str) -> tuple[str, list[str]]:
-    """``(verdict, reasons)`` of a registration from its :func:`_measures` and status.
+def _ncc_measures(
+    refined: list[tuple[np.ndarray, float, float, np.ndarray]], best_ncc: float, shape: tuple[int, ...]
+) -> dict[str, float]:
+    """Measurements of an ``ncc``-method registration that predict a large error.
 
-    ``failed`` when registration kept the identity; ``uncertain`` when any measure is under its threshold in
-    :data:`VERDICT_THRESHOLDS`; ``registered`` otherwise.
+    - ``ncc``: masked NCC of the band-passed channels at the chosen (rigid or similarity) alignment;
+    - ``margin``: that NCC minus the best NCC of a start that converged elsewhere (more than 2 registration-resolution
+      px away), relative to the chosen NCC (1 when every start converged to the same place);
+    - ``support``: the fraction of starts that converged to the chosen alignment.
+    """
+    best = refined[0][0]
+    distances = [linear.grid_distance(matrix, best, shape) for matrix, *_ in refined]
+    others = [value for (_, value, _, _), d in zip(refined, distances) if d > 2.0]
+    margin = 1.0 if not others else float(np.clip((best_ncc - max(others)) / max(abs(best_ncc), 1e-6), 0.0, 1.0))
+    return {
+        "ncc": float(best_ncc),
+        "margin": margin,
+        "support": float(np.mean([d <= 2.0 for d in distances])),
+        "starts": float(len(refined)),
+    }
+
+
+#: Verdict rules per method, chosen on the tune part of the sealed split (docs/registration.md): measure ->
+#: ``("max", t)`` (flagged above ``t``) or ``("min", t)`` (flagged below ``t``).
+VERDICT_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
+    "ncc": {"inverse_consistency_px": ("max", 1.0)},
+    "itk": {"support": ("min", 0.6)},
+}
+
+
+def _verdict(measures: dict[str, float], status: str, method: str = "ncc") -> tuple[str, list[str]]:
+    """``(verdict, reasons)`` of a registration from its verdict measures, status and method.
+
+    Args:
+        measures: :func:`_ncc_measures` or :func:`_measures` output.
+        status: ``registered`` or ``identity``.
+        method: the registration method (selects the rules of :data:`VERDICT_THRESHOLDS`).
+
+    Returns:
+        ``failed`` when registration kept the identity; ``uncertain`` when a measure is beyond its threshold (or a
+        measure a rule needs is missing); ``registered`` otherwise; with the reasons.
     """
     if status == "identity":
         return "failed", ["no alignment beat the unregistered pair"]
-    reasons = [
-        f"{name} {measures[name]:.3f} < {threshold}"
-        for name, threshold in VERDICT_THRESHOLDS.items()
-        if measures[name] < threshold
-    ]
+    reasons = []
+    for name, (bound, threshold) in VERDICT_THRESHOLDS[method].items():
+        value = measures.get(name)
+        if value is None:
+            reasons.append(f"{name} not measured")
+        elif bound == "max" and value > threshold:
+            reasons.append(f"{name} {value:.3f} > {threshold}")
+        elif bound == "min" and value < threshold:
+            reasons.append(f"{name} {value:.3f} < {threshold}")
     return ("uncertain", reasons) if reasons else ("registered", [])
 
 

@@ -1,0 +1,244 @@
+"""Similarity / affine registration by masked normalised cross-correlation (NCC) of band-passed channels.
+
+The pieces of the default registration method (:class:`~her2_monai.registration.pairwise.PairRegistration` with
+``method="ncc"``):
+
+- :func:`band_pass`: a difference of Gaussians of a stain-robust channel, so only tissue architecture (lumens, fat,
+  gland and stroma edges) is compared, not the stains' different overall densities;
+- :func:`search_similarity`: an exhaustive search over rotation x scale, each with every translation at once
+  (masked NCC by FFT), at half resolution: the candidate basins;
+- :func:`refine`: a local optimisation (Powell) of the masked NCC over a rigid, similarity or affine transform.
+
+Matrices are ``(3, 3)`` and map fixed pixel coordinates ``(x = column, y = row)`` to moving pixel coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage, optimize
+from scipy.signal import fftconvolve
+
+__all__ = ["MODELS", "band_pass", "masked_ncc", "search_similarity", "refine", "grid_distance"]
+
+#: Transform models of :func:`refine`, with their number of parameters.
+MODELS = {"rigid": 3, "similarity": 4, "affine": 6}
+
+
+def band_pass(image: np.ndarray, low: float = 1.0, high: float = 8.0) -> np.ndarray:
+    """Difference of Gaussians ``G(low) - G(high)`` of an image.
+
+    Args:
+        image: ``(H, W)`` image.
+        low: sigma (px) of the fine Gaussian (removes pixel noise and single nuclei).
+        high: sigma (px) of the coarse Gaussian (removes slow density changes that differ between stains).
+
+    Returns:
+        ``(H, W)`` float32 image, about zero mean.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    return (ndimage.gaussian_filter(image, low) - ndimage.gaussian_filter(image, high)).astype(np.float32)
+
+
+def _warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...], fill: float) -> np.ndarray:
+    """``out(x) = image(matrix @ x)`` on a grid of ``shape`` (bilinear)."""
+    swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1.0]])  # (x, y) <-> (row, col)
+    m = swap @ matrix @ swap
+    return ndimage.affine_transform(image, m[:2, :2], m[:2, 2], output_shape=shape[:2], order=1, cval=fill)
+
+
+def masked_ncc(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, min_overlap: float = 0.25) -> float:
+    """NCC of ``fixed`` and ``moving(matrix @ x)`` over the fixed pixels that land inside ``moving``.
+
+    Args:
+        fixed: ``(H, W)`` image.
+        moving: ``(H', W')`` image.
+        matrix: ``(3, 3)`` fixed -> moving pixel coordinates.
+        min_overlap: smallest overlap (fraction of the fixed image) that counts as a plausible alignment.
+
+    Returns:
+        NCC in ``[-1, 1]``; -1 when the overlap is smaller than ``min_overlap``.
+    """
+    warped = _warp(moving.astype(np.float64), matrix, fixed.shape, np.nan)
+    inside = np.isfinite(warped)
+    if inside.mean() < min_overlap:
+        return -1.0
+    x = fixed[inside].astype(np.float64)
+    y = warped[inside]
+    x, y = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denominator) if denominator > 0 else 0.0
+
+
+def _ncc_all_shifts(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, min_overlap: float = 0.5):
+    """Masked NCC of ``fixed(x)`` and ``moving(x - s)`` for every integer shift ``s`` (Padfield 2012, by FFT).
+
+    Returns:
+        ``(scores, (sx, sy))``: the ``(2H-1, 2W-1)`` NCC map (-2 where the overlap is under ``min_overlap`` of the
+        image) and the matching shift grids.
+    """
+
+    def corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return fftconvolve(a, b[::-1, ::-1], mode="full")
+
+    ones, mask = np.ones_like(fixed), mask.astype(np.float64)
+    m = moving * mask
+    overlap = np.maximum(np.rint(corr(ones, mask)), 1.0)
+    sum_f, sum_m = corr(fixed, mask), corr(ones, m)
+    numerator = corr(fixed, m) - sum_f * sum_m / overlap
+    var_f = np.maximum(corr(fixed * fixed, mask) - sum_f**2 / overlap, 0.0)
+    var_m = np.maximum(corr(ones, m * moving) - sum_m**2 / overlap, 0.0)
+    denominator = np.sqrt(var_f * var_m)
+    tolerance = 1e-6 * max(float(denominator.max()), 1e-12)
+    scores = np.where(denominator > tolerance, numerator / np.maximum(denominator, tolerance), 0.0)
+    scores = np.where(overlap >= min_overlap * fixed.size, np.clip(scores, -1, 1), -2.0)
+    height, width = fixed.shape
+    sy, sx = np.mgrid[-(height - 1) : height, -(width - 1) : width]
+    return scores, (sx, sy)
+
+
+def _linear_about_center(linear: np.ndarray, translation: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """``(3, 3)`` matrix ``p -> L (p - c) + c + t``."""
+    matrix = np.eye(3)
+    matrix[:2, :2] = linear
+    matrix[:2, 2] = center - linear @ center + translation
+    return matrix
+
+
+def grid_distance(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Mean distance (px) between where two ``(3, 3)`` matrices send a 5x5 grid over the central 60% of ``shape``.
+
+    Args:
+        a: ``(3, 3)`` matrix.
+        b: ``(3, 3)`` matrix.
+        shape: ``(H, W, ...)`` of the image the grid spans.
+
+    Returns:
+        The mean distance in pixels.
+    """
+    height, width = shape[:2]
+    xs, ys = np.meshgrid(np.linspace(0.2, 0.8, 5) * (width - 1), np.linspace(0.2, 0.8, 5) * (height - 1))
+    points = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+    return float(np.linalg.norm((a @ points - b @ points)[:2], axis=0).mean())
+
+
+def search_similarity(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    max_angle: float = 20.0,
+    angle_step: float = 2.0,
+    scales: tuple[float, ...] = (0.95, 1.0, 1.05),
+    max_shift: float = 0.15,
+    count: int = 4,
+    prior_weight: float = 0.02,
+) -> list[tuple[float, np.ndarray]]:
+    """The best distinct similarity transforms over a rotation x scale grid, every translation tried at once.
+
+    For each rotation and scale about the image centre the moving image is resampled, both images are halved, and the
+    masked NCC of every translation is computed by FFT (only the overlap counts, so a fill around a displaced image
+    is ignored). The best translation of each (rotation, scale) is a candidate; ``prior_weight`` handicaps large
+    rotations and shifts a little (pairs are usually roughly aligned, and repetitive tissue gives near-ties).
+
+    Args:
+        fixed: ``(H, W)`` band-passed fixed channel.
+        moving: ``(H', W')`` band-passed moving channel.
+        max_angle: largest rotation searched, degrees.
+        angle_step: rotation step, degrees.
+        scales: moving/fixed scale factors searched.
+        max_shift: largest translation searched, as a fraction of the side.
+        count: candidates returned.
+        prior_weight: NCC handicap at the largest rotation and shift (half each).
+
+    Returns:
+        Up to ``count`` ``(score, matrix)`` pairs, best first, each more than 5% of the side (grid distance) from the
+        better ones.
+    """
+    center = (np.asarray(fixed.shape[::-1], float) - 1) / 2
+    half = fixed[::2, ::2].astype(np.float64)
+    limit = max_shift * np.asarray(fixed.shape[::-1], float) / 2  # (x, y) at half resolution
+    angles = np.arange(-max_angle, max_angle + 1e-9, angle_step) if max_angle > 0 else np.zeros(1)
+    found: list[tuple[float, np.ndarray]] = []
+    for scale in scales:
+        for angle in angles:
+            a = math.radians(angle)
+            linear = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+            matrix = _linear_about_center(linear, np.zeros(2), center)
+            rotated = _warp(moving, matrix, fixed.shape, 0.0)[::2, ::2].astype(np.float64)
+            valid = _warp(np.ones_like(moving), matrix, fixed.shape, 0.0)[::2, ::2] > 0.99
+            scores, (sx, sy) = _ncc_all_shifts(half, rotated, valid)
+            inside = (np.abs(sx) <= limit[0]) & (np.abs(sy) <= limit[1])
+            distance = np.hypot(sx / max(limit[0], 1.0), sy / max(limit[1], 1.0))
+            handicap = prior_weight * (abs(angle) / max(max_angle, 1.0) + distance) / 2
+            scores = np.where(inside, scores - handicap, -2.0)
+            index = np.unravel_index(int(np.argmax(scores)), scores.shape)
+            shift = 2.0 * np.array([sx[index], sy[index]], float)
+            # fixed(x) ~ resampled(x - shift) = moving(M (x - shift))
+            candidate = matrix.copy()
+            candidate[:2, 2] = matrix[:2, 2] - matrix[:2, :2] @ shift
+            found.append((float(scores[index]), candidate))
+    found.sort(key=lambda c: -c[0])
+    chosen: list[tuple[float, np.ndarray]] = []
+    separation = 0.05 * max(fixed.shape)
+    for score, matrix in found:
+        if all(grid_distance(matrix, other, fixed.shape) > separation for _, other in chosen):
+            chosen.append((score, matrix))
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _update(parameters: np.ndarray, model: str, center: np.ndarray) -> np.ndarray:
+    """The ``(3, 3)`` update (applied before the start matrix) for ``model``'s unit-scaled ``parameters``:
+    rigid ``(angle 1 deg, tx, ty)``; similarity ``(angle, log-scale x 0.01, tx, ty)``; affine ``(4 linear terms
+    x 0.01, tx, ty)``."""
+    if model == "affine":
+        linear = np.eye(2) + 0.01 * parameters[:4].reshape(2, 2)
+    else:
+        a = math.radians(parameters[0])
+        scale = math.exp(0.01 * parameters[1]) if model == "similarity" else 1.0
+        linear = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return _linear_about_center(linear, parameters[-2:], center)
+
+
+def refine(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    matrix: np.ndarray,
+    model: str = "similarity",
+    tolerance: float = 0.05,
+    max_evaluations: int = 800,
+) -> tuple[np.ndarray, float]:
+    """Maximise the masked NCC of ``fixed`` and ``moving(T x)`` over ``T = matrix @ U``, ``U`` of ``model``.
+
+    Powell's method on unit-scaled parameters (1 degree, 1% of scale or of a matrix term, 1 px): no gradients, so the
+    overlap mask may change between evaluations.
+
+    Args:
+        fixed: ``(H, W)`` band-passed fixed channel.
+        moving: ``(H', W')`` band-passed moving channel.
+        matrix: ``(3, 3)`` start (fixed -> moving pixel coordinates).
+        model: one of :data:`MODELS`.
+        tolerance: parameter tolerance in those units.
+        max_evaluations: largest number of NCC evaluations.
+
+    Returns:
+        ``(matrix, ncc)``: the refined matrix and its masked NCC.
+
+    Raises:
+        ValueError: on an unknown model.
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown transform model '{model}'; expected one of {list(MODELS)}")
+    center = (np.asarray(fixed.shape[::-1], float) - 1) / 2
+    moving = moving.astype(np.float64)
+
+    def cost(parameters: np.ndarray) -> float:
+        return -masked_ncc(fixed, moving, matrix @ _update(parameters, model, center))
+
+    start = np.zeros(MODELS[model])
+    result = optimize.minimize(
+        cost, start, method="Powell", options={"xtol": tolerance, "ftol": 1e-6, "maxfev": max_evaluations}
+    )
+    best, value = (result.x, -float(result.fun)) if -result.fun >= -cost(start) else (start, -cost(start))
+    return matrix @ _update(best, model, center), value
