@@ -51,6 +51,7 @@ __all__ = [
     "ONNX_TOLERANCE",
     "OnnxExportError",
     "export_onnx",
+    "export_deploy",
     "export_graphs",
 ]
 
@@ -243,6 +244,56 @@ def _swap_into_place(staging: Path, output: Path) -> None:
         os.replace(staging, output)
 
 
+def export_deploy(
+    deploy: HER2Deploy,
+    output: str | os.PathLike,
+    extra: Mapping[str, Any] | None = None,
+    tolerance: float = ONNX_TOLERANCE,
+    check_batch: int = 3,
+    opset: int | None = None,
+) -> dict[str, Any]:
+    """Export a deployed model (fp32, eval mode) as ONNX graphs with their manifest, checked against it.
+
+    Args:
+        deploy: the deployed model; it is the reference of the check, so give it fp32 contiguous weights.
+        output: the export folder to write (replaced if it holds an earlier export).
+        extra: further manifest entries (the inference config and bundle metadata).
+        tolerance: largest accepted absolute difference from ``deploy`` (see :data:`ONNX_TOLERANCE`).
+        check_batch: batch size of the check.
+        opset: ONNX opset (default: the exporter's).
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        FileExistsError: if ``output`` exists and is not an earlier export.
+        OnnxExportError: if a graph cannot be exported or differs from ``deploy`` by more than ``tolerance``.
+        ImportError: without the ``onnx`` extra.
+    """
+    from her2_monai.inference.onnx_runtime import require_onnxruntime
+
+    require_onnxruntime()
+    output = Path(output)
+    if output.exists() and not (output / MANIFEST).is_file():
+        raise FileExistsError(_NOT_AN_EXPORT.format(output))
+    size = int(deploy.net.metadata.get("image_size") or deploy.trace_size)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        graphs = export_graphs(deploy.net, staging, size, opset)
+        # The runner reads the manifest: write it first without the check, then again with it.
+        write_json_atomic(_manifest(deploy, graphs, {}, tolerance, extra or {}), staging / MANIFEST)
+        diffs = _check_against_eager(deploy, staging, check_batch, tolerance)
+        manifest = _manifest(deploy, graphs, diffs, tolerance, extra or {})
+        write_json_atomic(manifest, staging / MANIFEST)
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the export from a serving account
+        _swap_into_place(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
 def export_onnx(
     model_file: str | os.PathLike,
     output: str | os.PathLike,
@@ -272,28 +323,11 @@ def export_onnx(
         OnnxExportError: if a graph cannot be exported or differs from eager fp32 by more than ``tolerance``.
         ImportError: without the ``onnx`` extra (``onnx``, ``onnxscript``, ``onnxruntime``).
     """
-    from her2_monai.inference.onnx_runtime import require_onnxruntime
-
-    require_onnxruntime()
     output = Path(output)
     if output.exists() and not (output / MANIFEST).is_file():
         raise FileExistsError(_NOT_AN_EXPORT.format(output))
     extra = {"inference_config": _read_json(config_file), "bundle_metadata": _read_json(meta_file)}
     # fp32, contiguous tensors, no autocast: the reference the graphs are checked against.
     deploy = HER2Deploy.from_model_file(model_file, channels_last=False).float().eval()
-    size = int(deploy.net.metadata.get("image_size") or deploy.trace_size)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        graphs = export_graphs(deploy.net, staging, size, opset)
-        # The runner reads the manifest: write it first without the check, then again with it.
-        write_json_atomic(_manifest(deploy, graphs, {}, tolerance, extra), staging / MANIFEST)
-        diffs = _check_against_eager(deploy, staging, check_batch, tolerance)
-        manifest = _manifest(deploy, graphs, diffs, tolerance, extra)
-        write_json_atomic(manifest, staging / MANIFEST)
-        staging.chmod(0o755)  # mkdtemp's 0700 would hide the export from a serving account
-        _swap_into_place(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    manifest = export_deploy(deploy, output, extra, tolerance, check_batch, opset)
     return manifest
