@@ -13,7 +13,7 @@ import fire
 
 from her2_monai.constants import CLASS_NAMES
 
-__all__ = ["demo_data", "datalist", "predict", "main"]
+__all__ = ["demo_data", "datalist", "predict", "export", "main"]
 
 
 class CommandError(Exception):
@@ -157,6 +157,8 @@ def predict(
     stain_normalization: str | None = None,
     stain_reference: str | None = None,
     stain_reference_ihc: str | None = None,
+    runtime: str = "torch",
+    onnx: str | None = None,
     **overrides: Any,
 ) -> None:
     """Predict the HER2 score of one patch with the trained bundle and print one JSON object.
@@ -187,6 +189,9 @@ def predict(
             histogram or multitarget with --stain_reference (H&E) and/or --stain_reference_ihc uses that target.
         stain_reference: H&E target: a .json from `stain-reference`, or an image.
         stain_reference_ihc: IHC target, as --stain_reference (without it IHC images are not normalised).
+        runtime: torch (the bundle's model) or onnxruntime (the ONNX export of `export --format onnx`, run by ONNX
+            Runtime in fp32: the same answers, calibrated probabilities within 1e-3; no --explain or MC dropout).
+        onnx: the ONNX export folder for --runtime onnxruntime (default <bundle>/models/onnx).
         overrides: further inference-config values, e.g. --mc_dropout_passes 20 (uncertainty), --profile bci for a
             model trained with --dataset_dir, or --device cpu.
     """
@@ -203,6 +208,18 @@ def predict(
     he, ihc, image = (None if v is None else str(v) for v in (he, ihc, image))
     inputs = {"he": he, "ihc": ihc, "image": image}
     check_record_files({k: v for k, v in inputs.items() if v is not None})
+    if runtime not in ("torch", "onnxruntime"):
+        raise CommandError(f"--runtime must be torch or onnxruntime, got '{runtime}'")
+    if onnx is not None and runtime != "onnxruntime":
+        raise CommandError("--onnx names an ONNX export: add --runtime onnxruntime")
+    if runtime == "onnxruntime":
+        if torchscript is not None or explain is not None or config_file is not None:
+            raise CommandError(
+                "--runtime onnxruntime runs the ONNX export with the inference config inside it: drop --torchscript, "
+                "--explain (it takes gradients) and --config_file"
+            )
+        _predict_onnx(onnx or str(Path(bundle) / "models" / "onnx"), (he, ihc, image), refer_threshold, overrides)
+        return
     if torchscript is not None:
         if explain is not None:
             raise CommandError("--explain needs the bundle's model (it takes gradients); drop --torchscript")
@@ -242,7 +259,89 @@ def predict(
         print(f"explanation written to {path}", file=sys.stderr)
 
 
-COMMANDS = {"demo-data": demo_data, "datalist": datalist, "predict": predict}
+def _predict_onnx(folder: str, images: tuple, refer_threshold: float | None, overrides: dict[str, Any]) -> None:
+    """``predict --runtime onnxruntime``: the same JSON answer from the ONNX export."""
+    from her2_monai.inference.onnx_runtime import load_onnx_predictor
+
+    if str(overrides.pop("device", "cpu")) != "cpu":
+        raise CommandError("--runtime onnxruntime runs on the CPU; drop --device")
+    threshold = None if refer_threshold is None else float(refer_threshold)
+    try:
+        predictor = load_onnx_predictor(folder, refer_threshold=threshold, **overrides)
+    except ImportError as err:
+        raise CommandError(str(err)) from None
+    result = predictor.predict(*images)
+    print(json.dumps(result))
+    if result["score"] is None:
+        print(f"warning: no HER2 score: {'; '.join(result['warnings'])}", file=sys.stderr)
+
+
+def export(
+    format: str = "torchscript",  # noqa: A002  (the command-line flag is --format)
+    bundle: str = "bundle",
+    output: str | None = None,
+    config_file: str | None = None,
+    meta_file: str | None = None,
+    tolerance: float | None = None,
+) -> None:
+    """Export the trained model for deployment: TorchScript (default) or ONNX.
+
+    TorchScript writes one file, as `python -m monai.bundle ckpt_export network_def ...` does (bundle/docs/README.md).
+    ONNX writes a folder of graphs (branch selector, the two CM-GAN generators, classifier; dynamic batch) and
+    export.json, the manifest with the calibration, stain-normalisation and provenance records, class names and the
+    inference config (docs/deployment.md). Each graph is checked against the eager fp32 model on a sample batch and
+    the largest absolute difference is printed; the export fails, writing nothing, above the tolerance. Predict with
+    it by `predict --runtime onnxruntime`.
+
+    Args:
+        format: torchscript or onnx.
+        bundle: bundle folder holding models/model.pt.
+        output: destination (default <bundle>/models/model.ts, or the folder <bundle>/models/onnx).
+        config_file: inference config stored with the export (default <bundle>/configs/inference.json).
+        meta_file: bundle metadata stored with the export (default <bundle>/configs/metadata.json).
+        tolerance: ONNX only: the largest accepted absolute difference from eager fp32 (default 1e-3).
+    """
+    from her2_monai.networks.factory import require_model_file
+
+    root = Path(bundle)
+    model = require_model_file(root / "models" / "model.pt")
+    config = config_file or str(root / "configs" / "inference.json")
+    meta = meta_file or str(root / "configs" / "metadata.json")
+    for path in (config, meta):
+        if not Path(path).is_file():
+            raise CommandError(f"'{path}' not found; pass --config_file / --meta_file")
+    if format == "torchscript":
+        if tolerance is not None:
+            raise CommandError("--tolerance applies to --format onnx only")
+        from monai.bundle import ckpt_export
+
+        target = output or str(root / "models" / "model.ts")
+        ckpt_export(
+            net_id="network_def",
+            filepath=target,
+            ckpt_file=model,
+            meta_file=meta,
+            config_file=config,
+            bundle_root=bundle,
+        )
+        print(f"TorchScript written to {target}")
+        return
+    if format != "onnx":
+        raise CommandError(f"--format must be torchscript or onnx, got '{format}'")
+    from her2_monai.inference.onnx_export import ONNX_TOLERANCE, OnnxExportError, export_onnx
+
+    target = output or str(root / "models" / "onnx")
+    try:
+        manifest = export_onnx(model, target, config, meta, ONNX_TOLERANCE if tolerance is None else float(tolerance))
+    except (ImportError, OnnxExportError) as err:
+        raise CommandError(str(err)) from None
+    check = manifest["check"]
+    diffs = ", ".join(f"{name} {diff:.2e}" for name, diff in check["max_abs_diff"].items())
+    print(f"ONNX Runtime against eager fp32, max abs diff: {diffs} (tolerance {check['tolerance']:g})")
+    print(f"ONNX export written to {target}: {', '.join(g['file'] for g in manifest['graphs'].values())}, export.json")
+
+
+COMMANDS = {"demo-data": demo_data, "datalist": datalist, "predict": predict, "export": export}
 
 from her2_monai.registration.cli import register  # noqa: E402
 from her2_monai.stain_cli import stain_reference  # noqa: E402

@@ -20,6 +20,7 @@ softmax of any output -- Python or exported TorchScript -- gives calibrated prob
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from her2_monai.calibration.scorer import TrustScorer
 from her2_monai.calibration.uncertainty import dropout_head, mc_dropout_head
 from her2_monai.constants import SCENARIOS, STAIN_KNOWN_KEY
 from her2_monai.data.provenance import model_provenance
+from her2_monai.inference.optimize import inference_optimization, optimize_for_inference
 from her2_monai.networks.factory import build_model
 from her2_monai.networks.her2net import HER2FlexibleNet
 from her2_monai.stain_batch import assign_unknown_stains, autocast, check_mask, route_unknown_stains
@@ -73,6 +75,12 @@ def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metada
     for key in list(state_dict):
         if key.startswith(prefix + _PREFIX):
             state_dict[prefix + key[len(prefix) + len(_PREFIX) :]] = state_dict.pop(key)
+
+
+def _drop_inference_copy(module: nn.Module, _: Any) -> None:
+    """Forget the optimised inference copy of a :class:`HER2Deploy` whose weights were just loaded."""
+    module._fast = None
+    module._compiled = None
 
 
 def _add_prefix(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
@@ -156,6 +164,13 @@ class HER2Deploy(nn.Module):
             inferring`` on a folder, whole slides); see ``docs/performance.md`` for the gain and the compile time
             measured on a 2-core CPU. If compilation fails (e.g. no C++ compiler), a warning is logged and the eager
             network answers.
+        optimize: let :meth:`predict_batch` and :meth:`route` run an inference copy of the network with its
+            BatchNorms folded into the convolutions and, under bf16 autocast on the CPU, its CM-GAN generators and
+            encoder trunks in bf16 channels-last throughout
+            (:func:`~her2_monai.inference.optimize.optimize_for_inference`; built on the first call, rebuilt when
+            weights are loaded). ``None`` reads ``$HER2_INFERENCE_OPTIMIZE``
+            (``auto``, the default, or ``off``). :meth:`forward`, the state dict and the exports use the network as
+            trained either way.
 
     Raises:
         ValueError: for a trace size below 8, a batch below 1 or negative passes.
@@ -169,6 +184,7 @@ class HER2Deploy(nn.Module):
         mc_dropout_passes: int = 0,
         calibrated: bool = True,
         compile_network: bool | str = False,
+        optimize: bool | str | None = None,
     ) -> None:
         super().__init__()
         if trace_size < 8 or trace_batch < 1:
@@ -187,9 +203,13 @@ class HER2Deploy(nn.Module):
         self.compile_network = as_bool(compile_network, "compile")
         # A plain attribute (not a submodule): the compiled callable adds nothing to the state dict or to export.
         self._compiled: Callable[..., dict[str, Tensor]] | None = None
+        self.optimize = inference_optimization(optimize)
+        # The inference copy (see ``optimize``) and what it was built for, also a plain attribute.
+        self._fast: tuple[tuple[bool, torch.device], nn.Module] | None = None
         self._trust: tuple[Any, TrustScorer] | None = None
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
+        self.register_load_state_dict_post_hook(_drop_inference_copy)
 
     @property
     def trust(self) -> TrustScorer:
@@ -222,6 +242,7 @@ class HER2Deploy(nn.Module):
         mc_dropout_passes: int = 0,
         calibrated: bool = True,
         compile_network: bool | str = False,
+        optimize: bool | str | None = None,
     ) -> HER2Deploy:
         """Rebuild the deployed model from ``models/model.pt`` (architecture from its record, weights loaded).
 
@@ -234,6 +255,7 @@ class HER2Deploy(nn.Module):
             mc_dropout_passes: MC-dropout samples per case in :meth:`predict_batch` (0 = off).
             calibrated: apply the recorded temperature.
             compile_network: ``torch.compile`` the classifier for :meth:`predict_batch` (see the class).
+            optimize: the inference rewrites of :meth:`predict_batch` (see the class; ``None``: the environment's).
 
         Returns:
             The module in eval mode.
@@ -253,6 +275,7 @@ class HER2Deploy(nn.Module):
             mc_dropout_passes=int(mc_dropout_passes),
             calibrated=calibrated,
             compile_network=compile_network,
+            optimize=optimize,
         ).eval()
 
     @property
@@ -260,13 +283,33 @@ class HER2Deploy(nn.Module):
         """Channels per stain image."""
         return self.net.in_channels
 
-    def _selector(self) -> nn.Module:
-        if self.net.selector is None:
+    def _selector(self, net: nn.Module | None = None) -> nn.Module:
+        net = self.net if net is None else net
+        if net.selector is None:
             raise ValueError(
                 "this model has no branch selector, so images of unknown stain cannot be routed; declare the stain "
                 "(--he / --ihc) or use a model trained by the bundle (its model.pt holds the selector)"
             )
-        return self.net.selector
+        return net.selector
+
+    def inference_network(self, amp: bool = False) -> nn.Module:
+        """The network :meth:`predict_batch` runs: the optimised inference copy (see the class's ``optimize``) in
+        eval mode, else the network as trained.
+
+        Args:
+            amp: whether the call runs under mixed precision (on the CPU, the copy then holds bf16 islands).
+
+        Returns:
+            The network to call.
+        """
+        if not self.optimize or self.training or not isinstance(self.net, HER2FlexibleNet):
+            return self.net
+        device = next(self.net.parameters()).device
+        key = (bool(amp) and device.type == "cpu", device)
+        if self._fast is None or self._fast[0] != key:
+            self._fast = (key, optimize_for_inference(self.net, bf16=key[0]))
+            self._compiled = None
+        return self._fast[1]
 
     def forward(self, x: Tensor) -> Tensor:
         """Predict HER2 logits from one tensor.
@@ -345,9 +388,10 @@ class HER2Deploy(nn.Module):
         calls = torch.full((n, 2), NO_IMAGE, dtype=torch.long, device=device)
         confidence = torch.full((n, 2), float("nan"), device=device)
         self.eval()
+        net = self.inference_network(amp)
         with autocast(device, amp):
-            if self.net.selector is not None or not bool(known.all()):
-                selector = self._selector()
+            if net.selector is not None or not bool(known.all()):
+                selector = self._selector(net)
                 for slot, image in enumerate((he, ihc)):
                     rows = present[:, slot].nonzero().flatten()
                     if rows.numel():
@@ -397,9 +441,11 @@ class HER2Deploy(nn.Module):
         # The recorded OOD score may read more than the logits and embedding (e.g. the stain and texture statistics
         # of each given image): those are computed from this call, on the routed (real) images only.
         names = [name for name in self.trust.ood_inputs if name not in BASE_INPUTS]
+        net = self.inference_network(amp)
+        forward = functools.partial(self._classify, net=net)
         with autocast(device, amp):
             outputs, ood_inputs = classify_with_ood_inputs(
-                self.net, routed["he"], routed["ihc"], routed["mask"], names, forward=self._classify
+                net, routed["he"], routed["ihc"], routed["mask"], names, forward=forward
             )
         logits = outputs["logits"].float()
         scenario = outputs["scenario"]
@@ -425,23 +471,25 @@ class HER2Deploy(nn.Module):
             result["stain_attention"] = outputs["stain_attention"].float()
         if self.mc_dropout_passes > 0:
             generator = torch.Generator().manual_seed(0)  # the same answer for the same input
-            sampled = mc_dropout_head(self.net.head, embedding, self.mc_dropout_passes, self.temperature, generator)
+            sampled = mc_dropout_head(net.head, embedding, self.mc_dropout_passes, self.temperature, generator)
             result["entropy"] = sampled["entropy"]
             result["mutual_information"] = sampled["mutual_information"]
         return result
 
-    def _classify(self, he: Tensor, ihc: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        """The classifier's outputs; through ``torch.compile`` with :attr:`compile_network` (eager if that fails)."""
+    def _classify(self, he: Tensor, ihc: Tensor, mask: Tensor, net: nn.Module | None = None) -> dict[str, Tensor]:
+        """The outputs of ``net`` (default: the trained network); through ``torch.compile`` with
+        :attr:`compile_network` (eager if that fails)."""
+        net = self.net if net is None else net
         if not self.compile_network or self.training:
-            return self.net(he, ihc, mask)
+            return net(he, ihc, mask)
         if self._compiled is None:
-            self._compiled = torch.compile(self.net.forward)
+            self._compiled = torch.compile(net.forward)
         try:
             return self._compiled(he, ihc, mask)
         except Exception as err:  # noqa: BLE001  (any compiler failure: the eager network gives the same answer)
             _LOG.warning("torch.compile failed (%s: %s); predicting with the eager network", type(err).__name__, err)
             self.compile_network = False
-            return self.net(he, ihc, mask)
+            return net(he, ihc, mask)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Return the module that ``torch.jit.script`` (used by ``python -m monai.bundle ckpt_export``) compiles in

@@ -366,7 +366,9 @@ class DisentangledEncoder(nn.Module):
         Returns:
             ``(shared, specific)``: lists of ``(B, shared_channels, h, w)`` and ``(B, specific_channels, h, w)`` maps.
         """
-        shared = list(self.shared(torch.cat(list(images), dim=0)).chunk(len(images), dim=0))
+        # split by the stains' batch sizes, not chunk(): chunk's arithmetic on a symbolic batch pins it to the
+        # example's size in an ONNX export (torch.export).
+        shared = list(self.shared(torch.cat(list(images), dim=0)).split([x.shape[0] for x in images], dim=0))
         specific = [self.specific[s](x) for s, x in zip(self.stains, images)]
         return shared, specific
 

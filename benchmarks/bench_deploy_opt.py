@@ -1,0 +1,141 @@
+"""The deployed path's inference rewrites against the old default, fp32 eager and ONNX Runtime, in one process.
+
+Settings, each ``HER2Deploy.predict_batch`` on the same batch (paper architecture, ``--profile bci``, random weights):
+
+* old default: bf16 autocast + channels-last, no rewrites (``HER2_INFERENCE_OPTIMIZE=off``) -- the base of the ratios;
+* new default: the same autocast with the rewrites of :mod:`her2_monai.inference.optimize` (BatchNorm folded, the
+  CM-GAN generators and encoder trunks as bf16 channels-last islands);
+* fp32 eager, channels-last, no rewrites;
+* ONNX Runtime fp32 (the ``export --format onnx`` graphs, as many intra-op threads as torch; ``--no-onnx`` skips it).
+
+The settings are timed interleaved (A, B, C, D, A, B, ...) so that a shared machine's load falls on all alike; the
+median of ``--reps`` timed calls after one warm-up is reported. Then one CM-GAN generator at ``--gen-size`` px: bf16
+autocast (old) against the bf16 island with folded BatchNorm (new), interleaved as well. The largest logit difference
+against fp32 eager is printed for each setting.
+
+Usage::
+
+    python benchmarks/bench_deploy_opt.py                       # 512 px H&E-only and dual, generator at 1024 px
+    python benchmarks/bench_deploy_opt.py --size 256 --gen-size 512 --reps 3 --no-onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from bench_onnx import SCENARIO_MASKS, build_network  # a sibling script: benchmarks/ is on sys.path
+
+from her2_monai.inference.optimize import optimize_for_inference
+from her2_monai.runtime import execution_settings
+from her2_monai.stain_batch import autocast
+
+
+def interleaved(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds per call of each run, timed in turn ``reps`` times after one warm-up call each."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def channels_last(net: torch.nn.Module) -> torch.nn.Module:
+    """A channels-last copy of ``net``."""
+    net = copy.deepcopy(net)
+    net.channels_last = True
+    return net.to(memory_format=torch.channels_last)
+
+
+def generator_rows(net: torch.nn.Module, size: int, reps: int) -> None:
+    """Print one generator's seconds per image: bf16 autocast against the optimised bf16 island."""
+    old = channels_last(net).cmgan.he_to_ihc
+    new = optimize_for_inference(channels_last(net), bf16=True).cmgan.he_to_ihc
+    x = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1).contiguous(
+        memory_format=torch.channels_last
+    )
+
+    def autocast_run() -> torch.Tensor:
+        with torch.no_grad(), autocast("cpu", True):
+            return old(x)
+
+    def island_run() -> torch.Tensor:
+        with torch.no_grad():
+            return new(x)
+
+    took = interleaved({"old": autocast_run, "new": island_run}, reps)
+    diff = float((autocast_run().float() - island_run().float()).abs().max())
+    print(f"\ngenerator {size} px, 1 image (load average {os.getloadavg()[0]:.1f}):")
+    print(f"  bf16 autocast (old)              {took['old']:>8.2f} s")
+    print(f"  bf16 island, BN folded (new)     {took['new']:>8.2f} s  {took['old'] / took['new']:.2f}x")
+    print(f"  max |difference| of the outputs  {diff:.1e}")
+
+
+def main() -> None:
+    from her2_monai.inference import HER2Deploy
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--gen-size", type=int, default=1024)
+    parser.add_argument("--scenarios", nargs="+", default=["he_only", "dual"], choices=sorted(SCENARIO_MASKS))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out")
+    args = parser.parse_args()
+
+    default = execution_settings("cpu")
+    net = build_network("bci", args.size)
+    settings = {
+        "old default (bf16 autocast) (base)": (HER2Deploy(channels_last(net), optimize=False).eval(), default.amp),
+        "new default (bf16 islands)": (HER2Deploy(channels_last(net), optimize=True).eval(), default.amp),
+        "fp32 eager channels-last": (HER2Deploy(channels_last(net), optimize=False).eval(), False),
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        if not args.no_onnx:
+            from her2_monai.inference.onnx_export import export_deploy
+            from her2_monai.inference.onnx_runtime import OnnxNetwork
+
+            export_deploy(HER2Deploy(net, optimize=False).eval(), os.path.join(folder, "onnx"), check_batch=1)
+            settings["ONNX Runtime fp32"] = (HER2Deploy(OnnxNetwork(os.path.join(folder, "onnx"))).eval(), False)
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; {default.reason}; "
+            f"load average {os.getloadavg()[0]:.1f}; profile bci, {args.size} px, batch {args.batch}, "
+            f"median of {args.reps} interleaved"
+        )
+        print(f"{'scenario':<9} {'setting':<38}{'patch/s':>9}{'vs base':>9}{'max |dlogit| vs fp32':>22}")
+        gen = torch.Generator().manual_seed(0)
+        for scenario in args.scenarios:
+            keep = torch.tensor(SCENARIO_MASKS[scenario])
+            mask = keep.expand(args.batch, 2).contiguous()
+            he = (torch.rand(args.batch, 3, args.size, args.size, generator=gen) * 2 - 1) * keep[0]
+            ihc = (torch.rand(args.batch, 3, args.size, args.size, generator=gen) * 2 - 1) * keep[1]
+            runs = {
+                name: (lambda d=deploy, a=amp, x=(he, ihc, mask): d.predict_batch(*x, amp=a))
+                for name, (deploy, amp) in settings.items()
+            }
+            took = interleaved(runs, args.reps)
+            reference = runs["fp32 eager channels-last"]()["pred"]
+            base = next(iter(took.values()))
+            for name, seconds in took.items():
+                diff = float((runs[name]()["pred"] - reference).abs().max())
+                print(
+                    f"{scenario:<9} {name:<38}{args.batch / seconds:>9.3f}{base / seconds:>8.2f}x{diff:>22.1e}",
+                    flush=True,
+                )
+            print(f"  (load average {os.getloadavg()[0]:.1f})")
+    if args.gen_size:
+        generator_rows(net, args.gen_size, args.reps)
+
+
+if __name__ == "__main__":
+    main()
