@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 __all__ = [
     "TEMP_PREFIX",
     "atomic_write",
+    "replace_folder",
     "json_safe",
     "write_json_atomic",
     "atomic_torch_save",
@@ -68,6 +70,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], mode: i
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def replace_folder(staging: str | os.PathLike, final: str | os.PathLike, stale_suffix: str = ".old") -> Path:
+    """Put the complete folder ``staging`` in place of ``final``, which may exist (an earlier or half-written one).
+
+    ``final`` is first renamed aside (a hidden sibling ending in ``stale_suffix``), then ``staging`` renamed into place,
+    then the old folder removed: at every moment ``final`` is either the old complete folder, absent, or the new one.
+
+    Args:
+        staging: the new folder, complete, on the same file system as ``final``.
+        final: where it goes.
+        stale_suffix: name suffix of the folder the old one is moved into while it is removed (so that a crash there
+            leaves something a caller can recognise and clean up).
+
+    Returns:
+        ``final``.
+    """
+    final = Path(final)
+    if final.exists():
+        stale = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}.", suffix=stale_suffix, dir=final.parent))
+        os.replace(final, stale / final.name)
+        os.replace(staging, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    return final
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:

@@ -283,3 +283,19 @@ def test_the_training_command_refuses_a_bundle_folder_in_use(tmp_path):
     assert second.returncode != 0
     assert "another training is running on the bundle folder" in second.stderr
     assert not (tmp_path / "eval" / "datalist.json").exists() and not (tmp_path / "models").exists()
+
+
+def test_replace_folder_swaps_a_complete_folder_in_and_leaves_nothing_behind(tmp_path):
+    from her2_monai.fileio import replace_folder
+
+    final = tmp_path / "out"
+    for generation in ("first", "second"):
+        staging = tmp_path / f".out.{generation}.tmp"
+        staging.mkdir()
+        (staging / "result.txt").write_text(generation)
+        assert replace_folder(staging, final, stale_suffix=".stale") == final
+        assert (final / "result.txt").read_text() == generation
+        assert not staging.exists()
+    # the earlier folder was moved aside and removed, not merged into the new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in final.iterdir()) == ["result.txt"]

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from her2_monai.constants import CLASS_NAMES, SCENARIOS
-from her2_monai.fileio import write_json_atomic
+from her2_monai.fileio import replace_folder, write_json_atomic
 from her2_monai.inference.deploy import HER2Deploy
 from her2_monai.transforms.stain_settings import RECORD_KEY as NORMALIZATION_RECORD_KEY
 
@@ -233,15 +233,9 @@ def _read_json(path: str | os.PathLike | None) -> Any:
 
 def _swap_into_place(staging: Path, output: Path) -> None:
     """Rename the finished folder to ``output``, replacing an earlier export there (never anything else)."""
-    if output.exists():
-        if not (output / MANIFEST).is_file():
-            raise FileExistsError(_NOT_AN_EXPORT.format(output))
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-        os.replace(output, old / output.name)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
+    if output.exists() and not (output / MANIFEST).is_file():
+        raise FileExistsError(_NOT_AN_EXPORT.format(output))
+    replace_folder(staging, output)
 
 
 def export_deploy(

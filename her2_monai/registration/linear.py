@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage, optimize
 from scipy.signal import fftconvolve
 
-__all__ = ["MODELS", "band_pass", "masked_ncc", "search_similarity", "refine", "grid_distance"]
+__all__ = ["MODELS", "band_pass", "masked_ncc", "ncc_all_shifts", "search_similarity", "refine", "grid_distance"]
 
 #: Transform models of :func:`refine`, with their number of parameters.
 MODELS = {"rigid": 3, "similarity": 4, "affine": 6}
@@ -71,7 +71,7 @@ def masked_ncc(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, min_ov
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
-def _ncc_all_shifts(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, min_overlap: float = 0.5):
+def ncc_all_shifts(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, min_overlap: float = 0.5):
     """Masked NCC of ``fixed(x)`` and ``moving(x - s)`` for every integer shift ``s`` (Padfield 2012, by FFT).
 
     Returns:
@@ -166,7 +166,7 @@ def search_similarity(
             matrix = _linear_about_center(linear, np.zeros(2), center)
             rotated = _warp(moving, matrix, fixed.shape, 0.0)[::2, ::2].astype(np.float64)
             valid = _warp(np.ones_like(moving), matrix, fixed.shape, 0.0)[::2, ::2] > 0.99
-            scores, (sx, sy) = _ncc_all_shifts(half, rotated, valid)
+            scores, (sx, sy) = ncc_all_shifts(half, rotated, valid)
             inside = (np.abs(sx) <= limit[0]) & (np.abs(sy) <= limit[1])
             distance = np.hypot(sx / max(limit[0], 1.0), sy / max(limit[1], 1.0))
             handicap = prior_weight * (abs(angle) / max(max_angle, 1.0) + distance) / 2

@@ -358,7 +358,7 @@ class PairRegistration:
             rotation = euler_matrix(angle, (0, 0), center)
             rotated = _warp_channel(moving, rotation, fixed.shape)[::2, ::2].astype(np.float64)
             valid = _warp_channel(np.ones_like(moving), rotation, fixed.shape)[::2, ::2] > 0.99
-            scores, shifts = _masked_ncc(f, rotated, valid)
+            scores, shifts = linear.ncc_all_shifts(f, rotated, valid)
             inside = (np.abs(shifts[0]) <= limit[0]) & (np.abs(shifts[1]) <= limit[1])
             distance = np.hypot(shifts[0] / max(limit[0], 1.0), shifts[1] / max(limit[1], 1.0))
             handicap = self.prior_weight * (abs(angle) / max(self.max_angle, 1.0) + distance) / 2
@@ -724,34 +724,6 @@ def _quality(
         "ncc": normalized_cross_correlation(fixed, warped, inside),
         "nmi": mutual_information(fixed, warped, inside),
     }
-
-
-def _masked_ncc(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, min_overlap: float = 0.5):
-    """Masked NCC of ``fixed(x)`` and ``moving(x - s)`` for every shift ``s`` (fixed fully valid, moving on ``mask``).
-
-    Returns:
-        ``(scores, (sx, sy))``: ``(2H-1, 2W-1)`` NCC map (-2 where the overlap is under ``min_overlap`` of the image)
-        and the matching shift grids.
-    """
-    from scipy.signal import fftconvolve
-
-    def corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return fftconvolve(a, b[::-1, ::-1], mode="full")
-
-    ones, mask = np.ones_like(fixed), mask.astype(np.float64)
-    m = moving * mask
-    overlap = np.maximum(np.rint(corr(ones, mask)), 1.0)
-    sum_f, sum_m = corr(fixed, mask), corr(ones, m)
-    numerator = corr(fixed, m) - sum_f * sum_m / overlap
-    var_f = np.maximum(corr(fixed * fixed, mask) - sum_f**2 / overlap, 0.0)
-    var_m = np.maximum(corr(ones, m * moving) - sum_m**2 / overlap, 0.0)
-    denominator = np.sqrt(var_f * var_m)
-    tolerance = 1e-6 * max(float(denominator.max()), 1e-12)
-    scores = np.where(denominator > tolerance, numerator / np.maximum(denominator, tolerance), 0.0)
-    scores = np.where(overlap >= min_overlap * fixed.size, np.clip(scores, -1, 1), -2.0)
-    height, width = fixed.shape
-    sy, sx = np.mgrid[-(height - 1) : height, -(width - 1) : width]
-    return scores, (sx, sy)
 
 
 def _grid_distance(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from her2_monai.constants import CLASS_NAMES
-from her2_monai.fileio import atomic_write, sha256_file, write_json_atomic
+from her2_monai.fileio import atomic_write, replace_folder, sha256_file, write_json_atomic
 from her2_monai.wsi.ranks import RankGroup
 
 __all__ = [
@@ -343,17 +343,6 @@ def _verdict(row: Mapping[str, Any]) -> str:
     return verdict + (" (equivocal)" if row["equivocal"] else "") + (" - refer" if row["refer"] else "")
 
 
-def _publish(temporary: Path, final: Path) -> None:
-    """Put a complete slide folder in place of ``final`` (which may hold a half-written or redone folder)."""
-    if final.exists():
-        stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=_STALE, dir=final.parent))
-        os.replace(final, stale / final.name)
-        os.replace(temporary, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(temporary, final)
-
-
 def score_cohort_slide(
     slide: CohortSlide,
     output: Path,
@@ -392,7 +381,7 @@ def score_cohort_slide(
         return row
     row = _row(slide, summary, time.perf_counter() - start, rank)
     write_json_atomic({"row": row, "fingerprint": dict(fingerprint)}, temporary / DONE_FILE)
-    _publish(temporary, output / slide.slide_id)
+    replace_folder(temporary, output / slide.slide_id, stale_suffix=_STALE)
     failure.unlink(missing_ok=True)
     return row
 
