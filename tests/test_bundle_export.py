@@ -122,6 +122,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_network(deployed_bundle: Pat
     def broken(*_, **__):
         raise RuntimeError("no C++ compiler found")
 
+    deploy.inference_network()  # build the inference copy first: building it drops any compiled callable
     monkeypatch.setattr(deploy, "_compiled", broken)
     with caplog.at_level("WARNING", logger="her2_monai.inference.deploy"):
         found = _predict_batches(deploy)
