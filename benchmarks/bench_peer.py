@@ -38,6 +38,7 @@ from op_profile import format_kinds, format_top, op_profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from her2_monai.engines import CrossModalGANTrainer
+from her2_monai.inference.optimize import fold_batchnorm, make_bf16_island
 from her2_monai.losses import GANLoss, PyramidL1Loss
 from her2_monai.networks import CrossModalDiscriminators, CrossModalGAN
 from her2_monai.runtime import execution_settings
@@ -157,8 +158,24 @@ def main() -> None:
             memory = torch.channels_last if channels_last else torch.contiguous_format
             gan.to(memory_format=memory)
             xin = x.contiguous(memory_format=memory)
-            steps[label] = lambda g=gan, i=xin: g.he_to_ihc(i)
+            # "default" is the deployed predictor's setting: bf16 autocast where the CPU has bf16, channels-last.
+            amp = default.amp and label == "ours, default"
+
+            def step(g=gan, i=xin, amp=amp):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    return g.he_to_ihc(i)
+
+            steps[label] = step
             rows.append((label, _median_time(steps[label], args.warmup, args.reps)))
+        # The deployed inference copy (her2_monai.inference.optimize): BatchNorm folded, and on bf16 hardware the
+        # generator as a bf16 channels-last island.
+        gan = CrossModalGAN(ngf=64, n_blocks=9).freeze().eval()
+        fold_batchnorm(gan)
+        if default.amp:
+            make_bf16_island(gan.he_to_ihc)
+        label = "ours, deployed (BN folded" + (", bf16 island)" if default.amp else ")")
+        steps[label] = lambda g=gan: g.he_to_ihc(x)
+        rows.append((label, _median_time(steps[label], args.warmup, args.reps)))
         if args.profile_ops:
             peer_profile, ours_profile = op_profile(lambda: peer.netG(x)), op_profile(steps["ours, default"])
     print(f"\ninference, seconds per {args.infer_size} px patch, one generator ({gflop_1024:.0f} GFLOP)")
