@@ -16,7 +16,7 @@ import numbers
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,7 @@ def log_training_model(
     datalist: str | os.PathLike,
     dataset_dir: str | os.PathLike | None = None,
     package_requirement: str | None = None,
+    input_runs: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """At the end of stage 2: log the datalist (``mlflow.log_input``) and the calibrated predictor as a pyfunc model
     into the stage-2 run, register the model, and tag the experiment as model training.
@@ -261,6 +262,8 @@ def log_training_model(
         datalist: the run's datalist.
         dataset_dir: ``--dataset_dir`` as given (empty = demo data).
         package_requirement: her2-monai's requirement line for the model's environment (empty = this installation's).
+        input_runs: names of other runs of the experiment that trained on the same datalist (the CM-GAN stage): they
+            get the same datasets as inputs, so the UI's Dataset column shows them too.
 
     Returns:
         :func:`~her2_monai.serving.mlflow_model.log_bundle_model`'s result, or ``None`` when the store failed or
@@ -281,6 +284,13 @@ def log_training_model(
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run.info.run_id):
             log_datalist_inputs(datalist, dataset_dir)
+        for name in input_runs:
+            other = find_run(client, experiment.experiment_id, name)
+            if other is None:
+                logger.warning("no MLflow run named '%s': its datasets are not logged", name)
+                continue
+            with mlflow.start_run(run_id=other.info.run_id):
+                log_datalist_inputs(datalist, dataset_dir, splits=("training", "validation"))
         result = log_bundle_model(
             tracking_uri,
             run.info.run_id,

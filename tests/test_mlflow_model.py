@@ -34,6 +34,7 @@ from her2_monai.serving.mlflow_model import (  # noqa: E402
 pytestmark = pytest.mark.slow
 
 NAME = "her2-monai"
+STAGE1_RUN = "her2-demo-stage1-cmgan"
 STAGE2_RUN = "her2-demo-stage2-classifier"
 READY_TIMEOUT_S = 120.0
 #: Same code, same float32 arithmetic on both sides: the probabilities agree to rounding.
@@ -95,6 +96,13 @@ def test_training_logs_and_registers_the_calibrated_predictor(trained_bundle: Pa
         assert {k: int(tags[f"classes.{k}"]) for k in counts["classes"]} == counts["classes"]
         assert {k: int(tags[f"stains.{k}"]) for k in counts["stains"]} == counts["stains"]
         assert json.loads(found.dataset.profile)["num_rows"] == counts["records"]
+
+    # The CM-GAN stage trained on the same datalist's training and validation splits: its run shows them too.
+    stage1 = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{STAGE1_RUN}'")[0]
+    stage1_inputs = {i.dataset.name: i for i in stage1.inputs.dataset_inputs}
+    assert sorted(n.split("-")[1] for n in stage1_inputs) == ["training", "validation"]
+    for found in stage1_inputs.values():
+        assert {t.key: t.value for t in found.tags}["datalist_sha256"] == record["datalist_sha256"]
 
     # The registered version is this run's model of this model.pt, with its calibration in the metadata.
     digest = _sha256(trained_bundle / "models" / "model.pt")
