@@ -98,7 +98,10 @@ def test_training_logs_and_registers_the_calibrated_predictor(trained_bundle: Pa
         assert json.loads(found.dataset.profile)["num_rows"] == counts["records"]
 
     # The CM-GAN stage trained on the same datalist's training and validation splits: its run shows them too.
-    stage1 = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{STAGE1_RUN}'")[0]
+    # (Other tests may train stage 1 again into this store later: take the stage-1 run of this training, the last one
+    # started before its stage-2 run.)
+    stage1_runs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{STAGE1_RUN}'")
+    stage1 = max((r for r in stage1_runs if r.info.start_time <= run.info.start_time), key=lambda r: r.info.start_time)
     stage1_inputs = {i.dataset.name: i for i in stage1.inputs.dataset_inputs}
     assert sorted(n.split("-")[1] for n in stage1_inputs) == ["training", "validation"]
     for found in stage1_inputs.values():
