@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from bench_onnx import SCENARIO_MASKS, build_network  # a sibling script: benchmarks/ is on sys.path
+from bench_onnx import SCENARIO_MASKS, build_network, scenario_batch  # a sibling script: benchmarks/ is on sys.path
 
 from her2_monai.inference.optimize import optimize_for_inference
 from her2_monai.runtime import execution_settings
@@ -115,10 +115,7 @@ def main() -> None:
         print(f"{'scenario':<9} {'setting':<38}{'patch/s':>9}{'vs base':>9}{'max |dlogit| vs fp32':>22}")
         gen = torch.Generator().manual_seed(0)
         for scenario in args.scenarios:
-            keep = torch.tensor(SCENARIO_MASKS[scenario])
-            mask = keep.expand(args.batch, 2).contiguous()
-            he = (torch.rand(args.batch, 3, args.size, args.size, generator=gen) * 2 - 1) * keep[0]
-            ihc = (torch.rand(args.batch, 3, args.size, args.size, generator=gen) * 2 - 1) * keep[1]
+            he, ihc, mask = scenario_batch(scenario, args.batch, args.size, gen)
             runs = {
                 name: (lambda d=deploy, a=amp, x=(he, ihc, mask): d.predict_batch(*x, amp=a))
                 for name, (deploy, amp) in settings.items()

@@ -38,6 +38,15 @@ PROFILES = {
 }
 
 
+def scenario_batch(scenario: str, batch: int, size: int, gen: torch.Generator) -> tuple:
+    """Random ``(he, ihc, mask)`` inputs in ``[-1, 1]`` of one scenario (the missing stain zeroed)."""
+    keep = torch.tensor(SCENARIO_MASKS[scenario])
+    mask = keep.expand(batch, 2).contiguous()
+    he = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1) * keep[0]
+    ihc = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1) * keep[1]
+    return he, ihc, mask
+
+
 def build_network(profile: str, size: int):
     """The random-weight network of ``profile`` recording ``size`` as its image size."""
     from her2_monai.networks import BranchSelector, CrossModalGAN, HER2FlexibleNet
@@ -106,10 +115,7 @@ def main() -> None:
         print(f"{'scenario':<9} {'setting':<34}{'patch/s':>9}{'vs base':>9}{'max |dlogit| vs fp32':>22}")
         gen = torch.Generator().manual_seed(0)
         for scenario in args.scenarios:
-            keep = torch.tensor(SCENARIO_MASKS[scenario])
-            mask = keep.expand(args.batch, 2).contiguous()
-            he = (torch.rand(args.batch, 3, args.size, args.size, generator=gen) * 2 - 1) * keep[0]
-            ihc = (torch.rand(args.batch, 3, args.size, args.size, generator=gen) * 2 - 1) * keep[1]
+            he, ihc, mask = scenario_batch(scenario, args.batch, args.size, gen)
             reference = settings["eager fp32 channels-last"][0].predict_batch(he, ihc, mask)["pred"]
             base = None
             for name, (deploy, amp) in settings.items():
