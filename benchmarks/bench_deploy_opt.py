@@ -13,6 +13,11 @@ median of ``--reps`` timed calls after one warm-up is reported. Then one CM-GAN 
 autocast (old) against the bf16 island with folded BatchNorm (new), interleaved as well. The largest logit difference
 against fp32 eager is printed for each setting.
 
+Each row also gives its arithmetic rate: the pipeline's floating-point operations (``FlopCounterMode``, counted once
+on the fp32 path: convolutions and matrix products) divided by its time, as a share of this CPU's measured bf16
+matrix-multiply rate (2048^3, same threads). The ceiling line is the patches/s the pipeline would reach if every
+counted operation ran at that rate: no rewrite of the same arithmetic can go past it.
+
 Usage::
 
     python benchmarks/bench_deploy_opt.py                       # 512 px H&E-only and dual, generator at 1024 px
@@ -30,7 +35,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from bench_onnx import SCENARIO_MASKS, build_network, scenario_batch  # a sibling script: benchmarks/ is on sys.path
+from bench_inference import matmul_rate  # sibling scripts: benchmarks/ is on sys.path
+from bench_onnx import SCENARIO_MASKS, build_network, scenario_batch
+from torch.utils.flop_counter import FlopCounterMode
 
 from her2_monai.inference.optimize import optimize_for_inference
 from her2_monai.runtime import execution_settings
@@ -48,6 +55,13 @@ def interleaved(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, f
             run()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def pipeline_gflop(deploy: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> float:
+    """GFLOP of one fp32 ``predict_batch`` call on ``batch`` (convolutions and matrix products)."""
+    with FlopCounterMode(display=False) as counter:
+        deploy.predict_batch(*batch, amp=False)
+    return counter.get_total_flops() / 1e9
 
 
 def channels_last(net: torch.nn.Module) -> torch.nn.Module:
@@ -107,12 +121,17 @@ def main() -> None:
 
             export_deploy(HER2Deploy(net, optimize=False).eval(), os.path.join(folder, "onnx"), check_batch=1)
             settings["ONNX Runtime fp32"] = (HER2Deploy(OnnxNetwork(os.path.join(folder, "onnx"))).eval(), False)
+        bf16_rate = matmul_rate(torch.bfloat16)
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; {default.reason}; "
+            f"measured bf16 matmul rate {bf16_rate:.0f} GFLOP/s; "
             f"load average {os.getloadavg()[0]:.1f}; profile bci, {args.size} px, batch {args.batch}, "
             f"median of {args.reps} interleaved"
         )
-        print(f"{'scenario':<9} {'setting':<38}{'patch/s':>9}{'vs base':>9}{'max |dlogit| vs fp32':>22}")
+        print(
+            f"{'scenario':<9} {'setting':<38}{'patch/s':>9}{'vs base':>9}{'GFLOP/s':>9}{'% bf16 mm':>10}"
+            f"{'max |dlogit| vs fp32':>22}"
+        )
         gen = torch.Generator().manual_seed(0)
         for scenario in args.scenarios:
             he, ihc, mask = scenario_batch(scenario, args.batch, args.size, gen)
@@ -121,15 +140,23 @@ def main() -> None:
                 for name, (deploy, amp) in settings.items()
             }
             took = interleaved(runs, args.reps)
+            gflop = pipeline_gflop(settings["fp32 eager channels-last"][0], (he, ihc, mask))
             reference = runs["fp32 eager channels-last"]()["pred"]
             base = next(iter(took.values()))
             for name, seconds in took.items():
                 diff = float((runs[name]()["pred"] - reference).abs().max())
+                rate = gflop / seconds
                 print(
-                    f"{scenario:<9} {name:<38}{args.batch / seconds:>9.3f}{base / seconds:>8.2f}x{diff:>22.1e}",
+                    f"{scenario:<9} {name:<38}{args.batch / seconds:>9.3f}{base / seconds:>8.2f}x{rate:>9.0f}"
+                    f"{100 * rate / bf16_rate:>9.0f}%{diff:>22.1e}",
                     flush=True,
                 )
-            print(f"  (load average {os.getloadavg()[0]:.1f})")
+            ceiling = bf16_rate / gflop
+            print(
+                f"  {gflop / args.batch:.0f} GFLOP per patch; ceiling at the bf16 matmul rate "
+                f"{args.batch * ceiling:.3f} patch/s = {base * ceiling:.2f}x base "
+                f"(load average {os.getloadavg()[0]:.1f})"
+            )
     if args.gen_size:
         generator_rows(net, args.gen_size, args.reps)
 

@@ -116,6 +116,38 @@ def test_slide_thumbnail_mask_leaves_pen_marks_out() -> None:
     assert inked[64:320, 64:320].mean() > 0.7  # ... the tissue still is (less the ink over it)
 
 
+def test_one_set_of_maps_serves_the_tissue_and_ink_checks_with_the_same_answers() -> None:
+    # Up to 256 px both checks work on the image itself, so the check builds its optical-density maps once; the
+    # answers must be those of the two checks run on their own. A larger image keeps two working copies.
+    from her2_monai.transforms import ink as ink_module
+    from her2_monai.transforms import tissue as tissue_module
+
+    he, ihc = DemoPairGenerator(256).render(2, seed=3)
+    inked = draw_pen_stroke(he, "green", seed=1)[0]
+    images = [he, ihc, inked, _sliver(0.2), he[:200, :180], np.kron(ihc, np.ones((2, 2, 1), np.uint8))]
+    built = []
+    real_maps = tissue_module.chroma_maps
+
+    def counting(*args, **kwargs):
+        built.append(args[0].shape)
+        return real_maps(*args, **kwargs)
+
+    check = TissueCheckd()
+    for image in images:
+        separate_tissue = tissue_module.tissue_mask(image.astype(np.float64), check.saturation_range)
+        separate_ink = measure_ink(image.astype(np.float64))
+        built.clear()
+        tissue_module.chroma_maps = ink_module.chroma_maps = counting
+        try:
+            result = check.check(image)
+        finally:
+            tissue_module.chroma_maps = ink_module.chroma_maps = real_maps
+        ink_mask = tissue_module._resized(separate_ink.mask, separate_tissue.shape)
+        assert result.tissue == float((separate_tissue & ~ink_mask).mean())
+        assert np.array_equal(result.ink.mask, separate_ink.mask) and result.ink.kinds == separate_ink.kinds
+        assert len(built) == (1 if max(image.shape[:2]) <= 256 else 2)  # larger: each check builds its own
+
+
 def test_demo_renders_are_never_ink() -> None:
     for lab in ("A", "B", "C"):
         generator = DemoPairGenerator(256, lab)

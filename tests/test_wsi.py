@@ -165,6 +165,106 @@ def test_tissue_mask_and_tiles_on_the_real_svs(svs: Path) -> None:
     assert not tissue_mask(np.full((64, 64, 3), 245, np.uint8)).any()
 
 
+def test_thumbnail_saturation_is_foreground_masks_hsv_threshold_bit_for_bit(svs: Path) -> None:
+    # The thumbnail's saturation comes from a (max, min) lookup table instead of a full HSV conversion.
+    from monai.transforms import ForegroundMask
+
+    from her2_monai.wsi import tissue as wsi_tissue
+
+    reference = ForegroundMask(threshold=None, hsv_threshold={"S": wsi_tissue._bounded_otsu(0.04, 0.15)})
+    with open_slide(svs) as slide:
+        images = [slide.thumbnail(2048)[0], slide.thumbnail(300)[0]]
+    rng = np.random.default_rng(0)
+    images += [rng.integers(0, 256, (97, 131, 3)).astype(np.uint8), np.full((40, 40, 3), 243, np.uint8)]
+    images += [np.zeros((40, 40, 3), np.uint8)]
+    for image in images:
+        expected = np.asarray(reference(np.moveaxis(image, -1, 0)))[0].astype(bool)
+        assert np.array_equal(wsi_tissue._saturated(image), expected)
+
+
+class _OverlapRecorder:
+    """A stand-in predictor that records which thread prepares and which predicts each batch, and whether the next
+    batch was being prepared while the current one was in the network."""
+
+    def __init__(self, expected_batches: int) -> None:
+        import threading
+
+        self.expected_batches = expected_batches
+        self.batches = 0
+        self.started: list = []  # one Event per prepared batch, set when its preparation starts
+        self.prepare_threads: list[str] = []
+        self.predict_threads: list[str] = []
+        self.overlapped: list[bool] = []
+        self._threading = threading
+
+    def prepare(self, records: list[dict]) -> list[dict]:
+        self.prepare_threads.append(self._threading.current_thread().name)
+        self.started.append(self._threading.Event())
+        self.started[-1].set()
+        return [{"id": r["id"], "pixels": r["he"].shape} for r in records]
+
+    def predict_prepared(self, items: list[dict]) -> list[dict]:
+        index, self.batches = self.batches, self.batches + 1
+        self.predict_threads.append(self._threading.current_thread().name)
+        deadline = 10.0 if index + 1 < self.expected_batches else 0.0
+        while len(self.started) <= index + 1 and deadline > 0:  # wait for the next batch's preparation to begin
+            self._threading.Event().wait(0.01)
+            deadline -= 0.01
+        self.overlapped.append(len(self.started) > index + 1)
+        answer = {"score": "1+", "confidence": 0.9, "refer": False, "refer_reasons": [], "scenario": "he_only"}
+        return [{**answer, "probabilities": [0.05, 0.8, 0.1, 0.05]} for _ in items]
+
+
+def test_tiles_are_read_and_checked_in_the_reader_thread_while_the_network_runs(svs: Path) -> None:
+    from her2_monai.wsi import WholeSlideScorer
+
+    settings = TilingSettings(tile_size=256, batch_size=8)
+    with open_slide(svs) as slide:
+        recorder = _OverlapRecorder(-(-len(plan_tiles(slide, settings).tiles) // settings.batch_size))
+        result = WholeSlideScorer(recorder, settings, progress=False).score(slide)
+    batches = recorder.batches
+    assert batches >= 3 and len(result["rows"]) == len(result["plan"].tiles)
+    assert "MainThread" not in recorder.prepare_threads and set(recorder.predict_threads) == {"MainThread"}
+    # Every batch but the last was in the network while the next one was being read and checked.
+    assert recorder.overlapped == [True] * (batches - 1) + [False]
+
+
+class _SizeRecorder(_OverlapRecorder):
+    """Records the batch sizes the network gets; has a network with a ``compile_network`` switch like HER2Deploy's."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        super().__init__(expected_batches=0)
+        self.network = SimpleNamespace(compile_network=False)
+        self.sizes: list[tuple[int, bool]] = []
+
+    def predict_prepared(self, items: list[dict]) -> list[dict]:
+        self.sizes.append((len(items), self.network.compile_network))
+        return super().predict_prepared(items)
+
+
+@pytest.mark.parametrize("threshold", [10, 1000, None])
+def test_large_slides_are_scored_compiled_with_one_batch_shape(svs: Path, threshold: int | None) -> None:
+    # compile_min_tiles (wsi --compile auto): a slide of that many tiles switches the network's compilation on, and
+    # its last, partial batch is padded to the batch size so that no second graph gets compiled.
+    from her2_monai.wsi import WholeSlideScorer
+
+    recorder = _SizeRecorder()
+    settings = TilingSettings(tile_size=256, batch_size=8, compile_min_tiles=threshold)
+    with open_slide(svs) as slide:
+        result = WholeSlideScorer(recorder, settings, progress=False).score(slide)
+    tiles = len(result["plan"].tiles)
+    assert tiles % 8 and len(result["rows"]) == tiles  # the padding is scored but never reported
+    compiled = threshold is not None and tiles >= threshold
+    assert recorder.network.compile_network is compiled
+    sizes = [size for size, _ in recorder.sizes]
+    assert sizes == ([8] * len(sizes) if compiled else [8] * (len(sizes) - 1) + [tiles % 8])
+    assert all(flag is compiled for _, flag in recorder.sizes)
+    with pytest.raises(ValueError, match="compile_min_tiles"):
+        TilingSettings(compile_min_tiles=0)
+
+
 # ------------------------------------------------------------------------------------------------------- end to end
 
 

@@ -483,7 +483,9 @@ class HER2Deploy(nn.Module):
         if not self.compile_network or self.training:
             return net(he, ihc, mask)
         if self._compiled is None:
-            self._compiled = torch.compile(net.forward)
+            # Freezing: the weights become constants of the graph, so BatchNorm folds and oneDNN fuses the
+            # element-wise work (activations, residual adds) into the convolutions; inference never changes them.
+            self._compiled = torch.compile(net.forward, options={"freezing": True})
         try:
             return self._compiled(he, ihc, mask)
         except Exception as err:  # noqa: BLE001  (any compiler failure: the eager network gives the same answer)

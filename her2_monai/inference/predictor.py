@@ -303,12 +303,44 @@ class HER2Predictor:
         Raises:
             her2_monai.data.image_reader.ImageReadError: naming the file, if an input is missing or unreadable.
         """
-        for record in records:
+        for record in records:  # a missing file fails the call before anything is scored
             check_record_files(record)
         results = []
-        for start in range(0, len(records), self.batch_size):
-            items = [apply_transform(self.preprocessing, dict(r)) for r in records[start : start + self.batch_size]]
-            batch = list_data_collate(items)
+        for start in range(0, len(records), self.batch_size):  # one batch preprocessed at a time: bounded memory
+            results.extend(self.predict_prepared(self.prepare(records[start : start + self.batch_size])))
+        return results
+
+    def prepare(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The preprocessing half of :meth:`predict_records`: file checks, loading, input checks, resizing.
+
+        It holds no lock, so a caller may prepare the next records in another thread while the network runs
+        (whole-slide inference does).
+
+        Args:
+            records: inference records.
+
+        Returns:
+            The preprocessed items, in order, for :meth:`predict_prepared`.
+
+        Raises:
+            her2_monai.data.image_reader.ImageReadError: naming the file, if an input is missing or unreadable.
+        """
+        for record in records:
+            check_record_files(record)
+        return [apply_transform(self.preprocessing, dict(r)) for r in records]
+
+    def predict_prepared(self, prepared: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The network half of :meth:`predict_records`, on the items of :meth:`prepare`, ``batch_size`` at a time.
+
+        Args:
+            prepared: preprocessed items.
+
+        Returns:
+            One :func:`prediction_result` dict per item, in order.
+        """
+        results = []
+        for start in range(0, len(prepared), self.batch_size):
+            batch = list_data_collate(list(prepared[start : start + self.batch_size]))
             stains = prepare_stain_batch(batch, self.device)
             with self._lock:
                 outputs = self.network.predict_batch(

@@ -36,7 +36,16 @@ from skimage.filters import threshold_otsu
 
 from her2_monai.constants import HE_KEY, IHC_KEY, STAIN_KNOWN_KEY
 from her2_monai.stain_features import eosin_index
-from her2_monai.transforms.ink import MAX_INK_FRACTION, InkMeasure, chroma_maps, measure_ink, working_copy
+from her2_monai.transforms.ink import (
+    MAX_INK_FRACTION,
+    WORK_SIDE,
+    ChromaMaps,
+    InkMeasure,
+    chroma_maps,
+    measure_ink,
+    working_copy,
+)
+from her2_monai.transforms.ink import SMOOTHING as INK_SMOOTHING
 from her2_monai.transforms.marker import DabPattern, dab_pattern
 
 __all__ = [
@@ -140,6 +149,7 @@ def tissue_mask(
     saturation_range: tuple[float, float] = SATURATION_RANGE,
     sigma: float = SMOOTHING,
     max_side: int | None = TISSUE_SIDE,
+    maps: ChromaMaps | None = None,
 ) -> np.ndarray:
     """Tissue pixels of a working copy of an RGB image (see the module docstring).
 
@@ -148,12 +158,17 @@ def tissue_mask(
         saturation_range: ``(low, high)`` bounds of the saturation threshold.
         sigma: Gaussian smoothing of the saturation map in pixels (pixel noise of blank glass averages out).
         max_side: the image is area-downsampled to this longer side first (``None``: full size).
+        maps: ``chroma_maps(working copy, sigma=1.0)`` when the caller has them already (:meth:`TissueCheckd.check`
+            shares them with the ink check when both work on the same copy).
 
     Returns:
         ``(h, w)`` bool mask of the working copy.
     """
     rgb = working_copy(image, max_side)
-    maps = chroma_maps(rgb, sigma=1.0)
+    if maps is None:
+        maps = chroma_maps(rgb, sigma=1.0)
+    elif maps.total.shape != rgb.shape[:2]:
+        raise ValueError(f"maps of a {maps.total.shape} copy given for a {rgb.shape[:2]} working copy")
     dense = maps.total > MIN_DENSITY
     stained = (maps.total > STAIN_DENSITY) & (maps.chroma >= STAIN_CHROMA * maps.total)
     return dense & (_saturated(rgb, saturation_range, sigma) | stained)
@@ -270,8 +285,12 @@ class TissueCheckd(MapTransform):
             return InputCheck(
                 issues=[("no_tissue", "greyscale image (equal colour channels): not a stained RGB patch")]
             )
-        tissue = tissue_mask(rgb, self.saturation_range)
-        ink = measure_ink(rgb)
+        ink_maps = None
+        if max(height, width) <= min(WORK_SIDE, TISSUE_SIDE) and INK_SMOOTHING == 1.0:
+            # Both checks would build the same working copy (the image itself) and the same maps: build them once.
+            ink_maps = chroma_maps(working_copy(rgb, None), sigma=1.0)
+        tissue = tissue_mask(rgb, self.saturation_range, maps=ink_maps)
+        ink = measure_ink(rgb, maps=ink_maps)
         ink_mask = _resized(ink.mask, tissue.shape)
         stained = int((tissue | ink_mask).sum())
         result = InputCheck(

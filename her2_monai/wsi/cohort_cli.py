@@ -15,7 +15,7 @@ from her2_monai.wsi.ranks import RankGroup
 __all__ = ["model_file", "cohort_settings", "score_cohort", "log_cohort_run"]
 
 #: Settings that change how fast a slide is scored, not its result: left out of the fingerprint.
-_SPEED_ONLY = ("batch_size",)
+_SPEED_ONLY = ("batch_size", "compile_min_tiles")
 
 
 def model_file(bundle: str | Path, config_file: str | Path | None) -> Path:

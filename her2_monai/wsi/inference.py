@@ -1,9 +1,10 @@
 """Whole-slide (or region) HER2 scoring: tissue tiles streamed in batches through the bundle's predictor.
 
 :class:`WholeSlideScorer` plans the tiles (thumbnail -> tissue mask -> grid at the model's magnification), reads
-them batch by batch -- the next batch is read in a background thread while the model runs on the current one --
-and sends each batch through :meth:`~her2_monai.inference.predictor.HER2Predictor.predict_records`, i.e. the
-bundle's inference preprocessing and :meth:`~her2_monai.inference.deploy.HER2Deploy.predict_batch`. Only the
+them batch by batch and sends each batch through the bundle's inference preprocessing
+(:meth:`~her2_monai.inference.predictor.HER2Predictor.prepare`: input checks, resizing) and
+:meth:`~her2_monai.inference.deploy.HER2Deploy.predict_batch`. Reading and preprocessing the next batch run in a
+background thread while the network runs on the current one, so the per-tile checks do not stall the model. Only the
 thumbnail, one or two batches of tiles and one small result row per tile are held, whatever the slide's size.
 
 Stains: ``he`` (the common case: an H&E slide), ``ihc`` (an IHC slide), ``auto`` (each tile is routed by the branch
@@ -28,10 +29,13 @@ from her2_monai.wsi.call import slide_call
 from her2_monai.wsi.reader import Slide
 from her2_monai.wsi.tissue import Tile, tile_grid, tissue_mask
 
-__all__ = ["STAIN_MODES", "TilingSettings", "TilePlan", "WholeSlideScorer"]
+__all__ = ["AUTO_COMPILE_TILES", "STAIN_MODES", "TilingSettings", "TilePlan", "WholeSlideScorer"]
 
 #: How the slide's stain is given: declared H&E or IHC, or decided per tile by the branch selector.
 STAIN_MODES = ("he", "ihc", "auto")
+#: Tissue tiles from which ``wsi --compile auto`` (the default) compiles the network: about a minute of compilation
+#: against 0.3-0.5 s saved per 512 px tile with the paper model on 2 CPU cores (docs/performance.md).
+AUTO_COMPILE_TILES = 1000
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class TilingSettings:
             read size are chosen from the slide's own resolution (the slide must record it).
         thumbnail_size: longer side of the thumbnail the tissue mask is computed on.
         batch_size: tiles per forward pass.
+        compile_min_tiles: slides with at least this many tissue tiles are scored through ``torch.compile`` (the
+            predictor's network is compiled on the first batch, once per process; the last, partial batch is padded
+            so no second graph is compiled); ``None``: as the predictor was loaded (``--compile``). Compiling costs
+            about a minute and then runs the paper model about 1.5-2x faster (``docs/performance.md``).
     """
 
     tile_size: int = 1024
@@ -57,6 +65,7 @@ class TilingSettings:
     mpp: float | None = None
     thumbnail_size: int = 2048
     batch_size: int = 16
+    compile_min_tiles: int | None = AUTO_COMPILE_TILES
 
     def __post_init__(self) -> None:
         if self.tile_size < 16:
@@ -67,6 +76,8 @@ class TilingSettings:
             raise ValueError(f"thumbnail_size must be at least 64 pixels, got {self.thumbnail_size}")
         if self.mpp is not None and not self.mpp > 0:
             raise ValueError(f"mpp must be positive, got {self.mpp}")
+        if self.compile_min_tiles is not None and self.compile_min_tiles < 1:
+            raise ValueError(f"compile_min_tiles must be at least 1 (or None), got {self.compile_min_tiles}")
 
 
 @dataclass
@@ -178,6 +189,21 @@ class WholeSlideScorer:
         self.stain = stain
         self.progress = progress
 
+    def _prepared(self, slide: Slide, ihc_slide: Slide | None, tiles: Sequence[Tile]) -> list[dict]:
+        """Read and preprocess (input checks, resizing) one batch of tiles: the reader thread's part."""
+        return self.predictor.prepare(self._records(slide, ihc_slide, tiles))
+
+    def _compile_if_worth_it(self, tiles: int) -> bool:
+        """Turn the network's ``torch.compile`` on for a slide of at least ``compile_min_tiles`` tiles; whether the
+        slide is scored compiled."""
+        network = getattr(self.predictor, "network", None)
+        if not hasattr(network, "compile_network"):
+            return False
+        threshold = self.settings.compile_min_tiles
+        if threshold is not None and tiles >= threshold and not network.compile_network:
+            network.compile_network = True
+        return bool(network.compile_network)
+
     def _records(self, slide: Slide, ihc_slide: Slide | None, tiles: Sequence[Tile]) -> list[dict]:
         records = []
         for tile in tiles:
@@ -221,14 +247,17 @@ class WholeSlideScorer:
         refused = 0  # tiles the input checks turned away (no/too little tissue, pen ink, wrong marker): no score
         refused_reasons: dict[str, int] = {}
         batches = list(_batches(plan.tiles, self.settings.batch_size))
+        compiled = self._compile_if_worth_it(len(plan.tiles))
         bar = tqdm(total=len(plan.tiles), desc="HER2 tiles", unit="tile", disable=not self.progress)
         with ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(self._records, slide, ihc_slide, batches[0]) if batches else None
+            pending = reader.submit(self._prepared, slide, ihc_slide, batches[0]) if batches else None
             for index, batch in enumerate(batches):
-                records = pending.result()
+                prepared = pending.result()
                 if index + 1 < len(batches):
-                    pending = reader.submit(self._records, slide, ihc_slide, batches[index + 1])
-                for tile, result in zip(batch, self.predictor.predict_records(records)):
+                    pending = reader.submit(self._prepared, slide, ihc_slide, batches[index + 1])
+                if compiled and len(prepared) < self.settings.batch_size:  # one graph shape: no recompilation
+                    prepared = prepared + [prepared[-1]] * (self.settings.batch_size - len(prepared))
+                for tile, result in zip(batch, self.predictor.predict_prepared(prepared)):
                     if result["score"] is None:
                         refused += 1
                         for reason in result.get("refer_reasons", [])[:1]:  # the first is the input check's

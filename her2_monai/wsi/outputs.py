@@ -152,6 +152,33 @@ def heatmap_overlay(
     return overlay
 
 
+#: Resolution of ``heatmap.png`` (its longer side is 10 inches).
+HEATMAP_DPI = 110
+
+
+def _composite(thumbnail: np.ndarray, overlay: np.ndarray, max_side: int) -> np.ndarray:
+    """The overlay laid over the thumbnail (``alpha`` blending), shrunk to at most ``max_side`` px: the picture is
+    never shown larger, and handing matplotlib a 2048 px thumbnail and a float overlay to resample costs more than
+    the rest of a small slide's run.
+
+    Args:
+        thumbnail: ``(h, w, 3)`` uint8.
+        overlay: ``(h, w, 4)`` float RGBA in ``[0, 1]`` (:func:`heatmap_overlay`).
+        max_side: longest side of the result.
+
+    Returns:
+        ``(h', w', 3)`` uint8.
+    """
+    from PIL import Image
+
+    alpha = overlay[..., 3:]
+    blended = thumbnail.astype(np.float32) * (1.0 - alpha) + overlay[..., :3] * (255.0 * alpha)
+    picture = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    if max(picture.size) > max_side:
+        picture.thumbnail((max_side, max_side), Image.Resampling.BOX)
+    return np.asarray(picture)
+
+
 def save_heatmap(
     path: str | os.PathLike,
     thumbnail: np.ndarray,
@@ -174,8 +201,8 @@ def save_heatmap(
     height, width = thumbnail.shape[:2]
     scale = 10.0 / max(width, height)
     figure, axis = plt.subplots(figsize=(max(4.0, width * scale), max(4.0, height * scale) + 0.9))
-    axis.imshow(thumbnail)
-    axis.imshow(heatmap_overlay((height, width), downsample, rows), interpolation="nearest")
+    picture = _composite(thumbnail, heatmap_overlay((height, width), downsample, rows), round(10.0 * HEATMAP_DPI))
+    axis.imshow(picture, extent=(-0.5, width - 0.5, height - 0.5, -0.5))
     axis.set_axis_off()
     counts = call["counts"]
     handles = [Patch(color=np.array(SCORE_COLOURS[n]) / 255, label=f"{n}: {counts[n]}", alpha=0.8) for n in CLASS_NAMES]
@@ -189,7 +216,7 @@ def save_heatmap(
     axis.set_title(f"{title}\n{verdict}; {call['tiles']} tissue tiles".strip(), fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    figure.savefig(buffer, format="png", dpi=HEATMAP_DPI)
     plt.close(figure)
     return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
