@@ -5,6 +5,9 @@ Settings, each ``HER2Deploy.predict_batch`` on the same batch (paper architectur
 * old default: bf16 autocast + channels-last, no rewrites (``HER2_INFERENCE_OPTIMIZE=off``) -- the base of the ratios;
 * new default: the same autocast with the rewrites of :mod:`her2_monai.inference.optimize` (BatchNorm folded, the
   CM-GAN generators and encoder trunks as bf16 channels-last islands);
+* compiled: the new default through ``torch.compile`` with frozen weights (``predict --compile true``; ``wsi``
+  compiles on its own for slides of 1000 tiles or more); its first call, the compilation, is timed apart
+  (``--no-compile`` skips it);
 * fp32 eager, channels-last, no rewrites;
 * ONNX Runtime fp32 (the ``export --format onnx`` graphs, as many intra-op threads as torch; ``--no-onnx`` skips it).
 
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out")
+    parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile setting out")
     args = parser.parse_args()
 
     default = execution_settings("cpu")
@@ -112,6 +116,11 @@ def main() -> None:
     settings = {
         "old default (bf16 autocast) (base)": (HER2Deploy(channels_last(net), optimize=False).eval(), default.amp),
         "new default (bf16 islands)": (HER2Deploy(channels_last(net), optimize=True).eval(), default.amp),
+    }
+    if not args.no_compile:
+        compiled = HER2Deploy(channels_last(net), optimize=True, compile_network=True).eval()
+        settings["compiled (frozen torch.compile)"] = (compiled, default.amp)
+    settings |= {
         "fp32 eager channels-last": (HER2Deploy(channels_last(net), optimize=False).eval(), False),
     }
     with tempfile.TemporaryDirectory() as folder:
@@ -139,6 +148,10 @@ def main() -> None:
                 name: (lambda d=deploy, a=amp, x=(he, ihc, mask): d.predict_batch(*x, amp=a))
                 for name, (deploy, amp) in settings.items()
             }
+            for name in [n for n in runs if n.startswith("compiled")]:
+                start = time.perf_counter()
+                runs[name]()
+                print(f"  {scenario}: first call of '{name}' (compilation) {time.perf_counter() - start:.1f} s")
             took = interleaved(runs, args.reps)
             gflop = pipeline_gflop(settings["fp32 eager channels-last"][0], (he, ihc, mask))
             reference = runs["fp32 eager channels-last"]()["pred"]

@@ -138,7 +138,7 @@ def _saturated(rgb: np.ndarray, saturation_range: tuple[float, float], sigma: fl
     stained areas), hence the upper bound; the lower bound keeps the JPEG noise and tint of blank glass out.
     """
     low, high = saturation_range
-    sat = saturation(rgb)
+    sat = saturation(rgb).astype(np.float32)  # float32 is plenty for a threshold and halves the smoothing's time
     if sigma > 0:
         sat = gaussian_filter(sat, sigma)
     return sat > bounded_otsu(sat, low, high, flat=low)
