@@ -1,0 +1,79 @@
+"""Accuracy and calibrated probabilities of the deployed predictor's settings against fp32, per scenario.
+
+A trained bundle's test split is scored through ``load_predictor(...).predict_records`` -- the path ``predict``,
+``run inferring`` and ``wsi`` take -- in each scenario (dual; H&E only and IHC only, the other stain dropped) with:
+
+* fp32: ``amp`` off, the eager network (the reference);
+* default: the bundle's choice for this CPU (bf16 autocast where the CPU has bf16 hardware), eager;
+* compiled: the default through ``torch.compile`` with frozen weights (``--compile true``; ``wsi`` on large slides).
+
+Printed per scenario and setting: test accuracy, the largest absolute difference of the calibrated probabilities
+from fp32, and the share of cases with the same score as fp32. Issue 21's bar: accuracy within 0.5 points of fp32
+and probabilities within 0.01.
+
+Usage::
+
+    python benchmarks/deploy_accuracy.py --bundle_root bundle [--datalist bundle/eval/datalist.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY
+from her2_monai.inference import load_predictor
+
+SCENARIOS = {"dual": (HE_KEY, IHC_KEY), "he_only": (HE_KEY,), "ihc_only": (IHC_KEY,)}
+CONFIG = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "inference.json"
+
+
+def score(predictor, records: list[dict], stains: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities (N, K), predicted class (N,))`` of the records with only ``stains`` given."""
+    answers = predictor.predict_records([{k: r[k] for k in (*stains, "id")} for r in records])
+    probabilities = np.array([a["probabilities"] for a in answers], dtype=np.float64)
+    return probabilities, probabilities.argmax(axis=1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle_root", default="bundle")
+    parser.add_argument("--datalist", default=None, help="default: BUNDLE_ROOT/eval/datalist.json")
+    parser.add_argument("--split", default="test")
+    args = parser.parse_args()
+    datalist = Path(args.datalist or Path(args.bundle_root) / "eval" / "datalist.json")
+    records = json.loads(datalist.read_text())[args.split]
+    labels = np.array([int(r["label"]) for r in records])
+    settings = {
+        "fp32": load_predictor(args.bundle_root, CONFIG, amp=False),
+        "default": load_predictor(args.bundle_root, CONFIG),
+        "compiled": load_predictor(args.bundle_root, CONFIG, compile=True),
+    }
+    print(f"{len(records)} '{args.split}' cases of {datalist}; default amp={settings['default'].amp}")
+    print(f"{'scenario':<9} {'setting':<9}{'accuracy':>10}{'max |dp| vs fp32':>18}{'same score':>12}{'s':>8}")
+    failed = False
+    for scenario, stains in SCENARIOS.items():
+        reference = None
+        for name, predictor in settings.items():
+            start = time.perf_counter()
+            probabilities, predicted = score(predictor, records, stains)
+            seconds = time.perf_counter() - start
+            if reference is None:
+                reference = (probabilities, predicted)
+            diff = float(np.abs(probabilities - reference[0]).max())
+            same = float((predicted == reference[1]).mean())
+            accuracy = float((predicted == labels).mean())
+            print(f"{scenario:<9} {name:<9}{accuracy:>9.2%}{diff:>18.4f}{same:>11.1%}{seconds:>8.1f}", flush=True)
+            if name == "compiled" and not predictor.network.compile_network:
+                print("  compilation failed: the compiled row ran the eager network")
+                failed = True
+    assert len(CLASS_NAMES) == reference[0].shape[1]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
