@@ -265,6 +265,28 @@ def test_large_slides_are_scored_compiled_with_one_batch_shape(svs: Path, thresh
         TilingSettings(compile_min_tiles=0)
 
 
+def test_heatmap_shows_each_tile_in_its_score_colour(tmp_path: Path) -> None:
+    from her2_monai.wsi.outputs import SCORE_COLOURS, save_heatmap
+
+    thumbnail = np.full((100, 150, 3), 255, np.uint8)
+    rows = [
+        {"x": 0, "y": 0, "size": 400, "refer": False, "score": "3+", "confidence": 1.0},
+        {"x": 800, "y": 400, "size": 400, "refer": False, "score": "0", "confidence": 1.0},
+    ]
+    call = {"score": "3+", "equivocal": False, "refer": False, "tiles": 2, "referred": 0}
+    call["counts"] = {"0": 1, "1+": 0, "2+": 0, "3+": 1}
+    path = save_heatmap(tmp_path / "heatmap.png", thumbnail, 8.0, rows, call, title="a slide")
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert 480 <= max(image.shape[:2]) <= 1200  # a small thumbnail is enlarged to a readable picture
+
+    def pixels_of(score: str) -> int:  # tile fill: the score colour at half opacity over white glass
+        blended = 0.5 * 255 + 0.5 * np.array(SCORE_COLOURS[score])
+        return int((np.abs(image - blended).max(axis=-1) <= 3).sum())
+
+    assert pixels_of("3+") > 5000 and pixels_of("0") > 5000  # each tile ~ (50 px x 3.2)^2 in the picture
+    assert pixels_of("1+") == 0 and pixels_of("2+") == 0  # only in the legend, unblended
+
+
 # ------------------------------------------------------------------------------------------------------- end to end
 
 

@@ -279,6 +279,10 @@ class HER2Predictor:
         # One forward pass at a time: the network, its CAM hooks and a compiled graph are shared state, so threads
         # (a web server's workers, a thread pool over a folder) take turns; preprocessing runs outside the lock.
         self._lock = threading.Lock()
+        if hasattr(self.network, "inference_network"):
+            # Build the optimised inference copy now (BatchNorm folding takes a second or two on the paper model), so
+            # loading pays for it rather than the first image or slide.
+            self.network.inference_network(self.amp)
 
     @property
     def provenance(self) -> dict[str, Any]:

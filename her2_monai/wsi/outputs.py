@@ -152,19 +152,20 @@ def heatmap_overlay(
     return overlay
 
 
-#: Resolution of ``heatmap.png`` (its longer side is 10 inches).
-HEATMAP_DPI = 110
+#: Longest side of the slide picture in ``heatmap.png`` (smaller thumbnails are enlarged to ``HEATMAP_MIN_SIDE``).
+HEATMAP_SIDE = 1000
+HEATMAP_MIN_SIDE = 480
 
 
-def _composite(thumbnail: np.ndarray, overlay: np.ndarray, max_side: int) -> np.ndarray:
-    """The overlay laid over the thumbnail (``alpha`` blending), shrunk to at most ``max_side`` px: the picture is
-    never shown larger, and handing matplotlib a 2048 px thumbnail and a float overlay to resample costs more than
-    the rest of a small slide's run.
+def _composite(thumbnail: np.ndarray, overlay: np.ndarray, max_side: int, min_side: int = 0) -> np.ndarray:
+    """The overlay laid over the thumbnail (``alpha`` blending), shrunk to at most ``max_side`` px (area average) or
+    enlarged to ``min_side`` px (nearest neighbour, so tile edges stay sharp).
 
     Args:
         thumbnail: ``(h, w, 3)`` uint8.
         overlay: ``(h, w, 4)`` float RGBA in ``[0, 1]`` (:func:`heatmap_overlay`).
         max_side: longest side of the result.
+        min_side: smallest longest side of the result.
 
     Returns:
         ``(h', w', 3)`` uint8.
@@ -174,8 +175,13 @@ def _composite(thumbnail: np.ndarray, overlay: np.ndarray, max_side: int) -> np.
     alpha = overlay[..., 3:]
     blended = thumbnail.astype(np.float32) * (1.0 - alpha) + overlay[..., :3] * (255.0 * alpha)
     picture = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
-    if max(picture.size) > max_side:
+    longest = max(picture.size)
+    if longest > max_side:
         picture.thumbnail((max_side, max_side), Image.Resampling.BOX)
+    elif longest < min_side:
+        factor = min_side / longest
+        size = (max(1, round(picture.width * factor)), max(1, round(picture.height * factor)))
+        picture = picture.resize(size, Image.Resampling.NEAREST)
     return np.asarray(picture)
 
 
@@ -189,35 +195,46 @@ def save_heatmap(
 ) -> Path:
     """Draw the tiles' scores over the thumbnail with a legend and the slide-level call, as a PNG.
 
+    Drawn with Pillow alone (a whole-slide run on a small slide spent most of its output time importing and running
+    a plotting library for this one picture).
+
     Returns:
         The written path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+    from PIL import Image, ImageDraw, ImageFont
 
     height, width = thumbnail.shape[:2]
-    scale = 10.0 / max(width, height)
-    figure, axis = plt.subplots(figsize=(max(4.0, width * scale), max(4.0, height * scale) + 0.9))
-    picture = _composite(thumbnail, heatmap_overlay((height, width), downsample, rows), round(10.0 * HEATMAP_DPI))
-    axis.imshow(picture, extent=(-0.5, width - 0.5, height - 0.5, -0.5))
-    axis.set_axis_off()
-    counts = call["counts"]
-    handles = [Patch(color=np.array(SCORE_COLOURS[n]) / 255, label=f"{n}: {counts[n]}", alpha=0.8) for n in CLASS_NAMES]
-    handles.append(Patch(color=np.array(REFERRED_COLOUR) / 255, label=f"referred: {call['referred']}", alpha=0.8))
-    axis.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=5, fontsize=8, frameon=False)
+    overlay = heatmap_overlay((height, width), downsample, rows)
+    picture = Image.fromarray(_composite(thumbnail, overlay, HEATMAP_SIDE, HEATMAP_MIN_SIDE))
+    font = ImageFont.load_default(size=14)
     verdict = "no call" if call["score"] is None else f"HER2 {call['score']}"
     if call["equivocal"]:
         verdict += " (equivocal)"
     if call["refer"]:
         verdict += " - refer"
-    axis.set_title(f"{title}\n{verdict}; {call['tiles']} tissue tiles".strip(), fontsize=9)
-    figure.tight_layout()
+    lines = [line for line in (title, f"{verdict}; {call['tiles']} tissue tiles") if line]
+    counts = call["counts"]
+    legend = [(SCORE_COLOURS[n], f"{n}: {counts[n]}") for n in CLASS_NAMES]
+    legend.append((REFERRED_COLOUR, f"referred: {call['referred']}"))
+    measure = ImageDraw.Draw(picture)
+    swatch, gap, margin, line_height = 14, 18, 12, 20
+    legend_width = sum(swatch + 6 + measure.textlength(text, font=font) for _, text in legend) + gap * (len(legend) - 1)
+    title_width = max(measure.textlength(line, font=font) for line in lines)
+    canvas_width = int(max(picture.width, legend_width, title_width) + 2 * margin)
+    top = margin + line_height * len(lines) + 6
+    canvas = Image.new("RGB", (canvas_width, top + picture.height + 2 * line_height + margin), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, line in enumerate(lines):
+        x = (canvas_width - draw.textlength(line, font=font)) / 2
+        draw.text((x, margin + index * line_height), line, fill="black", font=font)
+    canvas.paste(picture, ((canvas_width - picture.width) // 2, top))
+    x, y = (canvas_width - legend_width) / 2, top + picture.height + line_height / 2
+    for colour, text in legend:
+        draw.rectangle([x, y + 2, x + swatch, y + 2 + swatch], fill=tuple(colour), outline="black")
+        draw.text((x + swatch + 6, y), text, fill="black", font=font)
+        x += swatch + 6 + draw.textlength(text, font=font) + gap
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=HEATMAP_DPI)
-    plt.close(figure)
+    canvas.save(buffer, format="PNG")
     return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
