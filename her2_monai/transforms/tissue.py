@@ -105,7 +105,9 @@ def _hwc(image: Any) -> np.ndarray:
 def saturation(image: Any) -> np.ndarray:
     """HSV saturation ``(max - min) / max`` per pixel, ``(H, W)`` in ``[0, 1]`` (0 for black)."""
     rgb = _hwc(image)
-    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    # Channel by channel: a reduction over a last axis of 3 is several times slower than two element-wise passes.
+    high, low = np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
     return np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
 
 
@@ -275,13 +277,13 @@ class TissueCheckd(MapTransform):
             return InputCheck(
                 issues=[("no_tissue", f"image is {width}x{height} px, smaller than the {self.min_size} px minimum")]
             )
-        if np.ptp(rgb.reshape(-1, 3), axis=0).max() == 0:
+        if (rgb == rgb[0, 0]).all():
             return InputCheck(
                 issues=[
                     ("no_tissue", "blank image (a single colour, e.g. empty or fully transparent): no stained tissue")
                 ]
             )
-        if np.ptp(rgb, axis=-1).max() == 0:
+        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
             return InputCheck(
                 issues=[("no_tissue", "greyscale image (equal colour channels): not a stained RGB patch")]
             )
