@@ -236,7 +236,7 @@ class _SizeRecorder(_OverlapRecorder):
         from types import SimpleNamespace
 
         super().__init__(expected_batches=0)
-        self.network = SimpleNamespace(compile_network=False)
+        self.network = SimpleNamespace(compile_network=False, net=SimpleNamespace(metadata={"image_size": 512}))
         self.sizes: list[tuple[int, bool]] = []
 
     def predict_prepared(self, items: list[dict]) -> list[dict]:
@@ -263,6 +263,14 @@ def test_large_slides_are_scored_compiled_with_one_batch_shape(svs: Path, thresh
     assert all(flag is compiled for _, flag in recorder.sizes)
     with pytest.raises(ValueError, match="compile_min_tiles"):
         TilingSettings(compile_min_tiles=0)
+    # A model with a 4x smaller input needs 16x the tiles: its forward pass is that much cheaper to run eagerly.
+    small = _SizeRecorder()
+    small.network.net.metadata["image_size"] = 128
+    with open_slide(svs) as slide:
+        WholeSlideScorer(small, TilingSettings(tile_size=256, batch_size=8, compile_min_tiles=3), progress=False).score(
+            slide
+        )
+    assert small.network.compile_network is (tiles >= 3 * 16)
 
 
 def test_heatmap_shows_each_tile_in_its_score_colour(tmp_path: Path) -> None:

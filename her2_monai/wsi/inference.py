@@ -36,6 +36,8 @@ STAIN_MODES = ("he", "ihc", "auto")
 #: Tissue tiles from which ``wsi --compile auto`` (the default) compiles the network: about a minute of compilation
 #: against 0.3-0.5 s saved per 512 px tile with the paper model on 2 CPU cores (docs/performance.md).
 AUTO_COMPILE_TILES = 1000
+#: Model input side (px) that :attr:`TilingSettings.compile_min_tiles` refers to.
+COMPILE_REFERENCE_SIDE = 512
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,10 @@ class TilingSettings:
         batch_size: tiles per forward pass.
         compile_min_tiles: slides with at least this many tissue tiles are scored through ``torch.compile`` (the
             predictor's network is compiled on the first batch, once per process; the last, partial batch is padded
-            so no second graph is compiled); ``None``: as the predictor was loaded (``--compile``). Compiling costs
-            about a minute and then runs the paper model about 1.5-2x faster (``docs/performance.md``).
+            so no second graph is compiled), for a model with 512 px input; a model with input side ``s`` needs
+            ``(512 / s)^2`` times as many (the demo's 64 px model: 64x), since its forward pass is that much cheaper
+            and the compilation is not. ``None``: as the predictor was loaded (``--compile``). Compiling costs about
+            a minute and then runs the paper model about 2x faster (``docs/performance.md``).
     """
 
     tile_size: int = 1024
@@ -194,13 +198,16 @@ class WholeSlideScorer:
         return self.predictor.prepare(self._records(slide, ihc_slide, tiles))
 
     def _compile_if_worth_it(self, tiles: int) -> bool:
-        """Turn the network's ``torch.compile`` on for a slide of at least ``compile_min_tiles`` tiles; whether the
-        slide is scored compiled."""
+        """Turn the network's ``torch.compile`` on for a slide of at least ``compile_min_tiles`` tiles (for a model
+        with 512 px input; proportionally more for a smaller input, whose forward pass is cheaper while the
+        compilation is not); whether the slide is scored compiled."""
         network = getattr(self.predictor, "network", None)
         if not hasattr(network, "compile_network"):
             return False
         threshold = self.settings.compile_min_tiles
-        if threshold is not None and tiles >= threshold and not network.compile_network:
+        metadata = getattr(getattr(network, "net", None), "metadata", None) or {}
+        side = int(metadata.get("image_size") or COMPILE_REFERENCE_SIDE)
+        if threshold is not None and tiles * side**2 >= threshold * COMPILE_REFERENCE_SIDE**2:
             network.compile_network = True
         return bool(network.compile_network)
 
