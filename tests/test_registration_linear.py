@@ -98,6 +98,10 @@ def test_verdict_rules_flag_an_inconsistent_or_unmeasured_registration():
     assert _verdict({}, "registered") == ("uncertain", ["inverse_consistency_px not measured"])
     assert _verdict({"inverse_consistency_px": 0.2}, "identity")[0] == "failed"
     assert _verdict({"support": 0.25}, "registered", "itk")[0] == "uncertain"
+    # the pyramid's second-channel check: a winner the od channel ranks below another basin is referred
+    verdict, reasons = _verdict({"inverse_consistency_px": 0.2, "fine_channel_margin": -0.03}, "registered")
+    assert verdict == "uncertain" and reasons == ["fine_channel_margin -0.030 < -0.01"]
+    assert _verdict({"inverse_consistency_px": 0.2, "fine_channel_margin": 0.01}, "registered")[0] == "registered"
 
 
 def test_unrelated_tissue_is_not_trusted():

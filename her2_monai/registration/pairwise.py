@@ -940,9 +940,12 @@ def _pyramid_measures(
 #: Verdict rules per method, chosen on the tune part of the sealed split (docs/registration.md): measure ->
 #: ``("max", t)`` (flagged above ``t``) or ``("min", t)`` (flagged below ``t``).
 VERDICT_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
-    "ncc": {"inverse_consistency_px": ("max", 1.0)},
+    "ncc": {"inverse_consistency_px": ("max", 1.0), "fine_channel_margin": ("min", -0.01)},
     "itk": {"support": ("min", 0.6)},
 }
+#: Measures only taken in some configurations (``fine_channel_margin``: with a pyramid level finer than the
+#: registration resolution): their rule is skipped when they are absent instead of making the result ``uncertain``.
+OPTIONAL_MEASURES = frozenset({"fine_channel_margin"})
 
 
 def _verdict(measures: dict[str, float], status: str, method: str = "ncc") -> tuple[str, list[str]]:
@@ -955,7 +958,8 @@ def _verdict(measures: dict[str, float], status: str, method: str = "ncc") -> tu
 
     Returns:
         ``failed`` when registration kept the identity; ``uncertain`` when a measure is beyond its threshold (or a
-        measure a rule needs is missing); ``registered`` otherwise; with the reasons.
+        measure a rule needs is missing, unless it is one of :data:`OPTIONAL_MEASURES`); ``registered`` otherwise;
+        with the reasons.
     """
     if status == "identity":
         return "failed", ["no alignment beat the unregistered pair"]
@@ -963,7 +967,8 @@ def _verdict(measures: dict[str, float], status: str, method: str = "ncc") -> tu
     for name, (bound, threshold) in VERDICT_THRESHOLDS[method].items():
         value = measures.get(name)
         if value is None:
-            reasons.append(f"{name} not measured")
+            if name not in OPTIONAL_MEASURES:
+                reasons.append(f"{name} not measured")
         elif bound == "max" and value > threshold:
             reasons.append(f"{name} {value:.3f} > {threshold}")
         elif bound == "min" and value < threshold:
