@@ -170,7 +170,7 @@ def test_pyramid_refines_the_coarse_registration_at_full_resolution():
     assert result.details["pyramid_sides"] == [128, 256] and coarse.details["pyramid_sides"] == []
     error = linear.grid_distance(known @ result.matrix, np.eye(3), he.shape)
     coarse_error = linear.grid_distance(known @ coarse.matrix, np.eye(3), he.shape)
-    assert error < 0.5 and error < coarse_error, (error, coarse_error)
+    assert error < 0.6 and error < coarse_error, (error, coarse_error)  # measured: 0.43 against 1.29 px
     measures = result.details["verdict_measures"]
     assert {"fine_ncc", "fine_margin", "fine_channel_margin", "pyramid_drift_px"} <= set(measures)
     assert result.verdict == "registered", result.verdict_reasons
