@@ -34,7 +34,7 @@ def register(
         max_side: longer side (px) of the resolution the transform is computed at.
         method: ncc (default: band-passed NCC, rotation x scale search, both-way check) or itk (the earlier method).
         pyramid_max_side: ncc method: refine again at finer levels up to this side (px; at most the image's side);
-            max_side or less: no pyramid.
+            none at or below the max_side value.
     """
     for flag, value in (("he", he), ("ihc", ihc), ("output", output)):
         if value is None or isinstance(value, bool):

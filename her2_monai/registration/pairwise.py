@@ -8,8 +8,9 @@ Steps (:class:`PairRegistration`):
    (:func:`~her2_monai.registration.channels.registration_channel`; black fill is read as white glass);
 2. ``method="ncc"`` (default, :mod:`~her2_monai.registration.linear`): the channels are band-passed (difference of
    Gaussians, 1-8 px), searched over rotation x scale (every translation at once, masked NCC by FFT, at half
-   resolution), the best ``candidates`` starts are refined (Powell, masked NCC; rigid or similarity) and the best is
-   kept; ``affine`` refines it further, kept when it raises the NCC. ``method="itk"`` (the earlier method): a
+   resolution), the best ``candidates`` starts are refined (Powell, masked NCC; rigid or similarity), refined again
+   at finer levels up to ``pyramid_max_side`` (the best NCC at the first finer level wins) and the best is kept;
+   ``affine`` refines it further, kept when it raises the NCC. ``method="itk"`` (the earlier method): a
    rotation search on two channels and ITK's ``ImageRegistrationMethodv4`` with Mattes mutual information;
 3. optionally a cubic ``BSplineTransform`` (``bspline_grid`` control cells a side) refines the linearly aligned image;
 4. the low-resolution transform is expressed in full-resolution pixel coordinates (translations scaled by the
