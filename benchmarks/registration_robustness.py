@@ -99,21 +99,24 @@ def displace(image: np.ndarray, matrix: np.ndarray, fill: float) -> np.ndarray:
 def _similarity_errors(
     result: RegistrationResult, reference: RegistrationResult, known: np.ndarray, size: int
 ) -> dict[str, float]:
-    """Both errors of the similarity stage alone (before the affine stage), when the result records it."""
-    key = "similarity_matrix_registration_resolution"
-    if key not in result.details or key not in reference.details:
-        return {}
+    """Both errors of the similarity stage alone (before the affine stage) and of the coarse similarity (before the
+    pyramid), when the result records them."""
 
-    def full(r: RegistrationResult) -> np.ndarray:
+    def full(r: RegistrationResult, key: str) -> np.ndarray:
         to_low = np.diag([r.scale, r.scale, 1.0])
         to_low[:2, 2] = 0.5 * r.scale - 0.5
         return np.linalg.inv(to_low) @ np.asarray(r.details[key]) @ to_low
 
-    matrix = full(result)
-    return {
-        "error_similarity": grid_error(matrix, np.linalg.inv(known), size),
-        "consistency_similarity": grid_error(matrix, np.linalg.inv(known) @ full(reference), size),
-    }
+    out = {}
+    for stage, key in (
+        ("similarity", "similarity_matrix_registration_resolution"),
+        ("coarse", "coarse_matrix_registration_resolution"),
+    ):
+        if key in result.details and key in reference.details:
+            matrix = full(result, key)
+            out[f"error_{stage}"] = grid_error(matrix, np.linalg.inv(known), size)
+            out[f"consistency_{stage}"] = grid_error(matrix, np.linalg.inv(known) @ full(reference, key), size)
+    return out
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         method=args.method,
         affine_min_gain=args.affine_min_gain,
         inverse_check=args.inverse_check == "true",
+        pyramid_max_side=args.pyramid_max_side,
     )
     rng = np.random.default_rng(args.seed)
     rows = []
@@ -211,12 +215,13 @@ def summarise(rows: list[dict]) -> None:
             f"verdict: large errors (> 20 px) caught {int((flagged & large).sum())} of {int(large.sum())}; "
             f"good registrations (< 5 px) flagged {int((flagged & good).sum())} of {int(good.sum())}"
         )
-    for key in ("error_similarity", "consistency_similarity"):  # the affine stage's worth
+    # the affine stage's and the pyramid's worth
+    for key in ("error_similarity", "consistency_similarity", "error_coarse", "consistency_coarse"):
         if all(key in r for r in rows):
             for size in sorted({r["size"] for r in rows}):
                 e = np.array([r[key] for r in rows if r["size"] == size])
                 print(
-                    f"{key} (similarity stage alone) at {size}: median {np.median(e):.2f} px, "
+                    f"{key} at {size}: median {np.median(e):.2f} px, "
                     f"< 5 px {(e < 5).sum()} of {len(e)}, > 20 px {(e > 20).sum()}"
                 )
     seconds = np.array([r["seconds"] for r in rows])
@@ -230,6 +235,10 @@ CANDIDATES = {
     "coarse_drift_px": ("max", (1.0, 2.0, 3.0, 5.0)),
     "margin": ("min", (0.05, 0.1, 0.2)),
     "ncc": ("min", (0.1, 0.15, 0.2)),
+    "pyramid_drift_px": ("max", (0.5, 1.0, 2.0)),
+    "fine_ncc": ("min", (0.1, 0.12, 0.15)),
+    "fine_margin": ("min", (0.02, 0.05, 0.1)),
+    "fine_channel_margin": ("min", (-0.01, -0.005, 0.0, 0.005)),
 }
 
 
@@ -239,8 +248,13 @@ def compare_measures(rows: list[dict], key: str = "error") -> None:
     errors = np.array([r[key] for r in rows])
     large, good = errors > 20, errors < 5
     print(f"\nverdict candidates on {key}: {int(large.sum())} large (> 20 px), {int(good.sum())} good (< 5 px)")
-    print("| measure | flagged when | caught large | flagged good |")
-    print("|---|---|---|---|")
+    current = np.array([r["verdict"] != "registered" for r in rows])
+    print(
+        f"current rule: caught {int((current & large).sum())} of {int(large.sum())}, "
+        f"flagged {int((current & good).sum())} of {int(good.sum())}"
+    )
+    print("| measure | flagged when | caught large | flagged good | or current rule: caught | flagged good |")
+    print("|---|---|---|---|---|---|")
     for name, (bound, thresholds) in CANDIDATES.items():
         if not all(name in r for r in rows):
             continue
@@ -248,9 +262,11 @@ def compare_measures(rows: list[dict], key: str = "error") -> None:
         for threshold in thresholds:
             flagged = values > threshold if bound == "max" else values < threshold
             sign = ">" if bound == "max" else "<"
+            either = flagged | current
             print(
                 f"| {name} | {sign} {threshold} | {int((flagged & large).sum())} of {int(large.sum())} | "
-                f"{int((flagged & good).sum())} of {int(good.sum())} |"
+                f"{int((flagged & good).sum())} of {int(good.sum())} | {int((either & large).sum())} | "
+                f"{int((either & good).sum())} |"
             )
 
 
@@ -271,7 +287,12 @@ def main() -> None:
     parser.add_argument("--affine_min_gain", type=float, default=0.0, help="NCC gain an affine stage must bring")
     parser.add_argument("--inverse_check", default="true", help="true/false: register both ways (ncc method)")
     parser.add_argument(
-        "--stage", default="final", help="with --rescore: final, or similarity (the similarity stage's errors)"
+        "--pyramid_max_side", type=int, default=1024, help="ncc method: finest refinement side (<= max_side: none)"
+    )
+    parser.add_argument(
+        "--stage",
+        default="final",
+        help="with --rescore: final, similarity (the similarity stage's errors) or coarse (before the pyramid)",
     )
     parser.add_argument("--candidates", action="store_true", help="also compare candidate verdict measures")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
@@ -283,8 +304,8 @@ def main() -> None:
             status = row.get("status") or ("identity" if row["reasons"].startswith("no alignment") else "registered")
             row["verdict"], reasons = _verdict(row, status, row.get("method", "ncc"))
             row["reasons"] = ",".join(reasons)
-            if args.stage == "similarity":  # score the similarity stage alone (the verdict measures are its own)
-                row["error"], row["consistency"] = row["error_similarity"], row["consistency_similarity"]
+            if args.stage in ("similarity", "coarse"):  # score that stage alone (the verdict measures are the same)
+                row["error"], row["consistency"] = row[f"error_{args.stage}"], row[f"consistency_{args.stage}"]
     else:
         rows = run(args)
     summarise(rows)

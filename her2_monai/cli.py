@@ -81,7 +81,7 @@ def datalist(
     (under <copy>/flagged/, listed with the reason) and left out of the datalist unless --register_keep_flagged true.
     Nobody looks at each pair here, so the default method is the one whose verdict caught every large error on the
     tune part (itk: 20 of 20, at the cost of flagging good pairs too); the register command's default (ncc) aligns
-    better on tune but its verdict caught 5 of 15 (docs/registration.md).
+    better on tune but its verdict caught 5 of 10 (docs/registration.md).
 
     Args:
         dataset_dir: dataset root holding HE/ and IHC/ (optionally with train/ and test/), and/or AB/.

@@ -16,6 +16,7 @@ def register(
     channel: str = "tissue",
     max_side: int = 256,
     method: str = "ncc",
+    pyramid_max_side: int = 1024,
 ) -> None:
     """Register an IHC image to its H&E (consecutive sections) and write the aligned IHC at full resolution.
 
@@ -32,6 +33,8 @@ def register(
         channel: registration channel: tissue, od, hematoxylin or grey.
         max_side: longer side (px) of the resolution the transform is computed at.
         method: ncc (default: band-passed NCC, rotation x scale search, both-way check) or itk (the earlier method).
+        pyramid_max_side: ncc method: refine again at finer levels up to this side (px; at most the image's side);
+            none at or below the max_side value.
     """
     for flag, value in (("he", he), ("ihc", ihc), ("output", output)):
         if value is None or isinstance(value, bool):
@@ -46,6 +49,7 @@ def register(
         channel=str(channel),
         max_side=int(max_side),
         method=str(method),
+        pyramid_max_side=int(pyramid_max_side),
     )
     fixed, aligned, result = register_files(str(he), str(ihc), registration)
     from her2_monai.data.image_reader import read_rgb

@@ -116,6 +116,7 @@ def register_folder(
     overwrite: bool = False,
     set_aside_flagged: bool = False,
     method: str = "ncc",
+    pyramid_max_side: int = 1024,
 ) -> dict[str, Any]:
     """Write a registered copy of a BCI-layout folder: each ``IHC/<path>`` aligned to ``HE/<path>``.
 
@@ -136,6 +137,7 @@ def register_folder(
             ``output_dir/flagged/HE`` and ``output_dir/flagged/IHC`` instead of ``HE/`` and ``IHC/``, so a datalist
             of ``output_dir`` leaves them out while a person can still review them.
         method: ``ncc`` (default) or ``itk`` (see :class:`~her2_monai.registration.pairwise.PairRegistration`).
+        pyramid_max_side: ``ncc`` method: finest side the result is refined at again (``<= max_side``: none).
 
     Returns:
         Summary: counts (``registered``, ``identity``, ``unpaired``, ``failed``; ``failed`` = unreadable), verdict
@@ -152,7 +154,12 @@ def register_folder(
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir}: output folder is not empty (pass overwrite=True to write into it)")
     registration = PairRegistration(
-        transform=transform, bspline=bspline, channel=channel, max_side=max_side, method=method
+        transform=transform,
+        bspline=bspline,
+        channel=channel,
+        max_side=max_side,
+        method=method,
+        pyramid_max_side=pyramid_max_side,
     )
     start = time.perf_counter()
     records, problems = [], []

@@ -7,7 +7,8 @@ The pieces of the default registration method (:class:`~her2_monai.registration.
   gland and stroma edges) is compared, not the stains' different overall densities;
 - :func:`search_similarity`: an exhaustive search over rotation x scale, each with every translation at once
   (masked NCC by FFT), at half resolution: the candidate basins;
-- :func:`refine`: a local optimisation (Powell) of the masked NCC over a rigid, similarity or affine transform.
+- :func:`refine`: a local optimisation (Powell) of the masked NCC over a rigid, similarity or affine transform;
+- :func:`pyramid_sides`: the finer levels (up to the image's side) a coarse result is refined at again.
 
 Matrices are ``(3, 3)`` and map fixed pixel coordinates ``(x = column, y = row)`` to moving pixel coordinates.
 """
@@ -20,7 +21,17 @@ import numpy as np
 from scipy import ndimage, optimize
 from scipy.signal import fftconvolve
 
-__all__ = ["MODELS", "band_pass", "masked_ncc", "ncc_all_shifts", "search_similarity", "refine", "grid_distance"]
+__all__ = [
+    "MODELS",
+    "band_pass",
+    "masked_ncc",
+    "ncc_all_shifts",
+    "search_similarity",
+    "refine",
+    "grid_distance",
+    "pyramid_sides",
+    "rescale_matrix",
+]
 
 #: Transform models of :func:`refine`, with their number of parameters.
 MODELS = {"rigid": 3, "similarity": 4, "affine": 6}
@@ -48,7 +59,9 @@ def _warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...], fill: f
     return ndimage.affine_transform(image, m[:2, :2], m[:2, 2], output_shape=shape[:2], order=1, cval=fill)
 
 
-def masked_ncc(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, min_overlap: float = 0.25) -> float:
+def masked_ncc(
+    fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, min_overlap: float = 0.25, stride: int = 1
+) -> float:
     """NCC of ``fixed`` and ``moving(matrix @ x)`` over the fixed pixels that land inside ``moving``.
 
     Args:
@@ -56,10 +69,15 @@ def masked_ncc(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, min_ov
         moving: ``(H', W')`` image.
         matrix: ``(3, 3)`` fixed -> moving pixel coordinates.
         min_overlap: smallest overlap (fraction of the fixed image) that counts as a plausible alignment.
+        stride: use every ``stride``-th fixed pixel in each direction (``stride**2`` times fewer samples; for
+            images smoothed at about that scale, e.g. a band-pass whose ``low`` sigma is ``>= stride``).
 
     Returns:
         NCC in ``[-1, 1]``; -1 when the overlap is smaller than ``min_overlap``.
     """
+    if stride > 1:
+        fixed = fixed[::stride, ::stride]
+        matrix = matrix @ np.diag([float(stride), float(stride), 1.0])
     warped = _warp(moving.astype(np.float64), matrix, fixed.shape, np.nan)
     inside = np.isfinite(warped)
     if inside.mean() < min_overlap:
@@ -208,6 +226,7 @@ def refine(
     model: str = "similarity",
     tolerance: float = 0.05,
     max_evaluations: int = 800,
+    stride: int = 1,
 ) -> tuple[np.ndarray, float]:
     """Maximise the masked NCC of ``fixed`` and ``moving(T x)`` over ``T = matrix @ U``, ``U`` of ``model``.
 
@@ -221,9 +240,10 @@ def refine(
         model: one of :data:`MODELS`.
         tolerance: parameter tolerance in those units.
         max_evaluations: largest number of NCC evaluations.
+        stride: NCC on every ``stride``-th fixed pixel (:func:`masked_ncc`).
 
     Returns:
-        ``(matrix, ncc)``: the refined matrix and its masked NCC.
+        ``(matrix, ncc)``: the refined matrix and its masked NCC (on those samples).
 
     Raises:
         ValueError: on an unknown model.
@@ -234,7 +254,7 @@ def refine(
     moving = moving.astype(np.float64)
 
     def cost(parameters: np.ndarray) -> float:
-        return -masked_ncc(fixed, moving, matrix @ _update(parameters, model, center))
+        return -masked_ncc(fixed, moving, matrix @ _update(parameters, model, center), stride=stride)
 
     start = np.zeros(MODELS[model])
     result = optimize.minimize(
@@ -242,3 +262,41 @@ def refine(
     )
     best, value = (result.x, -float(result.fun)) if -result.fun >= -cost(start) else (start, -cost(start))
     return matrix @ _update(best, model, center), value
+
+
+def rescale_matrix(matrix: np.ndarray, factor: float) -> np.ndarray:
+    """Express a pixel-coordinate matrix at another resolution: ``S A S^-1``, ``S`` the pixel-centre mapping of a
+    size change by ``factor`` (new side / old side).
+
+    Args:
+        matrix: ``(3, 3)`` fixed -> moving pixel coordinates at the old resolution.
+        factor: new / old size ratio (the same for both images).
+
+    Returns:
+        The ``(3, 3)`` matrix at the new resolution.
+    """
+    scale = np.array([[1 / factor, 0, 0.5 / factor - 0.5], [0, 1 / factor, 0.5 / factor - 0.5], [0, 0, 1.0]])
+    return np.linalg.inv(scale) @ matrix @ scale
+
+
+def pyramid_sides(base: int, full: int, top: int) -> list[int]:
+    """The longer sides of the finer levels a ``base``-side registration is refined at again.
+
+    The finest level is ``min(full, top)``, each coarser one half the next; levels under 1.25x ``base`` are left
+    out.
+
+    Args:
+        base: longer side of the coarse registration.
+        full: longer side of the images.
+        top: largest side to refine at (``<= base``: no pyramid).
+
+    Returns:
+        The sides, coarse to fine (empty when there is nothing finer).
+    """
+    last = min(int(full), int(top))
+    sides: list[int] = []
+    side = last
+    while side >= 1.25 * base:
+        sides.insert(0, side)
+        side //= 2
+    return sides

@@ -8,8 +8,9 @@ Steps (:class:`PairRegistration`):
    (:func:`~her2_monai.registration.channels.registration_channel`; black fill is read as white glass);
 2. ``method="ncc"`` (default, :mod:`~her2_monai.registration.linear`): the channels are band-passed (difference of
    Gaussians, 1-8 px), searched over rotation x scale (every translation at once, masked NCC by FFT, at half
-   resolution), the best ``candidates`` starts are refined (Powell, masked NCC; rigid or similarity) and the best is
-   kept; ``affine`` refines it further, kept when it raises the NCC. ``method="itk"`` (the earlier method): a
+   resolution), the best ``candidates`` starts are refined (Powell, masked NCC; rigid or similarity), refined again
+   at finer levels up to ``pyramid_max_side`` (the best NCC at the first finer level wins) and the best is kept;
+   ``affine`` refines it further, kept when it raises the NCC. ``method="itk"`` (the earlier method): a
    rotation search on two channels and ITK's ``ImageRegistrationMethodv4`` with Mattes mutual information;
 3. optionally a cubic ``BSplineTransform`` (``bspline_grid`` control cells a side) refines the linearly aligned image;
 4. the low-resolution transform is expressed in full-resolution pixel coordinates (translations scaled by the
@@ -246,6 +247,10 @@ class PairRegistration:
         inverse_check: also register the IHC to the H&E and measure how far the composition of both is from the
             identity (``inverse_consistency_px`` in the verdict measures; doubles the time; ``ncc`` method). The
             ``ncc`` verdict rests on it: without it every result is ``uncertain`` ("not measured").
+        pyramid_max_side: ``ncc`` method: after the ``max_side`` search and refinement, every refined start is
+            refined again on finer levels (sides doubling up to the image's own side, at most ``pyramid_max_side``;
+            band-pass from 1 px to the registration's coarse cut-off); the start with the best NCC at the first finer
+            level wins and is refined at the others (:func:`linear.pyramid_sides`). ``<= max_side``: no pyramid.
 
     Raises:
         ValueError: on an unknown transform or channel.
@@ -270,6 +275,7 @@ class PairRegistration:
         candidates: int = 4,
         affine_min_gain: float = 0.0,
         inverse_check: bool = True,
+        pyramid_max_side: int = 1024,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown registration method '{method}'; expected one of {list(METHODS)}")
@@ -298,6 +304,7 @@ class PairRegistration:
         self.candidates = max(1, int(candidates))
         self.affine_min_gain = float(affine_min_gain)
         self.inverse_check = bool(inverse_check)
+        self.pyramid_max_side = int(pyramid_max_side)
 
     # -- preparation ---------------------------------------------------------------------------------------------------
 
@@ -483,24 +490,38 @@ class PairRegistration:
         """The ``ncc`` method on the reduced channels: ``(matrix, verdict measures, details)``.
 
         The band-passed channels are searched over rotation x scale (:func:`linear.search_similarity`); each of the
-        ``candidates`` best starts is refined (rigid or similarity) and the highest NCC wins; ``affine`` then refines
-        the winner further, kept when it gains more than ``affine_min_gain`` of NCC. Two agreement checks feed the
-        verdict: the winner is refined again on other evidence (the band-passed ``second_channel``, and the main
-        channel at a coarser band) and how far it moves is measured (:func:`_ncc_measures`).
+        ``candidates`` best starts is refined (rigid or similarity) and the highest NCC wins; with a pyramid
+        (:meth:`_ncc_pyramid`) every refined start is refined again at the finer levels and the best NCC at the first
+        finer level wins instead. ``affine`` then refines the winner further (at the finest level), kept when it gains
+        more than ``affine_min_gain`` of NCC. Agreement checks feed the verdict (:func:`_ncc_measures`): the winner
+        refined again on other evidence (the band-passed ``second_channel``, the main channel at a coarser band), the
+        IHC -> H&E registration done on its own, and the ``second_channel``'s ranking of the starts at the finer level.
         """
+        started = time.perf_counter()
         f, m = linear.band_pass(fixed), linear.band_pass(moving)
         model = "rigid" if self.transform == "rigid" else "similarity"
         refined, starts = self._ncc_fit(f, m, model)
-        best_matrix, best_ncc = refined[0][:2]
+        coarse_matrix, best_ncc = refined[0][:2]
         stages = {model: best_ncc}
-        if self.transform == "affine":
-            matrix, value = linear.refine(f, m, best_matrix, "affine", 0.05, 300)
-            stages["affine"] = value
-            if value > best_ncc + self.affine_min_gain:
-                best_matrix = matrix
-        similarity_matrix = refined[0][0]
         measures = _ncc_measures(refined, best_ncc, fixed.shape)
         measures["ncc_identity"] = linear.masked_ncc(f, m, np.eye(3))
+        pyramid = self._ncc_pyramid(fixed_rgb, moving_rgb, scale, [r[0] for r in refined], model)
+        similarity_matrix, affine_level = coarse_matrix, (f, m, 1.0, 1)
+        if pyramid is not None:
+            similarity_matrix = pyramid["matrix"]
+            affine_level = pyramid["finest"]
+            stages[f"{model}_pyramid"] = pyramid["ncc"]
+            measures.update(pyramid["measures"])
+            measures["pyramid_drift_px"] = linear.grid_distance(similarity_matrix, coarse_matrix, fixed.shape)
+        best_matrix = similarity_matrix
+        if self.transform == "affine":
+            a, b, factor, stride = affine_level
+            start = linear.rescale_matrix(similarity_matrix, factor)
+            base = linear.masked_ncc(a, b, start, stride=stride)
+            matrix, value = linear.refine(a, b, start, "affine", 0.05, 300, stride)
+            stages["affine"] = value
+            if value > base + self.affine_min_gain:
+                best_matrix = linear.rescale_matrix(matrix, 1 / factor)
         other = self.second_channel or "od"
         checks = {
             "channel_drift_px": tuple(
@@ -511,9 +532,14 @@ class PairRegistration:
         for name, (a, b) in checks.items():  # registration-resolution px the winner moves on other evidence
             matrix = linear.refine(a, b, similarity_matrix, model, 0.1, 200)[0]
             measures[name] = linear.grid_distance(matrix, similarity_matrix, fixed.shape)
+        forward_seconds = time.perf_counter() - started
         if self.inverse_check:  # IHC -> H&E registered on its own, composed with H&E -> IHC: identity if consistent
-            reverse = self._ncc_fit(m, f, model)[0][0][0]
-            measures["inverse_consistency_px"] = linear.grid_distance(reverse @ similarity_matrix, np.eye(3), f.shape)
+            reverse_fit = self._ncc_fit(m, f, model)[0]
+            reverse = self._ncc_pyramid(moving_rgb, fixed_rgb, scale, [r[0] for r in reverse_fit], model)
+            reverse_matrix = reverse_fit[0][0] if reverse is None else reverse["matrix"]
+            measures["inverse_consistency_px"] = linear.grid_distance(
+                reverse_matrix @ similarity_matrix, np.eye(3), f.shape
+            )
         measures["tissue_dice"] = _tissue_dice(fixed, moving, best_matrix)
         details = {
             "global_search": {
@@ -526,13 +552,90 @@ class PairRegistration:
                     "search_ncc": score,
                     "score": value,
                     "distance_to_best_px": linear.grid_distance(matrix, best_matrix, fixed.shape) / scale,
+                    **({} if pyramid is None else pyramid["starts"][i]),
                 }
-                for matrix, value, score, _ in refined
+                for i, (matrix, value, score, _) in enumerate(refined)
             ],
             "stages_ncc": stages,
+            "pyramid_sides": [] if pyramid is None else pyramid["sides"],
+            "coarse_matrix_registration_resolution": coarse_matrix.tolist(),
             "similarity_matrix_registration_resolution": similarity_matrix.tolist(),
+            "seconds_forward": forward_seconds,
         }
         return best_matrix, measures, details
+
+    def _ncc_pyramid(
+        self, fixed_rgb: np.ndarray, moving_rgb: np.ndarray, scale: float, matrices: list[np.ndarray], model: str
+    ) -> dict[str, Any] | None:
+        """Refine the coarse (registration-resolution) starts again at finer levels (:func:`linear.pyramid_sides`).
+
+        At each level the channels are made again from the full-resolution images and band-passed: the main channel
+        from 1 px (the level's finest detail) to ``8 k`` px, ``k`` the level's size ratio to the registration
+        resolution (the same coarse cut-off), the second channel from ``k`` to ``8 k`` (the registration's band);
+        the NCC uses every ``max(1, k // 2)``-th pixel. At the first finer level every start is refined (coarsely)
+        and the best NCC wins; the winner is polished there and refined at each further level.
+
+        Args:
+            fixed_rgb: full-resolution fixed RGB.
+            moving_rgb: full-resolution moving RGB.
+            scale: registration-resolution / full-resolution size factor.
+            matrices: refined starts at registration resolution, best first.
+            model: ``rigid`` or ``similarity``.
+
+        Returns:
+            ``None`` when no level is finer than the registration resolution; otherwise ``matrix`` (the result at
+            registration resolution), ``ncc`` (at the finest level), ``sides``, ``starts`` (per start: its NCC on
+            the main and second channel at the first finer level), ``measures`` (``fine_ncc``, ``fine_margin``,
+            ``fine_channel_margin``, see :func:`_pyramid_measures`) and ``finest`` (the finest level's channels,
+            size ratio and stride, for an affine stage).
+        """
+        full_side = max(*fixed_rgb.shape[:2], *moving_rgb.shape[:2])
+        base = full_side * scale  # the registration resolution's longer side
+        sides = linear.pyramid_sides(round(base), full_side, self.pyramid_max_side)
+        if not sides:
+            return None
+        other = self.second_channel or "od"
+        names = [self.channel] + ([other] if other != self.channel else [])
+        matrices = [np.asarray(m, float) for m in matrices]
+        per_start: list[dict[str, float]] = []
+        measures: dict[str, float] = {}
+        winner, value, finest = matrices[0], 0.0, None
+        for level, side in enumerate(sides):
+            factor = side / base  # this level's size / the registration resolution's
+            level_scale = min(1.0, scale * factor)
+            factor = level_scale / scale
+            wanted = names if level == 0 else [self.channel]
+            channels = self._channels(fixed_rgb, moving_rgb, level_scale, wanted)
+            stride = max(1, int(factor) // 2)
+            # the main channel keeps the finest detail of the level (low sigma 1 px: more precise than the same
+            # physical band as the registration resolution's, on tune); the second channel the registration's band
+            lows = {n: 1.0 if n == self.channel else factor for n in wanted}
+            band = {n: tuple(linear.band_pass(x, lows[n], 8.0 * factor) for x in channels[n]) for n in wanted}
+            a, b = band[self.channel]
+            if level == 0:  # every start, coarsely; the best NCC at this level wins
+                fits = []
+                for matrix in matrices:
+                    fitted, ncc = linear.refine(a, b, linear.rescale_matrix(matrix, factor), model, 0.1, 200, stride)
+                    second = linear.masked_ncc(*band[other], fitted, stride=stride) if other in band else float("nan")
+                    fits.append((fitted, ncc, second))
+                per_start = [{"fine_ncc": ncc, "fine_channel_ncc": second} for _, ncc, second in fits]
+                order = int(np.argmax([ncc for _, ncc, _ in fits]))
+                measures = _pyramid_measures(fits, order, a.shape, factor)
+                start = fits[order][0]
+            else:
+                start = linear.rescale_matrix(winner, factor)
+            fitted, value = linear.refine(a, b, start, model, 0.05, 300, stride)
+            winner = linear.rescale_matrix(fitted, 1 / factor)
+            finest = (a, b, factor, stride)
+        measures["fine_ncc"] = value
+        return {
+            "matrix": winner,
+            "ncc": value,
+            "sides": sides,
+            "starts": per_start,
+            "measures": measures,
+            "finest": finest,
+        }
 
     def _ncc_fit(
         self, f: np.ndarray, m: np.ndarray, model: str
@@ -678,6 +781,7 @@ class PairRegistration:
                 "transform": self.transform,
                 "candidates": self.candidates,
                 "inverse_check": self.inverse_check,
+                "pyramid_max_side": self.pyramid_max_side,
                 "metric": "masked NCC, band-passed channel" if self.method == "ncc" else "MattesMutualInformation",
                 "optimizer": "Powell (scipy)" if self.method == "ncc" else "RegularStepGradientDescentv4",
                 "learning_rate": self.learning_rate,
@@ -801,12 +905,48 @@ def _ncc_measures(
     }
 
 
+def _pyramid_measures(
+    fits: list[tuple[np.ndarray, float, float]], order: int, shape: tuple[int, ...], factor: float
+) -> dict[str, float]:
+    """Measurements of the first finer pyramid level that predict a large error.
+
+    - ``fine_margin``: the winner's NCC minus the best NCC of a start that converged elsewhere (more than 2
+      registration-resolution px away), relative to the winner's (1 when every start converged to the same place);
+    - ``fine_channel_margin``: the winner's NCC on the second channel minus the best second-channel NCC of those other
+      starts (positive: the second channel agrees on the winner; 1 when every start converged to the same place).
+
+    Args:
+        fits: ``(matrix at this level, NCC, second-channel NCC)`` per start.
+        order: index of the winner.
+        shape: ``(H, W)`` of this level.
+        factor: this level's size / the registration resolution's.
+
+    Returns:
+        The two measures.
+    """
+    best, ncc, second = fits[order]
+    others = [
+        fit for i, fit in enumerate(fits) if i != order and linear.grid_distance(fit[0], best, shape) > 2 * factor
+    ]
+    if not others:
+        return {"fine_margin": 1.0, "fine_channel_margin": 1.0}
+    margin = (ncc - max(o[1] for o in others)) / max(abs(ncc), 1e-6)
+    channel_margin = second - max(o[2] for o in others)
+    return {
+        "fine_margin": float(np.clip(margin, 0.0, 1.0)),
+        "fine_channel_margin": float(channel_margin) if np.isfinite(channel_margin) else 1.0,
+    }
+
+
 #: Verdict rules per method, chosen on the tune part of the sealed split (docs/registration.md): measure ->
 #: ``("max", t)`` (flagged above ``t``) or ``("min", t)`` (flagged below ``t``).
 VERDICT_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
-    "ncc": {"inverse_consistency_px": ("max", 1.0)},
+    "ncc": {"inverse_consistency_px": ("max", 1.0), "fine_channel_margin": ("min", -0.01)},
     "itk": {"support": ("min", 0.6)},
 }
+#: Measures only taken in some configurations (``fine_channel_margin``: with a pyramid level finer than the
+#: registration resolution): their rule is skipped when they are absent instead of making the result ``uncertain``.
+OPTIONAL_MEASURES = frozenset({"fine_channel_margin"})
 
 
 def _verdict(measures: dict[str, float], status: str, method: str = "ncc") -> tuple[str, list[str]]:
@@ -819,7 +959,8 @@ def _verdict(measures: dict[str, float], status: str, method: str = "ncc") -> tu
 
     Returns:
         ``failed`` when registration kept the identity; ``uncertain`` when a measure is beyond its threshold (or a
-        measure a rule needs is missing); ``registered`` otherwise; with the reasons.
+        measure a rule needs is missing, unless it is one of :data:`OPTIONAL_MEASURES`); ``registered`` otherwise;
+        with the reasons.
     """
     if status == "identity":
         return "failed", ["no alignment beat the unregistered pair"]
@@ -827,7 +968,8 @@ def _verdict(measures: dict[str, float], status: str, method: str = "ncc") -> tu
     for name, (bound, threshold) in VERDICT_THRESHOLDS[method].items():
         value = measures.get(name)
         if value is None:
-            reasons.append(f"{name} not measured")
+            if name not in OPTIONAL_MEASURES:
+                reasons.append(f"{name} not measured")
         elif bound == "max" and value > threshold:
             reasons.append(f"{name} {value:.3f} > {threshold}")
         elif bound == "min" and value < threshold:
