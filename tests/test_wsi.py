@@ -183,15 +183,15 @@ def test_thumbnail_saturation_is_foreground_masks_hsv_threshold_bit_for_bit(svs:
 
 
 class _OverlapRecorder:
-    """A stand-in predictor that records which thread prepares and which predicts each batch, and whether the next
+    """A stand-in predictor that records which threads prepare and which predict the tiles, and whether the next
     batch was being prepared while the current one was in the network."""
 
-    def __init__(self, expected_batches: int) -> None:
+    def __init__(self, expected_batches: int, batch_size: int = 8) -> None:
         import threading
 
-        self.expected_batches = expected_batches
+        self.expected_batches, self.batch_size = expected_batches, batch_size
         self.batches = 0
-        self.started: list = []  # one Event per prepared batch, set when its preparation starts
+        self.started: set[int] = set()  # batches whose preparation has begun
         self.prepare_threads: list[str] = []
         self.predict_threads: list[str] = []
         self.overlapped: list[bool] = []
@@ -199,18 +199,17 @@ class _OverlapRecorder:
 
     def prepare(self, records: list[dict]) -> list[dict]:
         self.prepare_threads.append(self._threading.current_thread().name)
-        self.started.append(self._threading.Event())
-        self.started[-1].set()
+        self.started.update(int(r["id"].split("_")[1]) // self.batch_size for r in records)
         return [{"id": r["id"], "pixels": r["he"].shape} for r in records]
 
     def predict_prepared(self, items: list[dict]) -> list[dict]:
         index, self.batches = self.batches, self.batches + 1
         self.predict_threads.append(self._threading.current_thread().name)
         deadline = 10.0 if index + 1 < self.expected_batches else 0.0
-        while len(self.started) <= index + 1 and deadline > 0:  # wait for the next batch's preparation to begin
+        while index + 1 not in self.started and deadline > 0:  # wait for the next batch's preparation to begin
             self._threading.Event().wait(0.01)
             deadline -= 0.01
-        self.overlapped.append(len(self.started) > index + 1)
+        self.overlapped.append(index + 1 in self.started)
         answer = {"score": "1+", "confidence": 0.9, "refer": False, "refer_reasons": [], "scenario": "he_only"}
         return [{**answer, "probabilities": [0.05, 0.8, 0.1, 0.05]} for _ in items]
 
