@@ -84,8 +84,9 @@ def wsi(
         stain_reference_ihc: IHC target for --stain_normalization.
         device: cpu, cuda, cuda:N (default: the bundle's choice).
         compile: run the network through torch.compile (with frozen weights): the first batch pays the compilation
-            (about a minute on 2 CPU cores), later ones run 1.5-2x faster (docs/performance.md). ``auto`` (default):
-            for slides of at least 1000 tissue tiles; ``true``: always; ``false``: never (the eager network).
+            (about a minute on 2 CPU cores), later ones run 1.5-2x faster (docs/performance.md). The default, auto,
+            compiles for slides of at least 1000 tissue tiles with a 512 px model (proportionally more for a smaller
+            model input); true compiles always, false never (the eager network).
         slides: a cohort instead of --slide: a folder of slides or a CSV with a 'slide' column (optional 'slide_id',
             'ihc_slide'); OUTPUT gets one folder per slide and cohort.csv/cohort.json. Done slides are skipped;
             under torchrun the slides are split across the processes (docs/wsi.md).
