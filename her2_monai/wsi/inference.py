@@ -63,7 +63,7 @@ class TilingSettings:
             so no second graph is compiled), for a model with 512 px input; a model with input side ``s`` needs
             ``(512 / s)^2`` times as many (the demo's 64 px model: 64x), since its forward pass is that much cheaper
             and the compilation is not. ``None``: as the predictor was loaded (``--compile``). Compiling costs about
-            a minute and then runs the paper model about 2x faster (``docs/performance.md``).
+            a minute and then runs the paper model 1.5-1.6x faster than eagerly (``docs/performance.md``).
     """
 
     tile_size: int = 1024
