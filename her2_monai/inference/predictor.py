@@ -311,7 +311,7 @@ class HER2Predictor:
             check_record_files(record)
         results = []
         for start in range(0, len(records), self.batch_size):  # one batch preprocessed at a time: bounded memory
-            results.extend(self.predict_prepared(self.prepare(records[start : start + self.batch_size])))
+            results.extend(self.predict_prepared(self._preprocess(records[start : start + self.batch_size])))
         return results
 
     def prepare(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -331,6 +331,9 @@ class HER2Predictor:
         """
         for record in records:
             check_record_files(record)
+        return self._preprocess(records)
+
+    def _preprocess(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return [apply_transform(self.preprocessing, dict(r)) for r in records]
 
     def predict_prepared(self, prepared: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ __all__ = [
     "refine",
     "grid_distance",
     "pyramid_sides",
+    "pixel_scale",
     "rescale_matrix",
 ]
 
@@ -264,6 +265,12 @@ def refine(
     return matrix @ _update(best, model, center), value
 
 
+def pixel_scale(factor: float) -> np.ndarray:
+    """``(3, 3)`` map from pixel coordinates of an image to those of its copy resized by ``factor`` (new side / old
+    side), pixel centres kept."""
+    return np.array([[factor, 0, 0.5 * factor - 0.5], [0, factor, 0.5 * factor - 0.5], [0, 0, 1.0]])
+
+
 def rescale_matrix(matrix: np.ndarray, factor: float) -> np.ndarray:
     """Express a pixel-coordinate matrix at another resolution: ``S A S^-1``, ``S`` the pixel-centre mapping of a
     size change by ``factor`` (new side / old side).
@@ -275,7 +282,7 @@ def rescale_matrix(matrix: np.ndarray, factor: float) -> np.ndarray:
     Returns:
         The ``(3, 3)`` matrix at the new resolution.
     """
-    scale = np.array([[1 / factor, 0, 0.5 / factor - 0.5], [0, 1 / factor, 0.5 / factor - 0.5], [0, 0, 1.0]])
+    scale = pixel_scale(1 / factor)  # new -> old pixel coordinates
     return np.linalg.inv(scale) @ matrix @ scale
 
 

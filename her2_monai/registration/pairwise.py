@@ -85,11 +85,6 @@ def euler_matrix(angle_deg: float, translation: tuple[float, float], center: tup
     return matrix
 
 
-def _scale_matrix(factor: float) -> np.ndarray:
-    """Full-resolution -> reduced pixel coordinates for a size reduction by ``factor`` (pixel centres kept)."""
-    return np.array([[factor, 0, 0.5 * factor - 0.5], [0, factor, 0.5 * factor - 0.5], [0, 0, 1.0]])
-
-
 def _warp_channel(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, int], fill: float = 0.0) -> np.ndarray:
     """``out(x) = image(matrix @ x)`` for ``(x, y)`` pixel coordinates (bilinear), on a grid of ``shape``."""
     swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1.0]])  # (x, y) <-> (row, col)
@@ -144,13 +139,13 @@ class RegistrationResult:
         height, width = self.fixed_shape
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
         if self.displacement_low is not None:
-            to_low = _scale_matrix(self.scale)
+            to_low = linear.pixel_scale(self.scale)
             xl, yl = to_low[0, 0] * xs + to_low[0, 2], to_low[1, 1] * ys + to_low[1, 2]
             # displacement samples sit at low-resolution pixels 0, step, 2 step, ...: cubic interpolation between them
             grid = [yl / self.displacement_step, xl / self.displacement_step]
             dx = ndimage.map_coordinates(self.displacement_low[0], grid, order=3, mode="nearest")
             dy = ndimage.map_coordinates(self.displacement_low[1], grid, order=3, mode="nearest")
-            from_low = np.linalg.inv(_scale_matrix(self.scale))
+            from_low = np.linalg.inv(linear.pixel_scale(self.scale))
             xs, ys = xs + dx * from_low[0, 0], ys + dy * from_low[1, 1]
         m = self.matrix
         return np.stack([m[0, 0] * xs + m[0, 1] * ys + m[0, 2], m[1, 0] * xs + m[1, 1] * ys + m[1, 2]])
@@ -677,7 +672,7 @@ class PairRegistration:
 
         # every start is refined (rigid) at half the registration resolution, where it is 4x cheaper; the best one
         # is then refined at the registration resolution
-        half = _scale_matrix(0.5)
+        half = linear.pixel_scale(0.5)
 
         def shrink(image: np.ndarray) -> np.ndarray:
             return ndimage.zoom(ndimage.gaussian_filter(image, 1.0), 0.5, order=1, grid_mode=True, mode="nearest")
@@ -754,7 +749,7 @@ class PairRegistration:
         after = _quality(f, m, best_matrix, None if displacement is None else (displacement, step))
         result = RegistrationResult(
             transform=self.transform,
-            matrix=np.linalg.inv(_scale_matrix(scale)) @ best_matrix @ _scale_matrix(scale),
+            matrix=np.linalg.inv(linear.pixel_scale(scale)) @ best_matrix @ linear.pixel_scale(scale),
             matrix_low=best_matrix,
             scale=scale,
             fixed_shape=tuple(fixed.shape[:2]),

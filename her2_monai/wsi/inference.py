@@ -203,7 +203,7 @@ class WholeSlideScorer:
         """Read one batch of tiles (in order, from this thread: slide readers need not be thread-safe) and preprocess
         them (input checks, resizing) split over ``checkers``: the reader thread's part."""
         records = self._records(slide, ihc_slide, tiles)
-        share = -(-len(records) // checkers._max_workers)
+        share = -(-len(records) // CHECK_THREADS)
         parts = [records[i : i + share] for i in range(0, len(records), share)]
         return [item for part in checkers.map(self.predictor.prepare, parts) for item in part]
 

@@ -216,23 +216,22 @@ def save_heatmap(
     counts = call["counts"]
     legend = [(SCORE_COLOURS[n], f"{n}: {counts[n]}") for n in CLASS_NAMES]
     legend.append((REFERRED_COLOUR, f"referred: {call['referred']}"))
-    measure = ImageDraw.Draw(picture)
     swatch, gap, margin, line_height = 14, 18, 12, 20
-    legend_width = sum(swatch + 6 + measure.textlength(text, font=font) for _, text in legend) + gap * (len(legend) - 1)
-    title_width = max(measure.textlength(line, font=font) for line in lines)
+    legend_width = sum(swatch + 6 + font.getlength(text) for _, text in legend) + gap * (len(legend) - 1)
+    title_width = max(font.getlength(line) for line in lines)
     canvas_width = int(max(picture.width, legend_width, title_width) + 2 * margin)
     top = margin + line_height * len(lines) + 6
     canvas = Image.new("RGB", (canvas_width, top + picture.height + 2 * line_height + margin), "white")
     draw = ImageDraw.Draw(canvas)
     for index, line in enumerate(lines):
-        x = (canvas_width - draw.textlength(line, font=font)) / 2
+        x = (canvas_width - font.getlength(line)) / 2
         draw.text((x, margin + index * line_height), line, fill="black", font=font)
     canvas.paste(picture, ((canvas_width - picture.width) // 2, top))
     x, y = (canvas_width - legend_width) / 2, top + picture.height + line_height / 2
     for colour, text in legend:
         draw.rectangle([x, y + 2, x + swatch, y + 2 + swatch], fill=tuple(colour), outline="black")
         draw.text((x + swatch + 6, y), text, fill="black", font=font)
-        x += swatch + 6 + draw.textlength(text, font=font) + gap
+        x += swatch + 6 + font.getlength(text) + gap
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
