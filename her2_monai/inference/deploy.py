@@ -71,6 +71,13 @@ _PREFIX = "net."
 _LOG = logging.getLogger(__name__)
 
 
+def _inductor_config() -> Any:
+    """``torch._inductor.config``, imported when a compiled network is first run (it is slow to import)."""
+    import torch._inductor.config as config
+
+    return config
+
+
 def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     for key in list(state_dict):
         if key.startswith(prefix + _PREFIX):
@@ -483,11 +490,15 @@ class HER2Deploy(nn.Module):
         if not self.compile_network or self.training:
             return net(he, ihc, mask)
         if self._compiled is None:
-            # Freezing: the weights become constants of the graph, so BatchNorm folds and oneDNN fuses the
-            # element-wise work (activations, residual adds) into the convolutions; inference never changes them.
-            self._compiled = torch.compile(net.forward, options={"freezing": True})
+            self._compiled = torch.compile(net.forward)
         try:
-            return self._compiled(he, ihc, mask)
+            # Freezing: the weights become constants of the graph, so BatchNorm folds and oneDNN prepacks the
+            # convolutions with the element-wise work (activations, residual adds) fused in; inference never changes
+            # them. It is set around the call, not through ``torch.compile(options=...)``: compilation happens at the
+            # first call, and (torch 2.13) the ``options`` route leaves the graph unfrozen -- every convolution then
+            # stays a plain ``aten`` call (see ``tests/test_bundle_export.py``).
+            with _inductor_config().patch(freezing=True):
+                return self._compiled(he, ihc, mask)
         except Exception as err:  # noqa: BLE001  (any compiler failure: the eager network gives the same answer)
             _LOG.warning("torch.compile failed (%s: %s); predicting with the eager network", type(err).__name__, err)
             self.compile_network = False
