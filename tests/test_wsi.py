@@ -17,6 +17,7 @@ from her2_monai.constants import CLASS_NAMES
 from her2_monai.data.image_reader import read_rgb
 from her2_monai.data.provenance import DEMO_WARNING
 from her2_monai.wsi import SlideOpenError, TilingSettings, open_slide, plan_tiles, run_wsi, slide_call, tissue_mask
+from her2_monai.wsi.reader import _block_mean
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -130,6 +131,19 @@ def test_tiled_tiff_is_read_tile_by_tile_never_whole(tmp_path: Path, monkeypatch
     assert thumbnail.shape == (75, 105, 3) and downsample == pytest.approx(4.0)
     expected = image[::2, ::2].astype(np.float32).reshape(75, 2, 105, 2, 3).mean(axis=(1, 3))
     assert np.abs(thumbnail.astype(np.float32) - expected).max() <= 0.5
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4, 7])
+def test_thumbnail_block_means_round_as_the_float_mean(factor: int) -> None:
+    # The thumbnail's integer block sums give the float32 mean rounded half to even, bit for bit (ties included:
+    # with factor 2, a block sum of 2 mod 4 is a tie).
+    rng = np.random.default_rng(factor)
+    pixels = rng.integers(0, 256, (9 * factor + factor - 1, 5 * factor + 1, 3), dtype=np.uint8)
+    pixels[:factor, :factor] = [[[0, 1, 255]]]  # whole-block extremes
+    height, width = pixels.shape[0] // factor, pixels.shape[1] // factor
+    blocks = pixels[: height * factor, : width * factor].astype(np.float32)
+    expected = np.round(blocks.reshape(height, factor, width, factor, 3).mean(axis=(1, 3))).astype(np.uint8)
+    np.testing.assert_array_equal(_block_mean(pixels, factor), expected)
 
 
 def test_plain_images_and_bad_files(tmp_path: Path) -> None:

@@ -220,12 +220,17 @@ class InkMeasure:
 
 def _blobs(core: np.ndarray, rim: np.ndarray) -> np.ndarray:
     """Ink blobs: cores opened and kept when large enough, grown into their rim within :data:`HALO` pixels."""
+    min_area = max(1, math.ceil(MIN_INK_AREA * core.size))
+    if np.count_nonzero(core) < min_area:
+        # Opening only removes pixels, so no blob can reach the smallest area: the usual case on ink-free tissue,
+        # answered without the morphology (the same mask).
+        return np.zeros_like(core)
     core = ndimage.binary_opening(core, disk(OPEN_RADIUS))
     labels, count = ndimage.label(core)
     if count == 0:
         return core
     sizes = np.bincount(labels.ravel())
-    keep = sizes >= max(1, math.ceil(MIN_INK_AREA * core.size))
+    keep = sizes >= min_area
     keep[0] = False
     core = keep[labels]
     if not core.any():

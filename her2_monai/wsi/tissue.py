@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +65,8 @@ def _saturated(image: np.ndarray) -> np.ndarray:
     The same mask as ``ForegroundMask(hsv_threshold={"S": ...})``, bit for bit, without converting the whole
     thumbnail to HSV (hue and value are not needed): about 10x faster on a 2048 px thumbnail.
     """
-    saturation = _SATURATION[image.max(axis=-1), image.min(axis=-1)]
+    red, green, blue = image[..., 0], image[..., 1], image[..., 2]  # max/min over a last axis of 3 is 8x slower
+    saturation = _SATURATION[np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)]
     return saturation > _SATURATION_THRESHOLD(saturation)
 
 
@@ -98,6 +100,18 @@ def tissue_mask(thumbnail: np.ndarray, min_object: float = 0.0005, exclude_ink: 
         ``(H, W)`` bool.
     """
     pixels = np.asarray(thumbnail, dtype=np.uint8)
+    look_for_ink = exclude_ink and min(pixels.shape[:2]) >= 8
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The ink search is independent of the tissue mask and releases the GIL (NumPy, SciPy): it runs beside it.
+        ink = pool.submit(_ink, pixels) if look_for_ink else None
+        mask = _tissue(pixels, min_object)
+        if ink is not None and mask.any():
+            mask &= ~ink.result()
+    return mask
+
+
+def _tissue(pixels: np.ndarray, min_object: float) -> np.ndarray:
+    """:func:`tissue_mask` before pen ink is taken out."""
     mask = _saturated(pixels) | np.asarray(_DARK(np.moveaxis(pixels, -1, 0)))[0].astype(bool)
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3)), iterations=1, border_value=0) | mask
     mask = ndimage.binary_fill_holes(mask)
@@ -105,10 +119,7 @@ def tissue_mask(thumbnail: np.ndarray, min_object: float = 0.0005, exclude_ink: 
     sizes = np.bincount(labels.ravel())
     keep = sizes >= max(1, int(round(min_object * mask.size)))
     keep[0] = False
-    mask = keep[labels]
-    if exclude_ink and mask.any() and min(mask.shape) >= 8:
-        mask &= ~_ink(np.asarray(thumbnail, dtype=np.uint8))
-    return mask
+    return keep[labels]
 
 
 @dataclass(frozen=True)
