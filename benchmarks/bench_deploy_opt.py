@@ -9,7 +9,9 @@ Settings, each ``HER2Deploy.predict_batch`` on the same batch (paper architectur
   compiles on its own for slides of 1000 tiles or more); its first call, the compilation, is timed apart
   (``--no-compile`` skips it);
 * fp32 eager, channels-last, no rewrites;
-* ONNX Runtime fp32 (the ``export --format onnx`` graphs, as many intra-op threads as torch; ``--no-onnx`` skips it).
+* ONNX Runtime fp32 (the ``export --format onnx`` graphs, as many intra-op threads as torch; ``--no-onnx`` skips it);
+* OpenVINO on the same graphs (``predict/wsi --runtime openvino``): bf16 where this CPU gets bf16, else fp32
+  (``--no-openvino`` skips it; left out when the ``openvino`` extra is not installed).
 
 The settings are timed interleaved (A, B, C, D, A, B, ...) so that a shared machine's load falls on all alike; the
 median of ``--reps`` timed calls after one warm-up is reported. Then one CM-GAN generator at ``--gen-size`` px: bf16
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import os
 import statistics
 import tempfile
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out")
+    parser.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out (also if not installed)")
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile setting out")
     args = parser.parse_args()
 
@@ -124,12 +128,19 @@ def main() -> None:
         "fp32 eager channels-last": (HER2Deploy(channels_last(net), optimize=False).eval(), False),
     }
     with tempfile.TemporaryDirectory() as folder:
-        if not args.no_onnx:
+        openvino = not args.no_openvino and importlib.util.find_spec("openvino") is not None
+        if not args.no_onnx or openvino:
             from her2_monai.inference.onnx_export import export_deploy
             from her2_monai.inference.onnx_runtime import OnnxNetwork
 
-            export_deploy(HER2Deploy(net, optimize=False).eval(), os.path.join(folder, "onnx"), check_batch=1)
-            settings["ONNX Runtime fp32"] = (HER2Deploy(OnnxNetwork(os.path.join(folder, "onnx"))).eval(), False)
+            export = os.path.join(folder, "onnx")
+            export_deploy(HER2Deploy(net, optimize=False).eval(), export, check_batch=1)
+            if not args.no_onnx:
+                settings["ONNX Runtime fp32"] = (HER2Deploy(OnnxNetwork(export)).eval(), False)
+            if openvino:
+                precision = "bf16" if default.amp else "fp32"
+                network = OnnxNetwork(export, runtime="openvino")
+                settings[f"OpenVINO {precision} (--runtime openvino)"] = (HER2Deploy(network).eval(), False)
         bf16_rate = matmul_rate(torch.bfloat16)
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; {default.reason}; "

@@ -15,6 +15,10 @@ Usage::
 
     python benchmarks/bench_wsi.py --bundle /tmp/wsi_bundle            # needs models/model.pt (demo training)
     python benchmarks/bench_wsi.py --bundle bundle --size 20000 --tile-size 512
+    python benchmarks/bench_wsi.py --bundle bundle --no-synthetic --repeat 5   # the SVS, median of 5 runs
+
+Before/after comparisons: ``bash benchmarks/wsi_before_after.sh <commit> <bundle>`` runs this script's ``--measure
+wsi`` from each tree in turn, alternating, so that both see the same machine load.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,31 +124,43 @@ def main() -> None:
     parser.add_argument("--svs-tile-size", type=int, default=256, help="tile side on the real SVS (2220 x 2967)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement (own process each): median")
+    parser.add_argument("--no-synthetic", action="store_true", help="the real SVS only")
     parser.add_argument("--measure", nargs=2, metavar=("MODE", "SLIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         mode, slide = args.measure
         print(json.dumps(measure(mode, slide, args.bundle, args.tile_size, args.batch_size, args.threads)))
         return
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
     with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
-        synthetic = write_synthetic_slide(Path(folder) / "synthetic.tif", args.size)
-        written = time.perf_counter() - start
-        print(f"synthetic {args.size} x {args.size} slide written in {written:.0f} s "
-              f"({synthetic.stat().st_size / 2**20:.0f} MB on disk); writer peak RSS {_rss_mb():.0f} MB")  # fmt: skip
+        synthetic = Path(folder) / "synthetic.tif"
+        if not args.no_synthetic:
+            start = time.perf_counter()
+            write_synthetic_slide(synthetic, args.size)
+            written = time.perf_counter() - start
+            megabytes = synthetic.stat().st_size / 2**20
+            print(f"synthetic {args.size} x {args.size} slide written in {written:.0f} s ({megabytes:.0f} MB on disk); "
+                  f"writer peak RSS {_rss_mb():.0f} MB")  # fmt: skip
         runs = [("real SVS 2220 x 2967", str(DATA / "wsi" / "cmu_small_region.svs"), args.svs_tile_size)]
-        runs.append((f"synthetic {args.size} x {args.size}", str(synthetic), args.tile_size))
+        if not args.no_synthetic:
+            runs.append((f"synthetic {args.size} x {args.size}", str(synthetic), args.tile_size))
         for name, slide, tile_size in runs:
             full_mb = 0.0
             results = {}
-            for mode in ("read", "wsi"):
-                command = [sys.executable, __file__, "--measure", mode, slide, "--bundle", args.bundle]
-                command += ["--tile-size", str(tile_size), "--batch-size", str(args.batch_size)]
-                command += ["--threads", str(args.threads)]
-                done = subprocess.run(command, capture_output=True, text=True, check=False)
-                if done.returncode != 0:
-                    raise SystemExit(f"{mode} on {name} failed:\n{done.stderr[-3000:]}")
-                results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            runs_seconds: dict[str, list[float]] = {"read": [], "wsi": []}
+            for _ in range(args.repeat):
+                for mode in ("read", "wsi"):
+                    command = [sys.executable, __file__, "--measure", mode, slide, "--bundle", args.bundle]
+                    command += ["--tile-size", str(tile_size), "--batch-size", str(args.batch_size)]
+                    command += ["--threads", str(args.threads)]
+                    done = subprocess.run(command, capture_output=True, text=True, check=False)
+                    if done.returncode != 0:
+                        raise SystemExit(f"{mode} on {name} failed:\n{done.stderr[-3000:]}")
+                    result = json.loads(done.stdout.strip().splitlines()[-1])
+                    runs_seconds[mode].append(result["seconds"])
+                    results[mode] = {**result, "seconds": statistics.median(runs_seconds[mode])}
             from her2_monai.wsi import open_slide
 
             with open_slide(slide) as opened:
@@ -152,6 +169,10 @@ def main() -> None:
             read, wsi = results["read"], results["wsi"]
             read_rate, wsi_rate = read["tiles"] / read["seconds"], wsi["tiles"] / wsi["seconds"]
             print(f"\n{name}, tiles of {tile_size} px (full-resolution RGB array would be {full_mb:.0f} MB):")
+            if args.repeat > 1:
+                print("  seconds of each run (median below): " + "; ".join(
+                    f"{mode} " + ", ".join(f"{s:.2f}" for s in values) for mode, values in runs_seconds.items()
+                ))  # fmt: skip
             print(f"  read only : {read['tiles']} tiles in {read['seconds']:.1f} s = {read_rate:.2f} tiles/s; "
                   f"peak RSS {read['peak_rss_mb']:.0f} MB")  # fmt: skip
             print(f"  full run  : {wsi['tiles']} tiles in {wsi['seconds']:.1f} s = {wsi_rate:.2f} tiles/s "

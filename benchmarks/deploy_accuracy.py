@@ -5,7 +5,9 @@ A trained bundle's test split is scored through ``load_predictor(...).predict_re
 
 * fp32: ``amp`` off, the eager network (the reference);
 * default: the bundle's choice for this CPU (bf16 autocast where the CPU has bf16 hardware), eager;
-* compiled: the default through ``torch.compile`` with frozen weights (``--compile true``; ``wsi`` on large slides).
+* compiled: the default through ``torch.compile`` with frozen weights (``--compile true``; ``wsi`` on large slides);
+* openvino (with ``--onnx FOLDER``, the bundle's ``export --format onnx``): ``--runtime openvino``, bf16 where the
+  CPU has bf16 hardware.
 
 Printed per scenario and setting: test accuracy, the largest absolute difference of the calibrated probabilities
 from fp32, and the share of cases with the same score as fp32. Issue 21's bar: accuracy within 0.5 points of fp32
@@ -13,7 +15,7 @@ and probabilities within 0.01.
 
 Usage::
 
-    python benchmarks/deploy_accuracy.py --bundle_root bundle [--datalist bundle/eval/datalist.json]
+    python benchmarks/deploy_accuracy.py --bundle_root bundle [--datalist bundle/eval/datalist.json] [--onnx FOLDER]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY
 from her2_monai.inference import load_predictor
+from her2_monai.inference.onnx_runtime import load_onnx_predictor
 
 SCENARIOS = {"dual": (HE_KEY, IHC_KEY), "he_only": (HE_KEY,), "ihc_only": (IHC_KEY,)}
 CONFIG = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "inference.json"
@@ -44,6 +47,7 @@ def main() -> int:
     parser.add_argument("--bundle_root", default="bundle")
     parser.add_argument("--datalist", default=None, help="default: BUNDLE_ROOT/eval/datalist.json")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--onnx", default=None, help="an `export --format onnx` folder of the bundle: adds OpenVINO")
     args = parser.parse_args()
     datalist = Path(args.datalist or Path(args.bundle_root) / "eval" / "datalist.json")
     records = json.loads(datalist.read_text())[args.split]
@@ -53,6 +57,8 @@ def main() -> int:
         "default": load_predictor(args.bundle_root, CONFIG),
         "compiled": load_predictor(args.bundle_root, CONFIG, compile=True),
     }
+    if args.onnx:
+        settings["openvino"] = load_onnx_predictor(args.onnx, runtime="openvino")
     print(f"{len(records)} '{args.split}' cases of {datalist}; default amp={settings['default'].amp}")
     print(f"{'scenario':<9} {'setting':<9}{'accuracy':>10}{'max |dp| vs fp32':>18}{'same score':>12}{'s':>8}")
     failed = False

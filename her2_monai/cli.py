@@ -189,13 +189,16 @@ def predict(
             histogram or multitarget with --stain_reference (H&E) and/or --stain_reference_ihc uses that target.
         stain_reference: H&E target: a .json from `stain-reference`, or an image.
         stain_reference_ihc: IHC target, as --stain_reference (without it IHC images are not normalised).
-        runtime: torch (the bundle's model) or onnxruntime (the ONNX export of `export --format onnx`, run by ONNX
-            Runtime in fp32: the same answers, calibrated probabilities within 1e-3; no --explain or MC dropout).
-        onnx: the ONNX export folder for --runtime onnxruntime (default <bundle>/models/onnx).
+        runtime: torch (the bundle's model), onnxruntime (the ONNX export of `export --format onnx`, run by ONNX
+            Runtime in fp32: the same answers, calibrated probabilities within 1e-3) or openvino (the ONNX export run
+            by OpenVINO, `pip install -e ".[openvino]"`: bf16 on CPUs with bf16 hardware, the fastest CPU path
+            measured, else fp32). Neither export runtime gives --explain or MC dropout.
+        onnx: the ONNX export folder for --runtime onnxruntime/openvino (default <bundle>/models/onnx).
         overrides: further inference-config values, e.g. --mc_dropout_passes 20 (uncertainty), --profile bci for a
             model trained with --dataset_dir, or --device cpu.
     """
     from her2_monai.inference import TorchScriptPredictor, check_record_files, load_predictor
+    from her2_monai.inference.onnx_runtime import RUNTIMES
 
     if image is not None and (he is not None or ihc is not None):
         raise CommandError("give either --image (stain unknown) or --he/--ihc (declared stains), not both")
@@ -208,17 +211,18 @@ def predict(
     he, ihc, image = (None if v is None else str(v) for v in (he, ihc, image))
     inputs = {"he": he, "ihc": ihc, "image": image}
     check_record_files({k: v for k, v in inputs.items() if v is not None})
-    if runtime not in ("torch", "onnxruntime"):
-        raise CommandError(f"--runtime must be torch or onnxruntime, got '{runtime}'")
-    if onnx is not None and runtime != "onnxruntime":
-        raise CommandError("--onnx names an ONNX export: add --runtime onnxruntime")
-    if runtime == "onnxruntime":
+    if runtime not in ("torch", *RUNTIMES):
+        raise CommandError(f"--runtime must be torch, onnxruntime or openvino, got '{runtime}'")
+    if onnx is not None and runtime == "torch":
+        raise CommandError("--onnx names an ONNX export: add --runtime onnxruntime (or openvino)")
+    if runtime != "torch":
         if torchscript is not None or explain is not None or config_file is not None:
             raise CommandError(
-                "--runtime onnxruntime runs the ONNX export with the inference config inside it: drop --torchscript, "
+                f"--runtime {runtime} runs the ONNX export with the inference config inside it: drop --torchscript, "
                 "--explain (it takes gradients) and --config_file"
             )
-        _predict_onnx(onnx or str(Path(bundle) / "models" / "onnx"), (he, ihc, image), refer_threshold, overrides)
+        folder = onnx or str(Path(bundle) / "models" / "onnx")
+        _predict_onnx(folder, (he, ihc, image), refer_threshold, overrides, runtime)
         return
     if torchscript is not None:
         if explain is not None:
@@ -259,15 +263,17 @@ def predict(
         print(f"explanation written to {path}", file=sys.stderr)
 
 
-def _predict_onnx(folder: str, images: tuple, refer_threshold: float | None, overrides: dict[str, Any]) -> None:
-    """``predict --runtime onnxruntime``: the same JSON answer from the ONNX export."""
+def _predict_onnx(
+    folder: str, images: tuple, refer_threshold: float | None, overrides: dict[str, Any], runtime: str = "onnxruntime"
+) -> None:
+    """``predict --runtime onnxruntime|openvino``: the same JSON answer from the ONNX export."""
     from her2_monai.inference.onnx_runtime import load_onnx_predictor
 
     if str(overrides.pop("device", "cpu")) != "cpu":
-        raise CommandError("--runtime onnxruntime runs on the CPU; drop --device")
+        raise CommandError(f"--runtime {runtime} runs on the CPU; drop --device")
     threshold = None if refer_threshold is None else float(refer_threshold)
     try:
-        predictor = load_onnx_predictor(folder, refer_threshold=threshold, **overrides)
+        predictor = load_onnx_predictor(folder, refer_threshold=threshold, runtime=runtime, **overrides)
     except ImportError as err:
         raise CommandError(str(err)) from None
     result = predictor.predict(*images)

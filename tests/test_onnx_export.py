@@ -110,7 +110,7 @@ def test_predict_command_runs_the_export(onnx_export: Path, deployed_bundle: Pat
     assert onnx_answer["score"] == torch_answer["score"]
     assert onnx_answer["probabilities"] == pytest.approx(torch_answer["probabilities"], abs=1e-4)
     assert main([*args, "--runtime", "tensorrt"]) == 2
-    assert "--runtime must be torch or onnxruntime" in capsys.readouterr().err
+    assert "--runtime must be torch, onnxruntime or openvino" in capsys.readouterr().err
     assert main([*args, "--onnx", str(onnx_export)]) == 2
     assert "add --runtime onnxruntime" in capsys.readouterr().err
 
@@ -178,3 +178,68 @@ def test_a_failed_export_leaves_nothing_behind(deployed_bundle: Path, tmp_path: 
     with pytest.raises(OnnxExportError):
         module.export_onnx(deployed_bundle / "models" / "model.pt", target, INFERENCE, META)
     assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+def test_openvino_gives_the_onnxruntime_answers(onnx_export: Path, deployed_bundle: Path, monkeypatch) -> None:  # noqa: F811
+    pytest.importorskip("openvino", reason="the openvino extra: pip install -e '.[openvino]'")
+    from her2_monai.runtime import execution_settings
+
+    records = _records(demo_dataset(deployed_bundle))
+    with pinned_fp32(monkeypatch):  # OpenVINO in fp32: the same arithmetic as ONNX Runtime, to rounding
+        expected = load_onnx_predictor(onnx_export).predict_records(records)
+        openvino = load_onnx_predictor(onnx_export, runtime="openvino")
+        found = openvino.predict_records(records)
+    assert not any(graph.bf16 for graph in openvino.network.net.graphs.values())
+    for want, got in zip(expected, found):
+        assert got["score"] == want["score"] and got["refer_reasons"] == want["refer_reasons"], want["id"]
+        assert got["detected_stains"] == want["detected_stains"] and got["scenario"] == want["scenario"]
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-4)
+        assert got["ood_score"] == pytest.approx(want["ood_score"], rel=1e-4)
+    # The default precision: bf16 exactly where the torch path takes bf16 (this CPU's hardware); valid answers.
+    default = load_onnx_predictor(onnx_export, runtime="openvino")
+    assert all(graph.bf16 == execution_settings("cpu").amp for graph in default.network.net.graphs.values())
+    for want, got in zip(expected, default.predict_records(records)):
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=0.05), want["id"]
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        OnnxNetwork(onnx_export, runtime="tensorrt")
+
+
+def test_predict_and_wsi_commands_run_openvino(
+    onnx_export: Path,
+    deployed_bundle: Path,  # noqa: F811
+    tmp_path: Path,
+    capsys,
+    monkeypatch,
+) -> None:
+    pytest.importorskip("openvino", reason="the openvino extra: pip install -e '.[openvino]'")
+    import csv
+
+    from conftest import SHARED_DATA
+
+    record = _records(demo_dataset(deployed_bundle))[0]
+    args = ["predict", "--he", record["he"], "--ihc", record["ihc"], "--bundle", str(deployed_bundle)]
+    svs = SHARED_DATA / "wsi" / "cmu_small_region.svs"
+    wsi = ["wsi", "--slide", str(svs), "--bundle", str(deployed_bundle), "--region", "256,512,1024,1024"]
+    wsi += ["--tile_size", "256", "--batch_size", "4", "--progress", "false", "--min_tissue", "0.1"]
+    with pinned_fp32(monkeypatch):
+        assert main([*args, "--config_file", str(INFERENCE)]) == 0
+        torch_answer = json.loads(capsys.readouterr().out)
+        assert main([*args, "--runtime", "openvino", "--onnx", str(onnx_export)]) == 0
+        openvino_answer = json.loads(capsys.readouterr().out)
+        assert main([*wsi, "--output", str(tmp_path / "torch"), "--config_file", str(INFERENCE)]) == 0
+        assert main([*wsi, "--output", str(tmp_path / "ov"), "--runtime", "openvino", "--onnx", str(onnx_export)]) == 0
+    assert openvino_answer["score"] == torch_answer["score"]
+    assert openvino_answer["probabilities"] == pytest.approx(torch_answer["probabilities"], abs=1e-4)
+    tiles = [list(csv.DictReader((tmp_path / name / "tiles.csv").open())) for name in ("torch", "ov")]
+    assert len(tiles[0]) >= 4 and [r["score"] for r in tiles[1]] == [r["score"] for r in tiles[0]]
+    summaries = [json.loads((tmp_path / name / "slide.json").read_text()) for name in ("torch", "ov")]
+    for key in ("score", "tile_counts", "referred_tiles", "tissue_tiles"):
+        assert summaries[1][key] == summaries[0][key], key
+    capsys.readouterr()
+    # What the export runtimes cannot do is refused in one line.
+    assert main([*wsi, "--output", str(tmp_path / "x"), "--runtime", "openvino", "--compile", "true"]) == 2
+    assert "drop --compile true" in capsys.readouterr().err
+    assert main([*wsi, "--output", str(tmp_path / "x"), "--onnx", str(onnx_export)]) == 2
+    assert "add --runtime onnxruntime" in capsys.readouterr().err
+    assert main([*args, "--runtime", "openvino", "--onnx", str(onnx_export), "--device", "cuda"]) == 2
+    assert "--runtime openvino runs on the CPU" in capsys.readouterr().err

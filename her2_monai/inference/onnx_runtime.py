@@ -27,9 +27,21 @@ from her2_monai.calibration.ood_features import needs_stage_statistics
 from her2_monai.calibration.scorer import TrustScorer
 from her2_monai.stain_batch import scenario_ids
 
-__all__ = ["OnnxGraph", "OnnxCMGAN", "OnnxNetwork", "require_onnxruntime", "read_manifest", "load_onnx_predictor"]
+__all__ = [
+    "OnnxGraph",
+    "OpenVinoGraph",
+    "OnnxCMGAN",
+    "OnnxNetwork",
+    "RUNTIMES",
+    "require_onnxruntime",
+    "require_openvino",
+    "read_manifest",
+    "load_onnx_predictor",
+]
 
 _INSTALL = "pip install 'her2-monai[onnx]' (onnx, onnxscript, onnxruntime)"
+#: The runtimes an export can be run with: ONNX Runtime (fp32) and OpenVINO (bf16 where the CPU has bf16 hardware).
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 def require_onnxruntime() -> Any:
@@ -43,6 +55,19 @@ def require_onnxruntime() -> Any:
     except ImportError as err:
         raise ImportError(f"ONNX Runtime is not installed: {_INSTALL}") from err
     return onnxruntime
+
+
+def require_openvino() -> Any:
+    """The ``openvino`` module.
+
+    Raises:
+        ImportError: saying how to install it, when it is missing.
+    """
+    try:
+        import openvino
+    except ImportError as err:
+        raise ImportError("OpenVINO is not installed: pip install 'her2-monai[openvino]'") from err
+    return openvino
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
@@ -125,9 +150,49 @@ class OnnxGraph:
             for n, x in zip(names, inputs)
             if n in self.input_names
         }
-        outputs = self.session.run(self.output_names, feed)
         device = inputs[0].device
-        return tuple(torch.from_numpy(o).to(device) for o in outputs)
+        return tuple(torch.from_numpy(o).to(device) for o in self._infer(feed))
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs, in :attr:`output_names` order, for the named input arrays."""
+        return self.session.run(self.output_names, feed)
+
+
+class OpenVinoGraph(OnnxGraph):
+    """One exported graph compiled by OpenVINO for the CPU, with :class:`OnnxGraph`'s interface.
+
+    OpenVINO runs the graph in bf16 where :func:`~her2_monai.runtime.execution_settings` picks bf16 for the CPU (bf16
+    hardware, ``HER2_CPU_PRECISION`` not ``fp32``), else in fp32; ``docs/performance.md`` has its speed against the
+    eager and compiled torch paths.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: inference threads (default: torch's, so both use the same cores).
+        bf16: bf16 inference precision (default: as :func:`~her2_monai.runtime.execution_settings` decides).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, bf16: bool | None = None):
+        from her2_monai.runtime import execution_settings
+
+        openvino = require_openvino()
+        self.bf16 = execution_settings("cpu").amp if bf16 is None else bool(bf16)
+        config = {
+            "INFERENCE_PRECISION_HINT": "bf16" if self.bf16 else "f32",
+            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        try:
+            self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
+        except Exception as err:  # noqa: BLE001  (OpenVINO raises its own exception types)
+            raise ValueError(f"'{path}' is not a graph OpenVINO can load ({str(err).splitlines()[0][:200]})") from None
+        self.request = self.compiled.create_infer_request()
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        self.output_names = [port.get_any_name() for port in self.compiled.outputs]
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer(feed)
+        # Copies: the request reuses its output buffers on the next call.
+        return [np.array(results[self.compiled.output(name)]) for name in self.output_names]
 
 
 class _GraphModule(nn.Module):
@@ -181,20 +246,31 @@ class OnnxNetwork(nn.Module):
 
     Args:
         folder: the export folder.
-        threads: ONNX Runtime intra-op threads (default: torch's).
-        providers: execution providers (default: the CPU's).
+        threads: intra-op threads of the runtime (default: torch's).
+        providers: ONNX Runtime execution providers (default: the CPU's).
+        runtime: ``onnxruntime`` or ``openvino`` (:data:`RUNTIMES`).
 
     Raises:
         FileNotFoundError: if the folder is missing.
-        ValueError: if it is not a complete export of this bundle.
-        ImportError: without ONNX Runtime.
+        ValueError: if it is not a complete export of this bundle, or for an unknown runtime.
+        ImportError: without the runtime's package.
     """
 
     def __init__(
-        self, folder: str | os.PathLike, threads: int | None = None, providers: Sequence[str] | None = None
+        self,
+        folder: str | os.PathLike,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        runtime: str = "onnxruntime",
     ) -> None:
         super().__init__()
-        require_onnxruntime()
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got '{runtime}'")
+        if runtime == "openvino":
+            require_openvino()
+        else:
+            require_onnxruntime()
+        self.runtime = runtime
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.metadata: dict[str, Any] = dict(self.manifest.get("model_metadata") or {})
@@ -203,7 +279,9 @@ class OnnxNetwork(nn.Module):
         self.missing_strategy = str(self.manifest["missing_strategy"])
         self.channels_last = False
         self.graphs = {
-            name: OnnxGraph(self.folder / spec["file"], threads, providers)
+            name: OpenVinoGraph(self.folder / spec["file"], threads)
+            if runtime == "openvino"
+            else OnnxGraph(self.folder / spec["file"], threads, providers)
             for name, spec in self.manifest["graphs"].items()
         }
         self.selector = _GraphModule(self.graphs["selector"]) if "selector" in self.graphs else None
@@ -287,9 +365,10 @@ def load_onnx_predictor(
     refer_threshold: float | None = None,
     batch_size: int = 8,
     threads: int | None = None,
+    runtime: str = "onnxruntime",
     **overrides: Any,
 ):
-    """A :class:`~her2_monai.inference.predictor.HER2Predictor` that runs an ONNX export with ONNX Runtime.
+    """A :class:`~her2_monai.inference.predictor.HER2Predictor` that runs an ONNX export with ONNX Runtime or OpenVINO.
 
     The preprocessing is the inference config stored in the export, with the model's image size, tissue threshold
     and stain normalisation taken from the export's own record (no model file is read).
@@ -299,16 +378,17 @@ def load_onnx_predictor(
         device: where the torch parts (preprocessing, statistics) run; ONNX Runtime runs on the CPU.
         refer_threshold: confidence below which a case is referred (``None``: the thresholds recorded with the model).
         batch_size: records per forward pass.
-        threads: ONNX Runtime intra-op threads.
+        threads: the runtime's intra-op threads.
+        runtime: ``onnxruntime`` (fp32) or ``openvino`` (bf16 where the CPU has bf16 hardware, else fp32).
         overrides: further inference-config values (e.g. ``min_tissue_fraction``).
 
     Returns:
-        The predictor (mixed precision off: ONNX Runtime computes in fp32).
+        The predictor (torch's mixed precision off: the runtime picks its own precision).
 
     Raises:
         FileNotFoundError: if the folder is missing.
-        ValueError: if it is not an export of this bundle, or holds no inference config.
-        ImportError: without ONNX Runtime.
+        ValueError: if it is not an export of this bundle, holds no inference config, or for an unknown runtime.
+        ImportError: without the runtime's package.
     """
     from monai.bundle import ConfigParser
 
@@ -319,7 +399,7 @@ def load_onnx_predictor(
     if overrides.get("mc_dropout_passes"):
         raise ValueError("--mc_dropout_passes needs the bundle's model (the head's dropout is not exported)")
     overrides.pop("mc_dropout_passes", None)
-    network = OnnxNetwork(folder, threads)
+    network = OnnxNetwork(folder, threads, runtime=runtime)
     config = network.manifest.get("inference_config")
     if not isinstance(config, dict) or "preprocessing" not in config:
         raise ValueError(f"ONNX export '{folder}' holds no inference config; export it again with --config_file")
