@@ -88,9 +88,9 @@ def wsi(
         stain_reference_ihc: IHC target for --stain_normalization.
         device: cpu, cuda, cuda:N (default: the bundle's choice).
         compile: run the network through torch.compile (with frozen weights): the first batch pays the compilation
-            (about a minute on 2 CPU cores), later ones run 1.5-2x faster (docs/performance.md). The default, auto,
-            compiles for slides of at least 1000 tissue tiles with a 512 px model (proportionally more for a smaller
-            model input); true compiles always, false never (the eager network).
+            (up to about a minute on 2 CPU cores), later ones run 1.7-1.9x faster (docs/performance.md). The default,
+            auto, compiles for slides of at least 1000 tissue tiles with a 512 px model (proportionally more for a
+            smaller model input); true compiles always, false never (the eager network).
         runtime: torch (the bundle's model), or the ONNX export (`export --format onnx`) run by onnxruntime (fp32)
             or openvino (`pip install -e ".[openvino]"`; bf16 on CPUs with bf16 hardware: the fastest CPU path
             measured, no compilation wait). One slide only; not with --device or --compile true.
