@@ -189,10 +189,10 @@ def predict(
             histogram or multitarget with --stain_reference (H&E) and/or --stain_reference_ihc uses that target.
         stain_reference: H&E target: a .json from `stain-reference`, or an image.
         stain_reference_ihc: IHC target, as --stain_reference (without it IHC images are not normalised).
-        runtime: torch (the bundle's model), onnxruntime (the ONNX export of `export --format onnx`, run by ONNX
-            Runtime in fp32: the same answers, calibrated probabilities within 1e-3) or openvino (the ONNX export run
-            by OpenVINO, `pip install -e ".[openvino]"`: bf16 on CPUs with bf16 hardware, the fastest CPU path
-            measured, else fp32). Neither export runtime gives --explain or MC dropout.
+        runtime: torch (the bundle's model), onnxruntime (the ONNX export of `export --format onnx`, run in fp32
+            with the same answers, calibrated probabilities within 1e-3) or openvino (the ONNX export run by OpenVINO,
+            `pip install -e ".[openvino]"`, in bf16 on CPUs with bf16 hardware, the fastest CPU path measured, else
+            fp32). Neither export runtime gives --explain or MC dropout.
         onnx: the ONNX export folder for --runtime onnxruntime/openvino (default <bundle>/models/onnx).
         overrides: further inference-config values, e.g. --mc_dropout_passes 20 (uncertainty), --profile bci for a
             model trained with --dataset_dir, or --device cpu.

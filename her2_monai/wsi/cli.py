@@ -92,8 +92,8 @@ def wsi(
             auto, compiles for slides of at least 1000 tissue tiles with a 512 px model (proportionally more for a
             smaller model input); true compiles always, false never (the eager network).
         runtime: torch (the bundle's model), or the ONNX export (`export --format onnx`) run by onnxruntime (fp32)
-            or openvino (`pip install -e ".[openvino]"`; bf16 on CPUs with bf16 hardware: the fastest CPU path
-            measured, no compilation wait). One slide only; not with --device or --compile true.
+            or openvino (`pip install -e ".[openvino]"`; bf16 on CPUs with bf16 hardware, the fastest CPU path
+            measured, no compilation wait). One slide only; not with --slides, --device or --compile true.
         onnx: the ONNX export folder for --runtime onnxruntime/openvino (default <bundle>/models/onnx).
         slides: a cohort instead of --slide: a folder of slides or a CSV with a 'slide' column (optional 'slide_id',
             'ihc_slide'); OUTPUT gets one folder per slide and cohort.csv/cohort.json. Done slides are skipped;
