@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -180,6 +182,32 @@ def test_a_failed_export_leaves_nothing_behind(deployed_bundle: Path, tmp_path: 
     assert not target.exists() and list(target.parent.iterdir()) == []
 
 
+#: OpenVINO runs in a process of its own in these tests, as it does behind predict/wsi: the test session imports many
+#: native libraries, and one .ci/run crashed (SIGSEGV) some tests after OpenVINO had been loaded into it.
+_OPENVINO_ANSWERS = """
+import json, sys
+from her2_monai.inference.onnx_runtime import load_onnx_predictor
+predictor = load_onnx_predictor(sys.argv[1], runtime="openvino")
+bf16 = sorted({graph.bf16 for graph in predictor.network.net.graphs.values()})
+print(json.dumps({"bf16": bf16, "answers": predictor.predict_records(json.loads(sys.argv[2]))}))
+"""
+
+
+def _in_own_process(args: list[str], fp32: bool) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` with fp32 (``HER2_CPU_PRECISION=fp32``) or this CPU's default precision."""
+    from her2_monai.runtime import PRECISION_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != PRECISION_ENV} | ({PRECISION_ENV: "fp32"} if fp32 else {})
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _openvino_answers(export: Path, records: list[dict], fp32: bool) -> dict:
+    done = _in_own_process(["-c", _OPENVINO_ANSWERS, str(export), json.dumps(records)], fp32)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_openvino_gives_the_onnxruntime_answers(onnx_export: Path, deployed_bundle: Path, monkeypatch) -> None:  # noqa: F811
     pytest.importorskip("openvino", reason="the openvino extra: pip install -e '.[openvino]'")
     from her2_monai.runtime import execution_settings
@@ -187,18 +215,17 @@ def test_openvino_gives_the_onnxruntime_answers(onnx_export: Path, deployed_bund
     records = _records(demo_dataset(deployed_bundle))
     with pinned_fp32(monkeypatch):  # OpenVINO in fp32: the same arithmetic as ONNX Runtime, to rounding
         expected = load_onnx_predictor(onnx_export).predict_records(records)
-        openvino = load_onnx_predictor(onnx_export, runtime="openvino")
-        found = openvino.predict_records(records)
-    assert not any(graph.bf16 for graph in openvino.network.net.graphs.values())
-    for want, got in zip(expected, found):
+    found = _openvino_answers(onnx_export, records, fp32=True)
+    assert found["bf16"] == [False]
+    for want, got in zip(expected, found["answers"]):
         assert got["score"] == want["score"] and got["refer_reasons"] == want["refer_reasons"], want["id"]
         assert got["detected_stains"] == want["detected_stains"] and got["scenario"] == want["scenario"]
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-4)
         assert got["ood_score"] == pytest.approx(want["ood_score"], rel=1e-4)
     # The default precision: bf16 exactly where the torch path takes bf16 (this CPU's hardware); valid answers.
-    default = load_onnx_predictor(onnx_export, runtime="openvino")
-    assert all(graph.bf16 == execution_settings("cpu").amp for graph in default.network.net.graphs.values())
-    for want, got in zip(expected, default.predict_records(records)):
+    default = _openvino_answers(onnx_export, records, fp32=False)
+    assert default["bf16"] == [execution_settings("cpu").amp]
+    for want, got in zip(expected, default["answers"]):
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=0.05), want["id"]
     with pytest.raises(ValueError, match="runtime must be one of"):
         OnnxNetwork(onnx_export, runtime="tensorrt")
@@ -224,10 +251,11 @@ def test_predict_and_wsi_commands_run_openvino(
     with pinned_fp32(monkeypatch):
         assert main([*args, "--config_file", str(INFERENCE)]) == 0
         torch_answer = json.loads(capsys.readouterr().out)
-        assert main([*args, "--runtime", "openvino", "--onnx", str(onnx_export)]) == 0
-        openvino_answer = json.loads(capsys.readouterr().out)
         assert main([*wsi, "--output", str(tmp_path / "torch"), "--config_file", str(INFERENCE)]) == 0
-        assert main([*wsi, "--output", str(tmp_path / "ov"), "--runtime", "openvino", "--onnx", str(onnx_export)]) == 0
+    openvino = ["-m", "her2_monai", "--runtime", "openvino", "--onnx", str(onnx_export)]
+    done = _in_own_process([*openvino[:2], *args, *openvino[2:]], fp32=True)
+    openvino_answer = json.loads(done.stdout.strip().splitlines()[-1])
+    _in_own_process([*openvino[:2], *wsi, "--output", str(tmp_path / "ov"), *openvino[2:]], fp32=True)
     assert openvino_answer["score"] == torch_answer["score"]
     assert openvino_answer["probabilities"] == pytest.approx(torch_answer["probabilities"], abs=1e-4)
     tiles = [list(csv.DictReader((tmp_path / name / "tiles.csv").open())) for name in ("torch", "ov")]
@@ -243,3 +271,4 @@ def test_predict_and_wsi_commands_run_openvino(
     assert "add --runtime onnxruntime" in capsys.readouterr().err
     assert main([*args, "--runtime", "openvino", "--onnx", str(onnx_export), "--device", "cuda"]) == 2
     assert "--runtime openvino runs on the CPU" in capsys.readouterr().err
+    assert "openvino" not in sys.modules  # refused before OpenVINO is loaded; it never enters the test session
