@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -193,6 +194,12 @@ print(json.dumps({"bf16": bf16, "answers": predictor.predict_records(json.loads(
 """
 
 
+def _require_openvino_installed() -> None:
+    # Looked up, not imported: OpenVINO is only ever loaded in the child processes.
+    if importlib.util.find_spec("openvino") is None:
+        pytest.skip("the openvino extra: pip install -e '.[openvino]'")
+
+
 def _in_own_process(args: list[str], fp32: bool) -> subprocess.CompletedProcess:
     """Run ``python ARGS`` with fp32 (``HER2_CPU_PRECISION=fp32``) or this CPU's default precision."""
     from her2_monai.runtime import PRECISION_ENV
@@ -209,7 +216,7 @@ def _openvino_answers(export: Path, records: list[dict], fp32: bool) -> dict:
 
 
 def test_openvino_gives_the_onnxruntime_answers(onnx_export: Path, deployed_bundle: Path, monkeypatch) -> None:  # noqa: F811
-    pytest.importorskip("openvino", reason="the openvino extra: pip install -e '.[openvino]'")
+    _require_openvino_installed()
     from her2_monai.runtime import execution_settings
 
     records = _records(demo_dataset(deployed_bundle))
@@ -238,7 +245,7 @@ def test_predict_and_wsi_commands_run_openvino(
     capsys,
     monkeypatch,
 ) -> None:
-    pytest.importorskip("openvino", reason="the openvino extra: pip install -e '.[openvino]'")
+    _require_openvino_installed()
     import csv
 
     from conftest import SHARED_DATA
