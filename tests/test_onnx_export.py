@@ -274,6 +274,8 @@ def test_predict_and_wsi_commands_run_openvino(
     # What the export runtimes cannot do is refused in one line.
     assert main([*wsi, "--output", str(tmp_path / "x"), "--runtime", "openvino", "--compile", "true"]) == 2
     assert "drop --compile true" in capsys.readouterr().err
+    assert main([*wsi, "--output", str(tmp_path / "x"), "--runtime", "openvino", "--config_file", str(INFERENCE)]) == 2
+    assert "drop --config_file" in capsys.readouterr().err
     assert main([*wsi, "--output", str(tmp_path / "x"), "--onnx", str(onnx_export)]) == 2
     assert "add --runtime onnxruntime" in capsys.readouterr().err
     assert main([*args, "--runtime", "openvino", "--onnx", str(onnx_export), "--device", "cuda"]) == 2

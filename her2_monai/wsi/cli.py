@@ -93,7 +93,8 @@ def wsi(
             smaller model input); true compiles always, false never (the eager network).
         runtime: torch (the bundle's model), or the ONNX export (`export --format onnx`) run by onnxruntime (fp32)
             or openvino (`pip install -e ".[openvino]"`; bf16 on CPUs with bf16 hardware, the fastest CPU path
-            measured, no compilation wait). One slide only; not with --slides, --device or --compile true.
+            measured, no compilation wait). One slide only; not with --slides, --device, --compile true or --config_file
+            (the export holds its inference config).
         onnx: the ONNX export folder for --runtime onnxruntime/openvino (default <bundle>/models/onnx).
         slides: a cohort instead of --slide: a folder of slides or a CSV with a 'slide' column (optional 'slide_id',
             'ihc_slide'); OUTPUT gets one folder per slide and cohort.csv/cohort.json. Done slides are skipped;
@@ -120,9 +121,11 @@ def wsi(
         compile_always = not auto_compile and as_bool(compile, "--compile")
     except ValueError:
         raise ValueError(f"--compile must be true, false or auto, got '{compile}'") from None
-    predictor = _export_predictor(runtime, onnx, bundle, slides, device, compile_always, refer_threshold, batch_size)
+    given = {"--slides": slides is not None, "--device": device is not None, "--compile true": compile_always}
+    given["--config_file"] = config_file is not None
+    load_export = _export_loader(runtime, onnx, bundle, given, refer_threshold, batch_size)
     settings = TilingSettings(
-        compile_min_tiles=AUTO_COMPILE_TILES if auto_compile and predictor is None else None,
+        compile_min_tiles=AUTO_COMPILE_TILES if auto_compile and load_export is None else None,
         tile_size=int(tile_size),
         level=int(level),
         overlap=int(overlap),
@@ -148,9 +151,9 @@ def wsi(
         tracking = None if tracking_uri is None else (str(tracking_uri), str(experiment_name), run_name)
         score_cohort(str(slides), str(output), bundle, config_file, settings, options, overrides, tracking)
         return
-    if predictor is not None:
-        stain_overrides = {k: v for k, v in overrides.items() if k.startswith("stain_")}
-        predictor = predictor(**stain_overrides)
+    predictor = None
+    if load_export is not None:  # the export's predictor takes the stain options; the rest was refused above
+        predictor = load_export(**{k: v for k, v in overrides.items() if k.startswith("stain_")})
         overrides = {}
     summary = run_wsi(
         str(slide),
@@ -178,18 +181,16 @@ def wsi(
         print(f"WARNING: {warning}")
 
 
-def _export_predictor(
+def _export_loader(
     runtime: str,
     onnx: str | None,
     bundle: str,
-    slides: str | None,
-    device: str | None,
-    compile_always: bool,
+    given: dict[str, bool],
     refer_threshold: float | None,
     batch_size: int,
 ) -> Callable[..., Any] | None:
     """For ``--runtime onnxruntime|openvino``: a function of the stain options that loads the export's predictor
-    (``None`` for ``--runtime torch``).
+    (``None`` for ``--runtime torch``). ``given`` says which options the export runtimes do not take were given.
 
     Raises:
         ValueError: for an unknown runtime, or options the export runtimes do not take.
@@ -202,12 +203,8 @@ def _export_predictor(
         if onnx is not None:
             raise ValueError("--onnx names an ONNX export: add --runtime onnxruntime (or openvino)")
         return None
-    for flag, given in (
-        ("--slides", slides is not None),
-        ("--device", device is not None),
-        ("--compile true", compile_always),
-    ):
-        if given:
+    for flag, present in given.items():
+        if present:
             raise ValueError(f"--runtime {runtime} runs one slide on the CPU with the export's own graphs: drop {flag}")
     folder = str(onnx or Path(bundle) / "models" / "onnx")
     threshold = None if refer_threshold is None else float(refer_threshold)
