@@ -184,7 +184,7 @@ def test_a_failed_export_leaves_nothing_behind(deployed_bundle: Path, tmp_path: 
 
 
 #: OpenVINO runs in a process of its own in these tests, as it does behind predict/wsi: the test session imports many
-#: native libraries, and two full runs crashed (SIGSEGV) at different tests after OpenVINO had been loaded into it.
+#: native libraries, and with OpenVINO loaded into it 3 of 3 full runs crashed (SIGSEGV) later on (docs/deployment.md).
 _OPENVINO_ANSWERS = """
 import json, sys
 from her2_monai.inference.onnx_runtime import load_onnx_predictor
