@@ -198,7 +198,7 @@ def predict(
             model trained with --dataset_dir, or --device cpu.
     """
     from her2_monai.inference import TorchScriptPredictor, check_record_files, load_predictor
-    from her2_monai.inference.onnx_runtime import RUNTIMES
+    from her2_monai.inference.onnx_runtime import check_runtime
 
     if image is not None and (he is not None or ihc is not None):
         raise CommandError("give either --image (stain unknown) or --he/--ihc (declared stains), not both")
@@ -211,11 +211,7 @@ def predict(
     he, ihc, image = (None if v is None else str(v) for v in (he, ihc, image))
     inputs = {"he": he, "ihc": ihc, "image": image}
     check_record_files({k: v for k, v in inputs.items() if v is not None})
-    if runtime not in ("torch", *RUNTIMES):
-        raise CommandError(f"--runtime must be torch, onnxruntime or openvino, got '{runtime}'")
-    if onnx is not None and runtime == "torch":
-        raise CommandError("--onnx names an ONNX export: add --runtime onnxruntime (or openvino)")
-    if runtime != "torch":
+    if check_runtime(runtime, onnx):
         if torchscript is not None or explain is not None or config_file is not None:
             raise CommandError(
                 f"--runtime {runtime} runs the ONNX export with the inference config inside it: drop --torchscript, "

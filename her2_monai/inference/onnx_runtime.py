@@ -33,6 +33,7 @@ __all__ = [
     "OnnxCMGAN",
     "OnnxNetwork",
     "RUNTIMES",
+    "check_runtime",
     "require_onnxruntime",
     "require_openvino",
     "read_manifest",
@@ -42,6 +43,26 @@ __all__ = [
 _INSTALL = "pip install 'her2-monai[onnx]' (onnx, onnxscript, onnxruntime)"
 #: The runtimes an export can be run with: ONNX Runtime (fp32) and OpenVINO (bf16 where the CPU has bf16 hardware).
 RUNTIMES = ("onnxruntime", "openvino")
+
+
+def check_runtime(runtime: str, onnx: str | os.PathLike | None) -> bool:
+    """Validate the ``--runtime``/``--onnx`` options of ``predict`` and ``wsi``.
+
+    Args:
+        runtime: ``torch`` or one of :data:`RUNTIMES`.
+        onnx: the ``--onnx`` export folder, if given.
+
+    Returns:
+        Whether an export runtime (not torch) is asked for.
+
+    Raises:
+        ValueError: for an unknown runtime, or an export folder given with ``--runtime torch``.
+    """
+    if runtime not in ("torch", *RUNTIMES):
+        raise ValueError(f"--runtime must be torch, onnxruntime or openvino, got '{runtime}'")
+    if onnx is not None and runtime == "torch":
+        raise ValueError("--onnx names an ONNX export: add --runtime onnxruntime (or openvino)")
+    return runtime != "torch"
 
 
 def require_onnxruntime() -> Any:

@@ -54,6 +54,7 @@ __all__ = [
     "MIN_TISSUE_FRACTION",
     "NO_TISSUE_BELOW",
     "IHC_EOSIN_INDEX_BELOW",
+    "channel_range",
     "saturation",
     "bounded_otsu",
     "tissue_mask",
@@ -102,12 +103,18 @@ def _hwc(image: Any) -> np.ndarray:
     return array.astype(np.float64)
 
 
+def channel_range(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(max, min)`` over the colour channels of an ``(H, W, 3)`` array, each ``(H, W)`` of its dtype.
+
+    Channel by channel: a reduction over a last axis of 3 is several times slower than these element-wise passes.
+    """
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
+
+
 def saturation(image: Any) -> np.ndarray:
     """HSV saturation ``(max - min) / max`` per pixel, ``(H, W)`` in ``[0, 1]`` (0 for black)."""
-    rgb = _hwc(image)
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    # Channel by channel: a reduction over a last axis of 3 is several times slower than two element-wise passes.
-    high, low = np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
+    high, low = channel_range(_hwc(image))
     return np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
 
 
@@ -160,15 +167,15 @@ def tissue_mask(
         saturation_range: ``(low, high)`` bounds of the saturation threshold.
         sigma: Gaussian smoothing of the saturation map in pixels (pixel noise of blank glass averages out).
         max_side: the image is area-downsampled to this longer side first (``None``: full size).
-        maps: ``chroma_maps(working copy, sigma=1.0)`` when the caller has them already (:meth:`TissueCheckd.check`
-            shares them with the ink check when both work on the same copy).
+        maps: ``chroma_maps(working copy)`` (the ink check's smoothing) when the caller has them already
+            (:meth:`TissueCheckd.check` shares them with the ink check when both work on the same copy).
 
     Returns:
         ``(h, w)`` bool mask of the working copy.
     """
     rgb = working_copy(image, max_side)
     if maps is None:
-        maps = chroma_maps(rgb, sigma=1.0)
+        maps = chroma_maps(rgb, sigma=INK_SMOOTHING)
     elif maps.total.shape != rgb.shape[:2]:
         raise ValueError(f"maps of a {maps.total.shape} copy given for a {rgb.shape[:2]} working copy")
     dense = maps.total > MIN_DENSITY
@@ -288,9 +295,9 @@ class TissueCheckd(MapTransform):
                 issues=[("no_tissue", "greyscale image (equal colour channels): not a stained RGB patch")]
             )
         ink_maps = None
-        if max(height, width) <= min(WORK_SIDE, TISSUE_SIDE) and INK_SMOOTHING == 1.0:
+        if max(height, width) <= min(WORK_SIDE, TISSUE_SIDE):
             # Both checks would build the same working copy (the image itself) and the same maps: build them once.
-            ink_maps = chroma_maps(working_copy(rgb, None), sigma=1.0)
+            ink_maps = chroma_maps(working_copy(rgb, None), sigma=INK_SMOOTHING)
         tissue = tissue_mask(rgb, self.saturation_range, maps=ink_maps)
         ink = measure_ink(rgb, maps=ink_maps)
         ink_mask = _resized(ink.mask, tissue.shape)

@@ -195,13 +195,9 @@ def _export_loader(
     Raises:
         ValueError: for an unknown runtime, or options the export runtimes do not take.
     """
-    from her2_monai.inference.onnx_runtime import RUNTIMES, load_onnx_predictor
+    from her2_monai.inference.onnx_runtime import check_runtime, load_onnx_predictor
 
-    if runtime not in ("torch", *RUNTIMES):
-        raise ValueError(f"--runtime must be torch, onnxruntime or openvino, got '{runtime}'")
-    if runtime == "torch":
-        if onnx is not None:
-            raise ValueError("--onnx names an ONNX export: add --runtime onnxruntime (or openvino)")
+    if not check_runtime(runtime, onnx):
         return None
     for flag, present in given.items():
         if present:

@@ -27,7 +27,7 @@ from scipy import ndimage
 from skimage.color import rgb2hsv
 
 from her2_monai.transforms.ink import measure_ink
-from her2_monai.transforms.tissue import bounded_otsu
+from her2_monai.transforms.tissue import bounded_otsu, channel_range
 
 __all__ = ["tissue_mask", "Tile", "tile_grid"]
 
@@ -65,8 +65,7 @@ def _saturated(image: np.ndarray) -> np.ndarray:
     The same mask as ``ForegroundMask(hsv_threshold={"S": ...})``, bit for bit, without converting the whole
     thumbnail to HSV (hue and value are not needed): about 10x faster on a 2048 px thumbnail.
     """
-    red, green, blue = image[..., 0], image[..., 1], image[..., 2]  # max/min over a last axis of 3 is 8x slower
-    saturation = _SATURATION[np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)]
+    saturation = _SATURATION[channel_range(image)]
     return saturation > _SATURATION_THRESHOLD(saturation)
 
 
