@@ -3,7 +3,9 @@
 Every real H&E / IHC pair of one part of ``benchmarks/sealed_split.py`` (tune: BCI; report: MIST) is resized to each
 ``--sizes`` side, and its IHC is displaced ``--per_pair`` times (fixed seed) by a random affine transform about the
 centre: rotation up to ``--max_angle`` degrees, translation up to ``--max_shift`` of the side, scale 0.95-1.05, shear
-up to 0.03, with a white or black fill (alternating). The displaced IHC is registered back to the H&E.
+up to 0.03, with a white or black fill (alternating). The displaced IHC is registered back to the H&E. A control
+follows (``--unrelated``, on by default): each H&E against the next pair's IHC (another case, displaced once), where
+nothing can be aligned, so every verdict other than ``uncertain`` / ``failed`` is a miss.
 
 Two errors, each the mean distance (px at that size) over a 5x5 grid spanning the central 60% of the image:
 
@@ -120,7 +122,7 @@ def _similarity_errors(
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    """Register every displaced pair of the part; one row per displaced pair."""
+    """Register every displaced pair of the part (one row per displaced pair), then the unrelated controls."""
     second = None if args.second_channel == "none" else args.second_channel
     registration = PairRegistration(
         transform=args.transform,
@@ -132,18 +134,24 @@ def run(args: argparse.Namespace) -> list[dict]:
         affine_min_gain=args.affine_min_gain,
         inverse_check=args.inverse_check == "true",
         pyramid_max_side=args.pyramid_max_side,
+        candidates=args.search_candidates,
+        mask_fill=args.mask_fill == "true",
+        overlap_weight=args.overlap_weight,
     )
     rng = np.random.default_rng(args.seed)
     rows = []
-    for pair in real_pairs(args.part):
+    pairs = real_pairs(args.part)
+    for pair in pairs if args.displaced == "true" else []:
         for size in args.sizes:
             he = np.asarray(Image.fromarray(pair.he).resize((size, size), Image.BILINEAR))
             ihc = np.asarray(Image.fromarray(pair.ihc).resize((size, size), Image.BILINEAR))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RegistrationWarning)
-                reference = registration(he, ihc)
+                reference = registration(he, ihc) if _selected(pair.id, args.pairs) else None
                 for k in range(args.per_pair):
                     known = random_displacement(rng, size, args.max_angle, args.max_shift)
+                    if not _selected(pair.id, args.pairs):  # drawn all the same: the other pairs keep their draws
+                        continue
                     fill = 255.0 if k % 2 == 0 else 0.0
                     start = time.perf_counter()
                     result = registration(he, displace(ihc, known, fill))
@@ -179,12 +187,64 @@ def run(args: argparse.Namespace) -> list[dict]:
                         + f"  {r['verdict']:10s} {r['reasons']}  {seconds:.1f} s",
                         flush=True,
                     )
+    if args.unrelated == "true":
+        rows += unrelated_rows(registration, pairs, args)
+    return rows
+
+
+def _selected(pair_id: str, wanted: list[str]) -> bool:
+    """Whether ``--pairs`` (substrings of pair ids; empty: all) selects this pair."""
+    return not wanted or any(w in pair_id for w in wanted)
+
+
+def unrelated_rows(registration: PairRegistration, pairs: list, args: argparse.Namespace) -> list[dict]:
+    """The control: each H&E against the IHC of the next pair of the part (another section, another case), displaced
+    once; nothing there can be aligned, so a verdict other than ``uncertain`` / ``failed`` is a miss."""
+    rng = np.random.default_rng(args.seed + 1)  # its own stream: the displaced rows stay the same with or without it
+    rows = []
+    for index, pair in enumerate(pairs):
+        other = pairs[(index + 1) % len(pairs)]
+        for size in args.sizes:
+            he = np.asarray(Image.fromarray(pair.he).resize((size, size), Image.BILINEAR))
+            ihc = np.asarray(Image.fromarray(other.ihc).resize((size, size), Image.BILINEAR))
+            known = random_displacement(rng, size, args.max_angle, args.max_shift)
+            if not _selected(pair.id, args.pairs):
+                continue
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RegistrationWarning)
+                result = registration(he, displace(ihc, known, 255.0))
+            row = {
+                "kind": "unrelated",
+                "pair": f"{pair.id} + {other.id} IHC",
+                "source": pair.source,
+                "size": size,
+                "verdict": result.verdict,
+                "reasons": ",".join(result.verdict_reasons),
+                "status": result.status,
+                "method": args.method,
+                **result.details["verdict_measures"],
+                "seconds": time.perf_counter() - start,
+            }
+            rows.append(row)
+            print(
+                f"unrelated {row['pair']:52s} {size:5d}  {row['verdict']:10s} {row['reasons']}  "
+                + " ".join(f"{k} {v:.3f}" for k, v in result.details["verdict_measures"].items()),
+                flush=True,
+            )
     return rows
 
 
 def summarise(rows: list[dict]) -> None:
-    """Print, for both error definitions, the distribution and verdict counts per source and size, and how the
-    verdict predicts large errors."""
+    """Print, for both error definitions, the distribution and verdict counts per source and size, how the verdict
+    predicts large errors, and how many unrelated controls it flags."""
+    controls = [r for r in rows if r.get("kind") == "unrelated"]
+    rows = [r for r in rows if r.get("kind") != "unrelated"]
+    if controls:
+        flagged = sum(r["verdict"] != "registered" for r in controls)
+        print(f"unrelated pairs (another case's IHC) flagged uncertain or failed: {flagged} of {len(controls)}")
+    if not rows:
+        return
     for key, meaning in (
         ("error", "error: vs the inverse of the known displacement (includes the pair's own misalignment)"),
         (
@@ -245,9 +305,14 @@ CANDIDATES = {
 def compare_measures(rows: list[dict], key: str = "error") -> None:
     """For each candidate verdict measure and threshold: large errors (> 20 px) caught and good registrations
     (< 5 px) flagged, on ``key``; how the verdict rule is chosen on tune."""
-    errors = np.array([r[key] for r in rows])
+    # an unrelated control counts as a large error: nothing can be aligned there
+    errors = np.array([math.inf if r.get("kind") == "unrelated" else r[key] for r in rows])
     large, good = errors > 20, errors < 5
-    print(f"\nverdict candidates on {key}: {int(large.sum())} large (> 20 px), {int(good.sum())} good (< 5 px)")
+    controls = sum(r.get("kind") == "unrelated" for r in rows)
+    print(
+        f"\nverdict candidates on {key}: {int(large.sum())} large (> 20 px; {controls} of them unrelated controls), "
+        f"{int(good.sum())} good (< 5 px)"
+    )
     current = np.array([r["verdict"] != "registered" for r in rows])
     print(
         f"current rule: caught {int((current & large).sum())} of {int(large.sum())}, "
@@ -282,6 +347,9 @@ def main() -> None:
     parser.add_argument("--channel", default="tissue")
     parser.add_argument("--max_side", type=int, default=256)
     parser.add_argument("--starts", type=int, default=3, help="global-search starts per channel")
+    parser.add_argument("--search_candidates", type=int, default=4, help="ncc method: global-search starts refined")
+    parser.add_argument("--mask_fill", default="true", help="true/false: leave the fill out (ncc method)")
+    parser.add_argument("--overlap_weight", type=float, default=1.0, help="ncc method: ranking by NCC x overlap^w")
     parser.add_argument("--second_channel", default="od", help="second channel, or none (itk method)")
     parser.add_argument("--method", default="ncc", help="ncc (default) or itk (the earlier method)")
     parser.add_argument("--affine_min_gain", type=float, default=0.0, help="NCC gain an affine stage must bring")
@@ -295,16 +363,24 @@ def main() -> None:
         help="with --rescore: final, similarity (the similarity stage's errors) or coarse (before the pyramid)",
     )
     parser.add_argument("--candidates", action="store_true", help="also compare candidate verdict measures")
+    parser.add_argument(
+        "--pairs", nargs="*", default=[], help="only pairs whose id contains one of these (the draws stay the same)"
+    )
+    parser.add_argument("--displaced", default="true", help="true/false: register the displaced pairs")
+    parser.add_argument("--unrelated", default="true", help="true/false: also the unrelated controls")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
-    parser.add_argument("--rescore", default="", help="summarise the rows of this JSON file with the current verdict")
+    parser.add_argument(
+        "--rescore", nargs="*", default=[], help="summarise the rows of these JSON files with the current verdict"
+    )
     args = parser.parse_args()
     if args.rescore:
-        rows = json.loads(Path(args.rescore).read_text())
+        rows = [row for name in args.rescore for row in json.loads(Path(name).read_text())]
         for row in rows:  # the verdict of the current thresholds, from the stored measurements
             status = row.get("status") or ("identity" if row["reasons"].startswith("no alignment") else "registered")
             row["verdict"], reasons = _verdict(row, status, row.get("method", "ncc"))
             row["reasons"] = ",".join(reasons)
-            if args.stage in ("similarity", "coarse"):  # score that stage alone (the verdict measures are the same)
+            # score that stage alone (the verdict measures are the same)
+            if args.stage in ("similarity", "coarse") and row.get("kind") != "unrelated":
                 row["error"], row["consistency"] = row[f"error_{args.stage}"], row[f"consistency_{args.stage}"]
     else:
         rows = run(args)

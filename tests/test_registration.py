@@ -152,7 +152,7 @@ def test_register_command_writes_outputs(data, tmp_path, capsys):
     Image.fromarray(_displace(_load(data / PAIRS["mist"][1], 320), KNOWN)).save(ihc, quality=95)
     out = tmp_path / "out"
     assert main(["register", "--he", str(he), "--ihc", str(ihc), "--output", str(out)]) == 0
-    assert "registered: similarity" in capsys.readouterr().out  # the default transform
+    assert "registered: affine" in capsys.readouterr().out  # the default transform
     for name in ("ihc_registered.png", "he.png", "checkerboard.png", "registration.json"):
         assert (out / name).is_file(), name
     document = json.loads((out / "registration.json").read_text())

@@ -10,10 +10,44 @@ from skimage.metrics import normalized_mutual_information
 
 from her2_monai.optical_density import BLACK_OFFSET, optical_density
 
-__all__ = ["CHANNELS", "registration_channel", "normalized_cross_correlation", "mutual_information"]
+__all__ = ["CHANNELS", "fill_mask", "registration_channel", "normalized_cross_correlation", "mutual_information"]
 
 #: Channels an H&E and an IHC section have in common, best first for consecutive sections of different stains.
 CHANNELS = ("tissue", "od", "hematoxylin", "grey")
+
+#: A fill pixel is at least this bright (white) or at most ``255 -`` it dark (black) in every channel ...
+_FILL_LEVEL = 250
+#: ... and its 5x5 neighbourhood's mean intensity varies by at most this much (fill is flat; scanned glass is noisy).
+_FILL_FLATNESS = 2.0
+
+
+def fill_mask(rgb: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Where an image holds padding rather than a scan: white or black regions that touch the image border and are
+    perfectly flat somewhere.
+
+    Such a fill is left around a rotated or shifted scan (or a displaced copy of one). Its straight edge against the
+    tissue is not anatomy: read as glass, it would give a registration a strong false edge to align. Scanned glass
+    is left alone: it is noisy and, in the real BCI / MIST images, below the fill level (under 0.2% of their pixels
+    reach it). A scanner that clips glass to pure white makes that glass fill too; it then drops out of the
+    registration, which still aligns the tissue.
+
+    Args:
+        rgb: ``(H, W, 3)`` RGB image, uint8 or float in ``[0, 255]``.
+        margin: pixels the fill is grown by, to cover the interpolated strip between fill and scan.
+
+    Returns:
+        ``(H, W)`` bool, True on fill.
+    """
+    image = np.asarray(rgb, dtype=np.float32)
+    grey = image.mean(axis=-1)
+    candidate = (image.min(axis=-1) >= _FILL_LEVEL) | (image.max(axis=-1) <= 255 - _FILL_LEVEL)
+    flat = ndimage.maximum_filter(grey, 5) - ndimage.minimum_filter(grey, 5) <= _FILL_FLATNESS
+    labels, _ = ndimage.label(candidate)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    # a bright or dark region touching the border that is flat somewhere (not just saturated glass at the edge)
+    keep = np.intersect1d(border[border > 0], np.unique(labels[candidate & flat]))
+    fill = np.isin(labels, keep)
+    return ndimage.binary_dilation(fill, iterations=margin) if margin > 0 and fill.any() else fill
 
 
 def registration_channel(rgb: np.ndarray, channel: str = "tissue", sigma: float = 1.0) -> np.ndarray:

@@ -11,7 +11,7 @@ def register(
     he: str | None = None,
     ihc: str | None = None,
     output: str | None = None,
-    transform: str = "similarity",
+    transform: str = "affine",
     bspline: bool = False,
     channel: str = "tissue",
     max_side: int = 256,
@@ -28,7 +28,7 @@ def register(
         he: H&E image file (the fixed reference).
         ihc: IHC image file (moved onto the H&E grid).
         output: output folder (created if needed).
-        transform: rigid, similarity or affine (the affine stage is kept only when it improves the fit).
+        transform: rigid, similarity or affine (default; the affine stage is kept only when it improves the fit).
         bspline: add a B-spline (deformable) refinement.
         channel: registration channel: tissue, od, hematoxylin or grey.
         max_side: longer side (px) of the resolution the transform is computed at.

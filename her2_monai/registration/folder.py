@@ -109,7 +109,7 @@ def _pairs(dataset_dir: Path) -> tuple[list[tuple[Path, Path | None, Path]], lis
 def register_folder(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    transform: str = "similarity",
+    transform: str = "affine",
     bspline: bool = False,
     channel: str = "tissue",
     max_side: int = 256,

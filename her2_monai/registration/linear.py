@@ -25,6 +25,8 @@ __all__ = [
     "MODELS",
     "band_pass",
     "masked_ncc",
+    "overlap_fraction",
+    "ranking_score",
     "ncc_all_shifts",
     "search_similarity",
     "refine",
@@ -38,19 +40,34 @@ __all__ = [
 MODELS = {"rigid": 3, "similarity": 4, "affine": 6}
 
 
-def band_pass(image: np.ndarray, low: float = 1.0, high: float = 8.0) -> np.ndarray:
-    """Difference of Gaussians ``G(low) - G(high)`` of an image.
+def band_pass(image: np.ndarray, low: float = 1.0, high: float = 8.0, valid: np.ndarray | None = None) -> np.ndarray:
+    """Difference of Gaussians ``G(low) - G(high)`` of an image, over its valid pixels only.
+
+    With invalid pixels (``valid`` False, or NaN in ``image``: fill around a displaced scan), each Gaussian is a
+    normalised convolution (the blur of the valid values divided by the blur of the valid mask), so the border of the
+    invalid region adds no edge of its own, and the result is NaN there: :func:`masked_ncc`,
+    :func:`ncc_all_shifts` and :func:`refine` leave NaN pixels out.
 
     Args:
         image: ``(H, W)`` image.
         low: sigma (px) of the fine Gaussian (removes pixel noise and single nuclei).
         high: sigma (px) of the coarse Gaussian (removes slow density changes that differ between stains).
+        valid: ``(H, W)`` bool, the pixels that hold the scan (default: the finite ones).
 
     Returns:
-        ``(H, W)`` float32 image, about zero mean.
+        ``(H, W)`` float32 image, about zero mean, NaN on invalid pixels.
     """
     image = np.asarray(image, dtype=np.float64)
-    return (ndimage.gaussian_filter(image, low) - ndimage.gaussian_filter(image, high)).astype(np.float32)
+    finite = np.isfinite(image)
+    valid = finite if valid is None else np.asarray(valid, bool) & finite
+    if valid.all():
+        return (ndimage.gaussian_filter(image, low) - ndimage.gaussian_filter(image, high)).astype(np.float32)
+    values, weight = np.where(valid, image, 0.0), valid.astype(np.float64)
+
+    def blur(sigma: float) -> np.ndarray:
+        return ndimage.gaussian_filter(values, sigma) / np.maximum(ndimage.gaussian_filter(weight, sigma), 1e-6)
+
+    return np.where(valid, blur(low) - blur(high), np.nan).astype(np.float32)
 
 
 def _warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...], fill: float) -> np.ndarray:
@@ -64,6 +81,8 @@ def masked_ncc(
     fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, min_overlap: float = 0.25, stride: int = 1
 ) -> float:
     """NCC of ``fixed`` and ``moving(matrix @ x)`` over the fixed pixels that land inside ``moving``.
+
+    NaN pixels (fill, see :func:`band_pass`) of either image are left out.
 
     Args:
         fixed: ``(H, W)`` image.
@@ -80,7 +99,7 @@ def masked_ncc(
         fixed = fixed[::stride, ::stride]
         matrix = matrix @ np.diag([float(stride), float(stride), 1.0])
     warped = _warp(moving.astype(np.float64), matrix, fixed.shape, np.nan)
-    inside = np.isfinite(warped)
+    inside = np.isfinite(warped) & np.isfinite(fixed)
     if inside.mean() < min_overlap:
         return -1.0
     x = fixed[inside].astype(np.float64)
@@ -90,8 +109,40 @@ def masked_ncc(
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
-def ncc_all_shifts(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, min_overlap: float = 0.5):
+def overlap_fraction(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, stride: int = 1) -> float:
+    """The fraction of ``fixed``'s pixels that are valid (finite) in both images under ``matrix`` (the sample
+    :func:`masked_ncc` scores)."""
+    if stride > 1:
+        fixed = fixed[::stride, ::stride]
+        matrix = matrix @ np.diag([float(stride), float(stride), 1.0])
+    warped = _warp(moving.astype(np.float64), matrix, fixed.shape, np.nan)
+    return float((np.isfinite(warped) & np.isfinite(fixed)).mean())
+
+
+def ranking_score(ncc: float | np.ndarray, overlap: float | np.ndarray, weight: float) -> float | np.ndarray:
+    """``ncc * overlap ** weight``: how the ``ncc`` method ranks alternative alignments (global-search candidates,
+    refined starts).
+
+    An NCC over a small overlap is noisier, so a wrong alignment that keeps only part of the images in view can
+    outscore the right one by chance (seen on displaced tune pairs, where the fill is left out); ``weight`` > 0
+    prefers the alignment that explains more of the images. Local refinement maximises the NCC alone.
+    """
+    return ncc * np.power(overlap, weight)
+
+
+def ncc_all_shifts(
+    fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, min_overlap: float = 0.5, overlap_weight: float = 0.0
+):
     """Masked NCC of ``fixed(x)`` and ``moving(x - s)`` for every integer shift ``s`` (Padfield 2012, by FFT).
+
+    Only pixels valid in both count: ``mask`` and the finite pixels of ``moving``, and the finite pixels of ``fixed``.
+
+    Args:
+        fixed: ``(H, W)`` image (NaN: not valid).
+        moving: ``(H, W)`` image (NaN: not valid).
+        mask: ``(H, W)`` bool, the moving pixels that hold data.
+        min_overlap: smallest overlap (fraction of the image) scored.
+        overlap_weight: the scores are :func:`ranking_score` with this weight (0: the NCC itself).
 
     Returns:
         ``(scores, (sx, sy))``: the ``(2H-1, 2W-1)`` NCC map (-2 where the overlap is under ``min_overlap`` of the
@@ -101,17 +152,19 @@ def ncc_all_shifts(fixed: np.ndarray, moving: np.ndarray, mask: np.ndarray, min_
     def corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return fftconvolve(a, b[::-1, ::-1], mode="full")
 
-    ones, mask = np.ones_like(fixed), mask.astype(np.float64)
-    m = moving * mask
-    overlap = np.maximum(np.rint(corr(ones, mask)), 1.0)
-    sum_f, sum_m = corr(fixed, mask), corr(ones, m)
-    numerator = corr(fixed, m) - sum_f * sum_m / overlap
+    fixed_mask = np.isfinite(fixed).astype(np.float64)
+    mask = (np.asarray(mask, bool) & np.isfinite(moving)).astype(np.float64)
+    fixed, moving = np.nan_to_num(fixed * fixed_mask), np.nan_to_num(moving * mask)
+    overlap = np.maximum(np.rint(corr(fixed_mask, mask)), 1.0)
+    sum_f, sum_m = corr(fixed, mask), corr(fixed_mask, moving)
+    numerator = corr(fixed, moving) - sum_f * sum_m / overlap
     var_f = np.maximum(corr(fixed * fixed, mask) - sum_f**2 / overlap, 0.0)
-    var_m = np.maximum(corr(ones, m * moving) - sum_m**2 / overlap, 0.0)
+    var_m = np.maximum(corr(fixed_mask, moving * moving) - sum_m**2 / overlap, 0.0)
     denominator = np.sqrt(var_f * var_m)
     tolerance = 1e-6 * max(float(denominator.max()), 1e-12)
     scores = np.where(denominator > tolerance, numerator / np.maximum(denominator, tolerance), 0.0)
-    scores = np.where(overlap >= min_overlap * fixed.size, np.clip(scores, -1, 1), -2.0)
+    scores = ranking_score(np.clip(scores, -1, 1), np.minimum(overlap / fixed.size, 1.0), overlap_weight)
+    scores = np.where(overlap >= min_overlap * fixed.size, scores, -2.0)
     height, width = fixed.shape
     sy, sx = np.mgrid[-(height - 1) : height, -(width - 1) : width]
     return scores, (sx, sy)
@@ -151,6 +204,7 @@ def search_similarity(
     max_shift: float = 0.15,
     count: int = 4,
     prior_weight: float = 0.02,
+    overlap_weight: float = 0.0,
 ) -> list[tuple[float, np.ndarray]]:
     """The best distinct similarity transforms over a rotation x scale grid, every translation tried at once.
 
@@ -168,6 +222,7 @@ def search_similarity(
         max_shift: largest translation searched, as a fraction of the side.
         count: candidates returned.
         prior_weight: NCC handicap at the largest rotation and shift (half each).
+        overlap_weight: candidates are ranked by :func:`ranking_score` with this weight.
 
     Returns:
         Up to ``count`` ``(score, matrix)`` pairs, best first, each more than 5% of the side (grid distance) from the
@@ -185,7 +240,7 @@ def search_similarity(
             matrix = _linear_about_center(linear, np.zeros(2), center)
             rotated = _warp(moving, matrix, fixed.shape, 0.0)[::2, ::2].astype(np.float64)
             valid = _warp(np.ones_like(moving), matrix, fixed.shape, 0.0)[::2, ::2] > 0.99
-            scores, (sx, sy) = ncc_all_shifts(half, rotated, valid)
+            scores, (sx, sy) = ncc_all_shifts(half, rotated, valid, overlap_weight=overlap_weight)
             inside = (np.abs(sx) <= limit[0]) & (np.abs(sy) <= limit[1])
             distance = np.hypot(sx / max(limit[0], 1.0), sy / max(limit[1], 1.0))
             handicap = prior_weight * (abs(angle) / max(max_angle, 1.0) + distance) / 2

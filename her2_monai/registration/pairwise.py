@@ -7,11 +7,13 @@ Steps (:class:`PairRegistration`):
    scanned at the same pixel size), and turned into a stain-robust grey channel
    (:func:`~her2_monai.registration.channels.registration_channel`; black fill is read as white glass);
 2. ``method="ncc"`` (default, :mod:`~her2_monai.registration.linear`): the channels are band-passed (difference of
-   Gaussians, 1-8 px), searched over rotation x scale (every translation at once, masked NCC by FFT, at half
-   resolution), the best ``candidates`` starts are refined (Powell, masked NCC; rigid or similarity), refined again
-   at finer levels up to ``pyramid_max_side`` (the best NCC at the first finer level wins) and the best is kept;
-   ``affine`` refines it further, kept when it raises the NCC. ``method="itk"`` (the earlier method): a
-   rotation search on two channels and ITK's ``ImageRegistrationMethodv4`` with Mattes mutual information;
+   Gaussians, 1-8 px) with the fill around a rotated or shifted scan left out
+   (:func:`~her2_monai.registration.channels.fill_mask`), searched over rotation x scale (every translation at once,
+   masked NCC by FFT, at half resolution), the best ``candidates`` starts are refined (Powell, masked NCC; rigid or
+   similarity), refined again at finer levels up to ``pyramid_max_side`` (the best NCC x overlap at the first finer
+   level wins) and the best is kept; ``affine`` refines it further at the finest pyramid level, kept when it raises
+   the NCC. ``method="itk"`` (the earlier method): a rotation search on two channels and ITK's
+   ``ImageRegistrationMethodv4`` with Mattes mutual information;
 3. optionally a cubic ``BSplineTransform`` (``bspline_grid`` control cells a side) refines the linearly aligned image;
 4. the low-resolution transform is expressed in full-resolution pixel coordinates (translations scaled by the
    reduction factor) and each RGB channel of the full-resolution IHC is resampled on the H&E's grid, with white fill;
@@ -19,7 +21,8 @@ Steps (:class:`PairRegistration`):
    registration did not improve the method's metric, the identity is kept and a warning says so;
 6. a verdict (``registered``, ``uncertain`` or ``failed``) from measurements that predict a large error
    (:func:`_ncc_measures`, :func:`_measures`, :data:`VERDICT_THRESHOLDS`): for ``ncc``, whether the IHC -> H&E
-   registration, done on its own, composes with the H&E -> IHC one to the identity.
+   registration, done on its own, composes with the H&E -> IHC one to the identity, and whether the best NCC is
+   above what unrelated tissue reaches by chance.
 
 Transforms map H&E (fixed) pixel coordinates ``(x = column, y = row)`` to IHC (moving) pixel coordinates, the ITK
 convention; ``output(x) = moving(T(x))``.
@@ -39,6 +42,7 @@ from scipy import ndimage
 from her2_monai.registration import linear
 from her2_monai.registration.channels import (
     CHANNELS,
+    fill_mask,
     mutual_information,
     normalized_cross_correlation,
     registration_channel,
@@ -58,8 +62,9 @@ __all__ = [
 TRANSFORMS = ("rigid", "similarity", "affine")
 METHODS = ("ncc", "itk")
 #: The default transform (chosen on the tune part of the sealed split, docs/registration.md).
-DEFAULT_TRANSFORM = "similarity"
+DEFAULT_TRANSFORM = "affine"
 _MAX_SIZE_RATIO = 1.5  # larger H&E/IHC size differences suggest another magnification: refuse rather than guess
+_VALID = "valid"  # the key of the scan masks among the channels of PairRegistration._channels
 
 
 class RegistrationWarning(UserWarning):
@@ -215,8 +220,9 @@ class PairRegistration:
     """Register an IHC image to an H&E image of a neighbouring section.
 
     Args:
-        transform: ``rigid`` (rotation + translation), ``similarity`` (+ scale) or ``affine`` (+ shear and
-            anisotropic scale; kept only when it improves the fit).
+        transform: ``rigid`` (rotation + translation), ``similarity`` (+ scale) or ``affine`` (the default: + shear
+            and anisotropic scale, kept only when it improves the fit; ``ncc`` method: fitted at the finest pyramid
+            level, and left out when no level is finer than ``max_side``).
         bspline: add a B-spline (deformable) refinement.
         channel: stain-robust channel, one of :data:`~her2_monai.registration.channels.CHANNELS`.
         max_side: longer side of the registration resolution (256-512 is plenty; the transform is applied at full
@@ -246,6 +252,11 @@ class PairRegistration:
             refined again on finer levels (sides doubling up to the image's own side, at most ``pyramid_max_side``;
             band-pass from 1 px to the registration's coarse cut-off); the start with the best NCC at the first finer
             level wins and is refined at the others (:func:`linear.pyramid_sides`). ``<= max_side``: no pyramid.
+        overlap_weight: ``ncc`` method: alternative alignments (global-search candidates, refined starts) are ranked
+            by NCC x overlap fraction ** ``overlap_weight`` (:func:`linear.ranking_score`; 0: by NCC alone).
+        mask_fill: ``ncc`` method: leave the fill around a rotated or shifted scan
+            (:func:`~her2_monai.registration.channels.fill_mask`) out of the band-pass and the NCC, instead of reading
+            it as glass (its straight edge is no anatomy).
 
     Raises:
         ValueError: on an unknown transform or channel.
@@ -271,6 +282,8 @@ class PairRegistration:
         affine_min_gain: float = 0.0,
         inverse_check: bool = True,
         pyramid_max_side: int = 1024,
+        mask_fill: bool = True,
+        overlap_weight: float = 1.0,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown registration method '{method}'; expected one of {list(METHODS)}")
@@ -300,10 +313,15 @@ class PairRegistration:
         self.affine_min_gain = float(affine_min_gain)
         self.inverse_check = bool(inverse_check)
         self.pyramid_max_side = int(pyramid_max_side)
+        self.mask_fill = bool(mask_fill)
+        self.overlap_weight = float(overlap_weight)
 
     # -- preparation ---------------------------------------------------------------------------------------------------
 
-    def _reduce(self, fixed: np.ndarray, moving: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    def _reduce(
+        self, fixed: np.ndarray, moving: np.ndarray
+    ) -> tuple[float, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """``(scale, fixed channel, moving channel, (fixed valid, moving valid))`` at the registration resolution."""
         for name, image in (("H&E", fixed), ("IHC", moving)):
             if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 16:
                 raise ValueError(f"{name} image must be RGB (H, W, 3) with sides >= 16 px, got shape {image.shape}")
@@ -315,24 +333,30 @@ class PairRegistration:
             )
         scale = min(1.0, self.max_side / max(*fixed.shape[:2], *moving.shape[:2]))
         channels = self._channels(fixed, moving, scale, [self.channel])
-        return scale, *channels[self.channel]
+        return scale, *channels[self.channel], channels[_VALID]
 
-    @staticmethod
     def _channels(
-        fixed: np.ndarray, moving: np.ndarray, scale: float, names: list[str]
+        self, fixed: np.ndarray, moving: np.ndarray, scale: float, names: list[str]
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Each named channel of both images, reduced by ``scale``; black fill (e.g. around a rotated scan) reads as
-        glass, like white fill."""
-        out: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        """Each named channel of both images, reduced by ``scale``, and under ``"valid"`` where each holds its scan
+        (bool; all True unless ``mask_fill``). Black fill (e.g. around a rotated scan) reads as glass, like white
+        fill; a valid pixel is one the fill does not reach through the smoothing."""
+        out: dict[str, list[np.ndarray]] = {name: [] for name in (*names, _VALID)}
+
+        def reduce(grey: np.ndarray) -> np.ndarray:
+            if scale < 1.0:
+                grey = ndimage.zoom(
+                    ndimage.gaussian_filter(grey, 0.5 / scale), scale, order=1, grid_mode=True, mode="nearest"
+                )
+            return ndimage.gaussian_filter(grey, 1.0).astype(np.float32)
+
         for image in (fixed, moving):
-            image = np.where((np.asarray(image).max(axis=-1) < 16)[..., None], 255, image)
+            image = np.asarray(image)
+            fill = fill_mask(image) if self.mask_fill else np.zeros(image.shape[:2], bool)
+            image = np.where((image.max(axis=-1) < 16)[..., None], 255, image)
             for name in names:
-                grey = registration_channel(image, name, sigma=0)
-                if scale < 1.0:
-                    grey = ndimage.zoom(
-                        ndimage.gaussian_filter(grey, 0.5 / scale), scale, order=1, grid_mode=True, mode="nearest"
-                    )
-                out[name].append(ndimage.gaussian_filter(grey, 1.0).astype(np.float32))
+                out[name].append(reduce(registration_channel(image, name, sigma=0)))
+            out[_VALID].append(reduce((~fill).astype(np.float32)) > 0.99)
         return {name: (pair[0], pair[1]) for name, pair in out.items()}
 
     # -- global search ------------------------------------------------------------------------------------------------
@@ -480,7 +504,13 @@ class PairRegistration:
     # -- alignment methods --------------------------------------------------------------------------------------------
 
     def _ncc_alignment(
-        self, fixed_rgb: np.ndarray, moving_rgb: np.ndarray, scale: float, fixed: np.ndarray, moving: np.ndarray
+        self,
+        fixed_rgb: np.ndarray,
+        moving_rgb: np.ndarray,
+        scale: float,
+        fixed: np.ndarray,
+        moving: np.ndarray,
+        valid: tuple[np.ndarray, np.ndarray],
     ) -> tuple[np.ndarray, dict[str, float], dict[str, Any]]:
         """The ``ncc`` method on the reduced channels: ``(matrix, verdict measures, details)``.
 
@@ -493,7 +523,7 @@ class PairRegistration:
         IHC -> H&E registration done on its own, and the ``second_channel``'s ranking of the starts at the finer level.
         """
         started = time.perf_counter()
-        f, m = linear.band_pass(fixed), linear.band_pass(moving)
+        f, m = linear.band_pass(fixed, valid=valid[0]), linear.band_pass(moving, valid=valid[1])
         model = "rigid" if self.transform == "rigid" else "similarity"
         refined, starts = self._ncc_fit(f, m, model)
         coarse_matrix, best_ncc = refined[0][:2]
@@ -501,7 +531,7 @@ class PairRegistration:
         measures = _ncc_measures(refined, best_ncc, fixed.shape)
         measures["ncc_identity"] = linear.masked_ncc(f, m, np.eye(3))
         pyramid = self._ncc_pyramid(fixed_rgb, moving_rgb, scale, [r[0] for r in refined], model)
-        similarity_matrix, affine_level = coarse_matrix, (f, m, 1.0, 1)
+        similarity_matrix, affine_level = coarse_matrix, None
         if pyramid is not None:
             similarity_matrix = pyramid["matrix"]
             affine_level = pyramid["finest"]
@@ -509,7 +539,9 @@ class PairRegistration:
             measures.update(pyramid["measures"])
             measures["pyramid_drift_px"] = linear.grid_distance(similarity_matrix, coarse_matrix, fixed.shape)
         best_matrix = similarity_matrix
-        if self.transform == "affine":
+        # the affine stage's two extra degrees of freedom need detail: fitted at a pyramid level finer than the
+        # registration resolution, where it helped on tune, and left out without one (at 256 px it did not help)
+        if self.transform == "affine" and pyramid is not None:
             a, b, factor, stride = affine_level
             start = linear.rescale_matrix(similarity_matrix, factor)
             base = linear.masked_ncc(a, b, start, stride=stride)
@@ -518,11 +550,10 @@ class PairRegistration:
             if value > base + self.affine_min_gain:
                 best_matrix = linear.rescale_matrix(matrix, 1 / factor)
         other = self.second_channel or "od"
+        second = self._channels(fixed_rgb, moving_rgb, scale, [other])
         checks = {
-            "channel_drift_px": tuple(
-                map(linear.band_pass, self._channels(fixed_rgb, moving_rgb, scale, [other])[other])
-            ),
-            "coarse_drift_px": (linear.band_pass(fixed, 2.0, 16.0), linear.band_pass(moving, 2.0, 16.0)),
+            "channel_drift_px": tuple(map(linear.band_pass, second[other], (1.0, 1.0), (8.0, 8.0), second[_VALID])),
+            "coarse_drift_px": tuple(map(linear.band_pass, (fixed, moving), (2.0, 2.0), (16.0, 16.0), valid)),
         }
         for name, (a, b) in checks.items():  # registration-resolution px the winner moves on other evidence
             matrix = linear.refine(a, b, similarity_matrix, model, 0.1, 200)[0]
@@ -605,16 +636,23 @@ class PairRegistration:
             # the main channel keeps the finest detail of the level (low sigma 1 px: more precise than the same
             # physical band as the registration resolution's, on tune); the second channel the registration's band
             lows = {n: 1.0 if n == self.channel else factor for n in wanted}
-            band = {n: tuple(linear.band_pass(x, lows[n], 8.0 * factor) for x in channels[n]) for n in wanted}
+            band = {
+                n: tuple(map(linear.band_pass, channels[n], (lows[n],) * 2, (8.0 * factor,) * 2, channels[_VALID]))
+                for n in wanted
+            }
             a, b = band[self.channel]
-            if level == 0:  # every start, coarsely; the best NCC at this level wins
-                fits = []
+            if level == 0:  # every start, coarsely; the best ranked (NCC and overlap) at this level wins
+                fits, ranks = [], []
                 for matrix in matrices:
                     fitted, ncc = linear.refine(a, b, linear.rescale_matrix(matrix, factor), model, 0.1, 200, stride)
                     second = linear.masked_ncc(*band[other], fitted, stride=stride) if other in band else float("nan")
                     fits.append((fitted, ncc, second))
-                per_start = [{"fine_ncc": ncc, "fine_channel_ncc": second} for _, ncc, second in fits]
-                order = int(np.argmax([ncc for _, ncc, _ in fits]))
+                    ranks.append(self._rank(a, b, fitted, ncc, stride))
+                per_start = [
+                    {"fine_ncc": ncc, "fine_channel_ncc": second, "fine_rank": rank}
+                    for (_, ncc, second), rank in zip(fits, ranks, strict=True)
+                ]
+                order = int(np.argmax(ranks))
                 measures = _pyramid_measures(fits, order, a.shape, factor)
                 start = fits[order][0]
             else:
@@ -632,6 +670,12 @@ class PairRegistration:
             "finest": finest,
         }
 
+    def _rank(self, fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, ncc: float, stride: int = 1) -> float:
+        """:func:`linear.ranking_score` of an alignment whose NCC is known."""
+        if self.overlap_weight == 0:
+            return ncc
+        return linear.ranking_score(ncc, linear.overlap_fraction(fixed, moving, matrix, stride), self.overlap_weight)
+
     def _ncc_fit(
         self, f: np.ndarray, m: np.ndarray, model: str
     ) -> tuple[list[tuple[np.ndarray, float, float, np.ndarray]], list[tuple[float, np.ndarray]]]:
@@ -639,12 +683,12 @@ class PairRegistration:
         score, start)`` per start, best first (the best one polished), ``starts`` the search's ``(score, matrix)``."""
         scales = (1.0,) if model == "rigid" else (0.95, 1.0, 1.05)
         starts = linear.search_similarity(
-            f, m, self.max_angle, 2.0, scales, self.max_shift, self.candidates, self.prior_weight
+            f, m, self.max_angle, 2.0, scales, self.max_shift, self.candidates, self.prior_weight, self.overlap_weight
         )
-        # each start converges roughly (coarse tolerance), the best one is then polished
+        # each start converges roughly (coarse tolerance), the best ranked one is then polished
         refined = sorted(
             ((*linear.refine(f, m, start, model, 0.25, 150), score, start) for score, start in starts),
-            key=lambda r: -r[1],
+            key=lambda r: -self._rank(f, m, r[0], r[1]),
         )
         best_matrix, best_ncc = linear.refine(f, m, refined[0][0], model, 0.05, 300)
         refined[0] = (best_matrix, best_ncc, *refined[0][2:])
@@ -726,7 +770,7 @@ class PairRegistration:
             ValueError: if an image is not RGB, too small, blank, or the two sizes are more than 1.5x apart.
         """
         start = time.perf_counter()
-        scale, f, m = self._reduce(fixed, moving)
+        scale, f, m, valid = self._reduce(fixed, moving)
         for name, image in (("H&E", f), ("IHC", m)):
             if float(np.ptp(image)) < 1e-3:
                 raise ValueError(f"the {name} image has no structure to register (blank or flat)")
@@ -734,7 +778,7 @@ class PairRegistration:
         before = _quality(f, m, identity, None)
         stages = {"identity": before["nmi"]}
         if self.method == "ncc":
-            best_matrix, measures, search_details = self._ncc_alignment(fixed, moving, scale, f, m)
+            best_matrix, measures, search_details = self._ncc_alignment(fixed, moving, scale, f, m, valid)
         else:
             best_matrix, measures, search_details = self._itk_alignment(fixed, moving, scale, f, m)
         best_nmi = _quality(f, m, best_matrix, None)["nmi"]
@@ -777,6 +821,8 @@ class PairRegistration:
                 "candidates": self.candidates,
                 "inverse_check": self.inverse_check,
                 "pyramid_max_side": self.pyramid_max_side,
+                "mask_fill": self.mask_fill,
+                "overlap_weight": self.overlap_weight,
                 "metric": "masked NCC, band-passed channel" if self.method == "ncc" else "MattesMutualInformation",
                 "optimizer": "Powell (scipy)" if self.method == "ncc" else "RegularStepGradientDescentv4",
                 "learning_rate": self.learning_rate,
@@ -936,12 +982,13 @@ def _pyramid_measures(
 #: Verdict rules per method, chosen on the tune part of the sealed split (docs/registration.md): measure ->
 #: ``("max", t)`` (flagged above ``t``) or ``("min", t)`` (flagged below ``t``).
 VERDICT_THRESHOLDS: dict[str, dict[str, tuple[str, float]]] = {
-    "ncc": {"inverse_consistency_px": ("max", 1.0), "fine_channel_margin": ("min", -0.01)},
+    "ncc": {"inverse_consistency_px": ("max", 0.5), "fine_ncc": ("min", 0.06)},
     "itk": {"support": ("min", 0.6)},
 }
-#: Measures only taken in some configurations (``fine_channel_margin``: with a pyramid level finer than the
-#: registration resolution): their rule is skipped when they are absent instead of making the result ``uncertain``.
-OPTIONAL_MEASURES = frozenset({"fine_channel_margin"})
+#: Measures only taken in some configurations (``fine_ncc``: with a pyramid level finer than the registration
+#: resolution), and the rule that takes their place when they are absent (``ncc`` at the registration resolution,
+#: whose chance level is higher: fewer pixels).
+FALLBACK_RULES: dict[str, tuple[str, tuple[str, float]]] = {"fine_ncc": ("ncc", ("min", 0.1))}
 
 
 def _verdict(measures: dict[str, float], status: str, method: str = "ncc") -> tuple[str, list[str]]:
@@ -953,18 +1000,19 @@ def _verdict(measures: dict[str, float], status: str, method: str = "ncc") -> tu
         method: the registration method (selects the rules of :data:`VERDICT_THRESHOLDS`).
 
     Returns:
-        ``failed`` when registration kept the identity; ``uncertain`` when a measure is beyond its threshold (or a
-        measure a rule needs is missing, unless it is one of :data:`OPTIONAL_MEASURES`); ``registered`` otherwise;
-        with the reasons.
+        ``failed`` when registration kept the identity; ``uncertain`` when a measure is beyond its threshold (a
+        measure missing from ``measures`` is replaced by its :data:`FALLBACK_RULES` rule, or else flagged as not
+        measured); ``registered`` otherwise; with the reasons.
     """
     if status == "identity":
         return "failed", ["no alignment beat the unregistered pair"]
     reasons = []
     for name, (bound, threshold) in VERDICT_THRESHOLDS[method].items():
+        if name not in measures and name in FALLBACK_RULES:
+            name, (bound, threshold) = FALLBACK_RULES[name]
         value = measures.get(name)
         if value is None:
-            if name not in OPTIONAL_MEASURES:
-                reasons.append(f"{name} not measured")
+            reasons.append(f"{name} not measured")
         elif bound == "max" and value > threshold:
             reasons.append(f"{name} {value:.3f} > {threshold}")
         elif bound == "min" and value < threshold:
