@@ -10,6 +10,9 @@ Settings, each ``HER2Deploy.predict_batch`` on the same batch (paper architectur
   (``--no-compile`` skips it);
 * fp32 eager, channels-last, no rewrites;
 * ONNX Runtime fp32 (the ``export --format onnx`` graphs, as many intra-op threads as torch; ``--no-onnx`` skips it);
+* with ``--implicit-bf16``: fp32 weights and activations with the rewrites, oneDNN's convolutions and matrix
+  products rounding their inputs to bf16 inside the kernel (``torch.backends.mkldnn.*.fp32_precision = "bf16"``,
+  :func:`implicit_bf16`): closer to fp32 than the bf16 islands, which also store activations in bf16;
 * OpenVINO on the same graphs (``predict/wsi --runtime openvino``): bf16 where this CPU gets bf16, else fp32
   (``--no-openvino`` skips it; left out when the ``openvino`` extra is not installed).
 
@@ -32,13 +35,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from bench_inference import matmul_rate  # sibling scripts: benchmarks/ is on sys.path
@@ -61,6 +65,20 @@ def interleaved(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, f
             run()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+@contextlib.contextmanager
+def implicit_bf16() -> Iterator[None]:
+    """oneDNN convolutions and matrix products on fp32 tensors compute in bf16 (fp32 accumulation) inside the block."""
+    backends = (torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    try:
+        for b in backends:
+            b.fp32_precision = "bf16"
+        yield
+    finally:
+        for b, value in zip(backends, saved, strict=True):
+            b.fp32_precision = value
 
 
 def pipeline_gflop(deploy: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> float:
@@ -113,6 +131,7 @@ def main() -> None:
     parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out")
     parser.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out (also if not installed)")
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile setting out")
+    parser.add_argument("--implicit-bf16", action="store_true", help="add fp32 with oneDNN implicit bf16 arithmetic")
     args = parser.parse_args()
 
     default = execution_settings("cpu")
@@ -127,6 +146,8 @@ def main() -> None:
     settings |= {
         "fp32 eager channels-last": (HER2Deploy(channels_last(net), optimize=False).eval(), False),
     }
+    if args.implicit_bf16:
+        settings["fp32 + oneDNN implicit bf16"] = (HER2Deploy(channels_last(net), optimize=True).eval(), False)
     with tempfile.TemporaryDirectory() as folder:
         openvino = not args.no_openvino and importlib.util.find_spec("openvino") is not None
         if not args.no_onnx or openvino:
@@ -159,6 +180,14 @@ def main() -> None:
                 name: (lambda d=deploy, a=amp, x=(he, ihc, mask): d.predict_batch(*x, amp=a))
                 for name, (deploy, amp) in settings.items()
             }
+            if "fp32 + oneDNN implicit bf16" in runs:
+                plain = runs["fp32 + oneDNN implicit bf16"]
+
+                def implicit(run: Callable[[], object] = plain) -> object:
+                    with implicit_bf16():
+                        return run()
+
+                runs["fp32 + oneDNN implicit bf16"] = implicit
             for name in [n for n in runs if n.startswith("compiled")]:
                 start = time.perf_counter()
                 runs[name]()
