@@ -77,6 +77,17 @@ def _warp(image: np.ndarray, matrix: np.ndarray, shape: tuple[int, ...], fill: f
     return ndimage.affine_transform(image, m[:2, :2], m[:2, 2], output_shape=shape[:2], order=1, cval=fill)
 
 
+def _sampled(
+    fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, stride: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fixed samples, moving warped onto them, where both are valid)`` on every ``stride``-th fixed pixel."""
+    if stride > 1:
+        fixed = fixed[::stride, ::stride]
+        matrix = matrix @ np.diag([float(stride), float(stride), 1.0])
+    warped = _warp(moving.astype(np.float64), matrix, fixed.shape, np.nan)
+    return fixed, warped, np.isfinite(warped) & np.isfinite(fixed)
+
+
 def masked_ncc(
     fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, min_overlap: float = 0.25, stride: int = 1
 ) -> float:
@@ -95,11 +106,7 @@ def masked_ncc(
     Returns:
         NCC in ``[-1, 1]``; -1 when the overlap is smaller than ``min_overlap``.
     """
-    if stride > 1:
-        fixed = fixed[::stride, ::stride]
-        matrix = matrix @ np.diag([float(stride), float(stride), 1.0])
-    warped = _warp(moving.astype(np.float64), matrix, fixed.shape, np.nan)
-    inside = np.isfinite(warped) & np.isfinite(fixed)
+    fixed, warped, inside = _sampled(fixed, moving, matrix, stride)
     if inside.mean() < min_overlap:
         return -1.0
     x = fixed[inside].astype(np.float64)
@@ -112,11 +119,7 @@ def masked_ncc(
 def overlap_fraction(fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, stride: int = 1) -> float:
     """The fraction of ``fixed``'s pixels that are valid (finite) in both images under ``matrix`` (the sample
     :func:`masked_ncc` scores)."""
-    if stride > 1:
-        fixed = fixed[::stride, ::stride]
-        matrix = matrix @ np.diag([float(stride), float(stride), 1.0])
-    warped = _warp(moving.astype(np.float64), matrix, fixed.shape, np.nan)
-    return float((np.isfinite(warped) & np.isfinite(fixed)).mean())
+    return float(_sampled(fixed, moving, matrix, stride)[2].mean())
 
 
 def ranking_score(ncc: float | np.ndarray, overlap: float | np.ndarray, weight: float) -> float | np.ndarray:

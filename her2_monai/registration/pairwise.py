@@ -65,6 +65,7 @@ METHODS = ("ncc", "itk")
 DEFAULT_TRANSFORM = "affine"
 _MAX_SIZE_RATIO = 1.5  # larger H&E/IHC size differences suggest another magnification: refuse rather than guess
 _VALID = "valid"  # the key of the scan masks among the channels of PairRegistration._channels
+_Pair = tuple[np.ndarray, np.ndarray]  # (fixed, moving)
 
 
 class RegistrationWarning(UserWarning):
@@ -318,10 +319,9 @@ class PairRegistration:
 
     # -- preparation ---------------------------------------------------------------------------------------------------
 
-    def _reduce(
-        self, fixed: np.ndarray, moving: np.ndarray
-    ) -> tuple[float, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-        """``(scale, fixed channel, moving channel, (fixed valid, moving valid))`` at the registration resolution."""
+    def _reduce(self, fixed: np.ndarray, moving: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, _Pair, _Pair]:
+        """``(scale, fixed channel, moving channel, (fixed valid, moving valid), fills)`` at the registration
+        resolution; ``fills`` are the full-resolution fill masks (:meth:`_channels` takes them at every level)."""
         for name, image in (("H&E", fixed), ("IHC", moving)):
             if image.ndim != 3 or image.shape[-1] != 3 or min(image.shape[:2]) < 16:
                 raise ValueError(f"{name} image must be RGB (H, W, 3) with sides >= 16 px, got shape {image.shape}")
@@ -332,15 +332,17 @@ class PairRegistration:
                 f"more than {_MAX_SIZE_RATIO}x apart, probably another magnification; resample one of them first"
             )
         scale = min(1.0, self.max_side / max(*fixed.shape[:2], *moving.shape[:2]))
-        channels = self._channels(fixed, moving, scale, [self.channel])
-        return scale, *channels[self.channel], channels[_VALID]
+        fills = tuple(fill_mask(x) if self.mask_fill else np.zeros(x.shape[:2], bool) for x in (fixed, moving))
+        channels = self._channels(fixed, moving, scale, [self.channel], fills)
+        return scale, *channels[self.channel], channels[_VALID], fills
 
+    @staticmethod
     def _channels(
-        self, fixed: np.ndarray, moving: np.ndarray, scale: float, names: list[str]
-    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        fixed: np.ndarray, moving: np.ndarray, scale: float, names: list[str], fills: _Pair
+    ) -> dict[str, _Pair]:
         """Each named channel of both images, reduced by ``scale``, and under ``"valid"`` where each holds its scan
-        (bool; all True unless ``mask_fill``). Black fill (e.g. around a rotated scan) reads as glass, like white
-        fill; a valid pixel is one the fill does not reach through the smoothing."""
+        (bool): where its full-resolution ``fills`` mask does not reach through the smoothing. Black fill (e.g.
+        around a rotated scan) reads as glass in the channels, like white fill."""
         out: dict[str, list[np.ndarray]] = {name: [] for name in (*names, _VALID)}
 
         def reduce(grey: np.ndarray) -> np.ndarray:
@@ -350,9 +352,8 @@ class PairRegistration:
                 )
             return ndimage.gaussian_filter(grey, 1.0).astype(np.float32)
 
-        for image in (fixed, moving):
+        for image, fill in zip((fixed, moving), fills, strict=True):
             image = np.asarray(image)
-            fill = fill_mask(image) if self.mask_fill else np.zeros(image.shape[:2], bool)
             image = np.where((image.max(axis=-1) < 16)[..., None], 255, image)
             for name in names:
                 out[name].append(reduce(registration_channel(image, name, sigma=0)))
@@ -510,7 +511,8 @@ class PairRegistration:
         scale: float,
         fixed: np.ndarray,
         moving: np.ndarray,
-        valid: tuple[np.ndarray, np.ndarray],
+        valid: _Pair,
+        fills: _Pair,
     ) -> tuple[np.ndarray, dict[str, float], dict[str, Any]]:
         """The ``ncc`` method on the reduced channels: ``(matrix, verdict measures, details)``.
 
@@ -530,7 +532,7 @@ class PairRegistration:
         stages = {model: best_ncc}
         measures = _ncc_measures(refined, best_ncc, fixed.shape)
         measures["ncc_identity"] = linear.masked_ncc(f, m, np.eye(3))
-        pyramid = self._ncc_pyramid(fixed_rgb, moving_rgb, scale, [r[0] for r in refined], model)
+        pyramid = self._ncc_pyramid(fixed_rgb, moving_rgb, scale, [r[0] for r in refined], model, fills)
         similarity_matrix, affine_level = coarse_matrix, None
         if pyramid is not None:
             similarity_matrix = pyramid["matrix"]
@@ -550,7 +552,7 @@ class PairRegistration:
             if value > base + self.affine_min_gain:
                 best_matrix = linear.rescale_matrix(matrix, 1 / factor)
         other = self.second_channel or "od"
-        second = self._channels(fixed_rgb, moving_rgb, scale, [other])
+        second = self._channels(fixed_rgb, moving_rgb, scale, [other], fills)
         checks = {
             "channel_drift_px": tuple(map(linear.band_pass, second[other], (1.0, 1.0), (8.0, 8.0), second[_VALID])),
             "coarse_drift_px": tuple(map(linear.band_pass, (fixed, moving), (2.0, 2.0), (16.0, 16.0), valid)),
@@ -561,7 +563,7 @@ class PairRegistration:
         forward_seconds = time.perf_counter() - started
         if self.inverse_check:  # IHC -> H&E registered on its own, composed with H&E -> IHC: identity if consistent
             reverse_fit = self._ncc_fit(m, f, model)[0]
-            reverse = self._ncc_pyramid(moving_rgb, fixed_rgb, scale, [r[0] for r in reverse_fit], model)
+            reverse = self._ncc_pyramid(moving_rgb, fixed_rgb, scale, [r[0] for r in reverse_fit], model, fills[::-1])
             reverse_matrix = reverse_fit[0][0] if reverse is None else reverse["matrix"]
             measures["inverse_consistency_px"] = linear.grid_distance(
                 reverse_matrix @ similarity_matrix, np.eye(3), f.shape
@@ -591,7 +593,13 @@ class PairRegistration:
         return best_matrix, measures, details
 
     def _ncc_pyramid(
-        self, fixed_rgb: np.ndarray, moving_rgb: np.ndarray, scale: float, matrices: list[np.ndarray], model: str
+        self,
+        fixed_rgb: np.ndarray,
+        moving_rgb: np.ndarray,
+        scale: float,
+        matrices: list[np.ndarray],
+        model: str,
+        fills: _Pair,
     ) -> dict[str, Any] | None:
         """Refine the coarse (registration-resolution) starts again at finer levels (:func:`linear.pyramid_sides`).
 
@@ -607,6 +615,7 @@ class PairRegistration:
             scale: registration-resolution / full-resolution size factor.
             matrices: refined starts at registration resolution, best first.
             model: ``rigid`` or ``similarity``.
+            fills: full-resolution fill masks of both images (:func:`fill_mask`).
 
         Returns:
             ``None`` when no level is finer than the registration resolution; otherwise ``matrix`` (the result at
@@ -631,7 +640,7 @@ class PairRegistration:
             level_scale = min(1.0, scale * factor)
             factor = level_scale / scale
             wanted = names if level == 0 else [self.channel]
-            channels = self._channels(fixed_rgb, moving_rgb, level_scale, wanted)
+            channels = self._channels(fixed_rgb, moving_rgb, level_scale, wanted, fills)
             stride = max(1, int(factor) // 2)
             # the main channel keeps the finest detail of the level (low sigma 1 px: more precise than the same
             # physical band as the registration resolution's, on tune); the second channel the registration's band
@@ -695,14 +704,14 @@ class PairRegistration:
         return refined, starts
 
     def _itk_alignment(
-        self, fixed_rgb: np.ndarray, moving_rgb: np.ndarray, scale: float, f: np.ndarray, m: np.ndarray
+        self, fixed_rgb: np.ndarray, moving_rgb: np.ndarray, scale: float, f: np.ndarray, m: np.ndarray, fills: _Pair
     ) -> tuple[np.ndarray, dict[str, float], dict[str, Any]]:
         """The earlier ``itk`` method (rotation search on two channels, ITK Mattes MI refinement):
         ``(matrix, verdict measures, details)``."""
         names = [self.channel] + ([self.second_channel] if self.second_channel else [])
         channels = {self.channel: (f, m)}
         if self.second_channel:
-            channels.update(self._channels(fixed_rgb, moving_rgb, scale, [self.second_channel]))
+            channels.update(self._channels(fixed_rgb, moving_rgb, scale, [self.second_channel], fills))
         starts = [
             {"channel": name, "angle_deg": angle, "translation": translation, "ncc": ncc}
             for name in names
@@ -770,7 +779,7 @@ class PairRegistration:
             ValueError: if an image is not RGB, too small, blank, or the two sizes are more than 1.5x apart.
         """
         start = time.perf_counter()
-        scale, f, m, valid = self._reduce(fixed, moving)
+        scale, f, m, valid, fills = self._reduce(fixed, moving)
         for name, image in (("H&E", f), ("IHC", m)):
             if float(np.ptp(image)) < 1e-3:
                 raise ValueError(f"the {name} image has no structure to register (blank or flat)")
@@ -778,9 +787,9 @@ class PairRegistration:
         before = _quality(f, m, identity, None)
         stages = {"identity": before["nmi"]}
         if self.method == "ncc":
-            best_matrix, measures, search_details = self._ncc_alignment(fixed, moving, scale, f, m, valid)
+            best_matrix, measures, search_details = self._ncc_alignment(fixed, moving, scale, f, m, valid, fills)
         else:
-            best_matrix, measures, search_details = self._itk_alignment(fixed, moving, scale, f, m)
+            best_matrix, measures, search_details = self._itk_alignment(fixed, moving, scale, f, m, fills)
         best_nmi = _quality(f, m, best_matrix, None)["nmi"]
         stages[self.transform] = best_nmi
         searched = time.perf_counter()
