@@ -1,10 +1,10 @@
 """Training speed of both stages: images/s of one CM-GAN step and one classifier step, per execution setting.
 
 Each step is the real trainer iteration (``CrossModalGANTrainer`` / ``HER2Trainer``: forward, losses, backward and the
-optimizer steps) on a synthetic batch. Settings: fp32 NCHW (the baseline), fp32 channels-last, bf16 autocast with
-channels-last, and the bundle's default for this machine (``her2_monai.runtime``). Ratios are against the baseline
-measured in the same run. ``--sizes`` also shows how the CM-GAN step grows with the image size (it should be close to
-linear in pixels: a fully convolutional network).
+optimizer steps) on a synthetic batch. Settings: fp32 NCHW (the baseline), fp32 channels-last, bf16 autocast in NCHW
+and with channels-last (so each stage's memory format can be chosen on its own), and the bundle's default for this
+machine (``her2_monai.runtime``). Ratios are against the baseline measured in the same run. ``--sizes`` also shows
+how the CM-GAN step grows with the image size (it should be close to linear in pixels: a fully convolutional network).
 
 Usage::
 
@@ -41,6 +41,7 @@ def settings_list() -> dict[str, tuple[bool, bool]]:
     return {
         "fp32 NCHW (baseline)": (False, False),
         "fp32 channels-last": (False, True),
+        "bf16 NCHW": (True, False),
         "bf16 + channels-last": (True, True),
         f"default: {'bf16' if default.amp else 'fp32'}{' + channels-last' if layout else ', NCHW'}": (
             default.amp,
