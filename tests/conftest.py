@@ -247,6 +247,15 @@ def run_bundle(config_files, run_id: str, **overrides):
 
 
 @pytest.fixture(scope="session")
+def default_selector_file(tmp_path_factory) -> Path:
+    """``selector.pt`` trained once by the bundle's stage 0 with train.json's own selector settings (procedural demo
+    renders only), for the tests that check that selector on real images."""
+    root = tmp_path_factory.mktemp("default_selector")
+    run_bundle("train.json", "train_selector", bundle_root=str(root), tracker="none", demo_cache_dir=str(root / "c"))
+    return root / "models" / "selector.pt"
+
+
+@pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory) -> Path:
     """A bundle output folder after a tiny two-stage training run (shared by evaluation, inference and export tests)."""
     root = tmp_path_factory.mktemp("bundle")

@@ -242,18 +242,12 @@ def _real_images() -> list[tuple[str, np.ndarray, int]]:
 
 
 @pytest.mark.slow
-def test_selector_trained_on_demo_labels_real_images(tmp_path: Path) -> None:
+def test_selector_trained_on_demo_labels_real_images(default_selector_file: Path) -> None:
     """Trained by the bundle stage on procedural demo renders only, the selector must label real BCI, MIST and
     scikit-image images."""
     if not (SHARED_DATA / "bci").is_dir() or not (SHARED_DATA / "mist").is_dir():
         pytest.skip(f"real-image fixtures not found at {SHARED_DATA}")
-    defaults = (
-        "selector_epochs", "selector_steps_per_epoch", "selector_batch_size", "selector_crop_size",
-        "selector_image_size", "selector_per_class", "selector_labs",
-    )  # fmt: skip
-    overrides = {k: v for k, v in tiny_overrides(tmp_path, tmp_path / "cache").items() if k not in defaults}
-    run_bundle("train.json", "train_selector", **overrides)
-    model = frozen_selector(tmp_path / "models" / "selector.pt")
+    model = frozen_selector(default_selector_file)
     images = _real_images()
     assert sum(s == 0 for *_, s in images) >= 10 and sum(s == 1 for *_, s in images) >= 11
     wrong = []

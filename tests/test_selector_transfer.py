@@ -5,12 +5,11 @@ is trained with, and ``stain_uncertain`` referral."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DATA, run_bundle
+from conftest import REPO_ROOT, SHARED_DATA
 
 from her2_monai.inference import prediction_result
 from her2_monai.inference.predictor import STAIN_UNCERTAIN_BELOW
@@ -108,11 +107,9 @@ def _real_views(part: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def trained_selector(tmp_path_factory):
+def trained_selector(default_selector_file):
     """The selector trained once by the bundle's stage 0 with train.json's own selector settings."""
-    root = tmp_path_factory.mktemp("selector")
-    run_bundle("train.json", "train_selector", bundle_root=str(root), tracker="none", demo_cache_dir=str(root / "c"))
-    return frozen_selector(Path(root) / "models" / "selector.pt")
+    return frozen_selector(default_selector_file)
 
 
 @pytest.fixture(scope="module")
