@@ -81,6 +81,20 @@ def implicit_bf16() -> Iterator[None]:
             b.fp32_precision = value
 
 
+#: The ``--implicit-bf16`` setting's name.
+IMPLICIT = "fp32 + oneDNN implicit bf16"
+
+
+def _run(deploy: torch.nn.Module, amp: bool, batch: tuple[torch.Tensor, ...], implicit: bool) -> Callable[[], object]:
+    """One timed call of ``deploy.predict_batch`` on ``batch``; with ``implicit``, under :func:`implicit_bf16`."""
+
+    def run() -> object:
+        with implicit_bf16() if implicit else contextlib.nullcontext():
+            return deploy.predict_batch(*batch, amp=amp)
+
+    return run
+
+
 def pipeline_gflop(deploy: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> float:
     """GFLOP of one fp32 ``predict_batch`` call on ``batch`` (convolutions and matrix products)."""
     with FlopCounterMode(display=False) as counter:
@@ -147,7 +161,7 @@ def main() -> None:
         "fp32 eager channels-last": (HER2Deploy(channels_last(net), optimize=False).eval(), False),
     }
     if args.implicit_bf16:
-        settings["fp32 + oneDNN implicit bf16"] = (HER2Deploy(channels_last(net), optimize=True).eval(), False)
+        settings[IMPLICIT] = (HER2Deploy(channels_last(net), optimize=True).eval(), False)
     with tempfile.TemporaryDirectory() as folder:
         openvino = not args.no_openvino and importlib.util.find_spec("openvino") is not None
         if not args.no_onnx or openvino:
@@ -176,18 +190,8 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
         for scenario in args.scenarios:
             he, ihc, mask = scenario_batch(scenario, args.batch, args.size, gen)
-            runs = {
-                name: (lambda d=deploy, a=amp, x=(he, ihc, mask): d.predict_batch(*x, amp=a))
-                for name, (deploy, amp) in settings.items()
-            }
-            if "fp32 + oneDNN implicit bf16" in runs:
-                plain = runs["fp32 + oneDNN implicit bf16"]
-
-                def implicit(run: Callable[[], object] = plain) -> object:
-                    with implicit_bf16():
-                        return run()
-
-                runs["fp32 + oneDNN implicit bf16"] = implicit
+            batch = (he, ihc, mask)
+            runs = {name: _run(deploy, amp, batch, name == IMPLICIT) for name, (deploy, amp) in settings.items()}
             for name in [n for n in runs if n.startswith("compiled")]:
                 start = time.perf_counter()
                 runs[name]()

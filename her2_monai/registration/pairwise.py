@@ -357,7 +357,9 @@ class PairRegistration:
             image = np.where((image.max(axis=-1) < 16)[..., None], 255, image)
             for name in names:
                 out[name].append(reduce(registration_channel(image, name, sigma=0)))
-            out[_VALID].append(reduce((~fill).astype(np.float32)) > 0.99)
+            # without fill (most real pairs) every reduced pixel holds the scan: no need to reduce a mask of ones
+            shape = out[names[0]][-1].shape
+            out[_VALID].append(reduce((~fill).astype(np.float32)) > 0.99 if fill.any() else np.ones(shape, bool))
         return {name: (pair[0], pair[1]) for name, pair in out.items()}
 
     # -- global search ------------------------------------------------------------------------------------------------
@@ -554,7 +556,7 @@ class PairRegistration:
         other = self.second_channel or "od"
         second = self._channels(fixed_rgb, moving_rgb, scale, [other], fills)
         checks = {
-            "channel_drift_px": tuple(map(linear.band_pass, second[other], (1.0, 1.0), (8.0, 8.0), second[_VALID])),
+            "channel_drift_px": tuple(map(linear.band_pass, second[other], (1.0, 1.0), (8.0, 8.0), valid)),
             "coarse_drift_px": tuple(map(linear.band_pass, (fixed, moving), (2.0, 2.0), (16.0, 16.0), valid)),
         }
         for name, (a, b) in checks.items():  # registration-resolution px the winner moves on other evidence
