@@ -32,6 +32,7 @@ __all__ = [
     "default_channels_last",
     "PRECISION_ENV",
     "cpu_precision",
+    "auto_compile_supported",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,3 +166,23 @@ def default_amp(device: torch.device | str) -> bool:
 def default_channels_last(device: torch.device | str, training: bool = False) -> bool:
     """Whether channels-last tensors pay on ``device`` for training or inference (see :func:`execution_settings`)."""
     return execution_settings(device).memory_format_for(training)
+
+
+def auto_compile_supported(device: torch.device | str) -> bool:
+    """Whether inference may switch ``torch.compile`` on by itself on ``device`` (``wsi --compile auto``).
+
+    CUDA and CPUs whose ATen kernels run AVX-512 (``torch.backends.cpu.get_cpu_capability()``) qualify. Where they
+    run AVX2 (or older), frozen ``torch.compile`` gave wrong logits for the paper's architecture (torch 2.13.0+cpu,
+    ``docs/performance.md``): a compiled network is checked against the eager one on its first batch and falls back,
+    so the compilation minute would be lost. An explicit ``--compile true`` still compiles there, with that check.
+
+    Args:
+        device: the inference device.
+
+    Returns:
+        ``True`` on CUDA and on AVX-512 CPUs.
+    """
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")

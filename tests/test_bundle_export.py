@@ -120,6 +120,46 @@ def test_compiled_classifier_answers_as_the_eager_one(deployed_bundle: Path) -> 
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
 
+def test_a_compiler_that_answers_wrong_falls_back_to_the_eager_network(deployed_bundle: Path, caplog) -> None:  # noqa: F811
+    # Frozen torch.compile with AVX2 vector code gave logits 2 to 1e25 off on the paper's architecture
+    # (docs/performance.md). The first compiled answer for each input signature is checked against the eager one.
+    from her2_monai.inference.deploy import compiled_mismatch
+
+    model = deployed_bundle / "models" / "model.pt"
+    eager = HER2Deploy.from_model_file(model)
+    deploy = HER2Deploy.from_model_file(model, compile_network=True)
+    net = deploy.inference_network()
+    calls = []
+
+    def wrong(he, ihc, mask):  # a "compiled" network that runs but adds 0.5 to every logit
+        calls.append(he.shape)
+        out = dict(net(he, ihc, mask))
+        out["logits"] = out["logits"] + 0.5
+        return out
+
+    deploy._compiled = wrong
+    with caplog.at_level("WARNING", logger="her2_monai.inference.deploy"):
+        found = _predict_batches(deploy)
+    assert "torch.compile gave wrong answers (logits up to 0.5" in caplog.text
+    assert not deploy.compile_network and len(calls) == 1  # never called again once caught
+    for expected, got in zip(_predict_batches(eager), found):
+        torch.testing.assert_close(got["pred"], expected["pred"])
+    # The tolerance: float32 graphs agree to 1e-5, bf16 ones to about 0.06; a miscompilation is far outside either.
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
+    assert compiled_mismatch(logits + 1e-5, logits, low_precision=False) is None
+    assert compiled_mismatch(logits + 0.01, logits, low_precision=False) is not None
+    assert compiled_mismatch(logits + 0.1, logits, low_precision=True) is None
+    assert compiled_mismatch(logits + 1.0, logits, low_precision=True) is not None
+    assert compiled_mismatch(logits * float("nan"), logits, low_precision=True) is not None
+    # A correct compiled network is checked once per input signature, then trusted.
+    right = HER2Deploy.from_model_file(model, compile_network=True)
+    checked_net = right.inference_network()
+    right._compiled = lambda he, ihc, mask: calls.append(he.shape) or checked_net(he, ihc, mask)
+    _predict_batches(right)
+    _predict_batches(right)
+    assert right.compile_network and len(right._checked_inputs) == 3 and len(calls) == 1 + 6  # 3 stain patterns
+
+
 def test_a_failing_compiler_falls_back_to_the_eager_network(deployed_bundle: Path, monkeypatch, caplog) -> None:  # noqa: F811
     model = deployed_bundle / "models" / "model.pt"
     eager = HER2Deploy.from_model_file(model)

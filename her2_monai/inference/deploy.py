@@ -78,6 +78,33 @@ def _inductor_config() -> Any:
     return config
 
 
+#: How far the logits of a compiled network may be from the eager ones, ``(atol, rtol)``: in float32, and where bf16
+#: rounding differs between the two graphs (bf16 autocast or islands). A compiler that miscompiles is farther off:
+#: frozen ``torch.compile`` with AVX2 vector code gave logits 2 to 1e25 away on the paper's architecture (torch
+#: 2.13.0+cpu, ``docs/performance.md``), where the fp32 graphs agree within 1e-5 and the bf16 ones within 0.06.
+COMPILED_TOLERANCE = {"fp32": (1e-3, 1e-3), "bf16": (0.25, 0.1)}
+
+
+def compiled_mismatch(found: Tensor, expected: Tensor, low_precision: bool) -> str | None:
+    """Why the logits of a compiled network are not those of the eager network, or ``None`` when they agree.
+
+    Args:
+        found: ``(B, K)`` logits of the compiled network.
+        expected: ``(B, K)`` logits of the eager network on the same input.
+        low_precision: the call ran in bf16 (autocast or bf16 islands): the looser of :data:`COMPILED_TOLERANCE`.
+
+    Returns:
+        ``None``, or one line with the largest difference and the tolerance.
+    """
+    atol, rtol = COMPILED_TOLERANCE["bf16" if low_precision else "fp32"]
+    found, expected = found.detach().float(), expected.detach().float()
+    difference = (found - expected).abs().nan_to_num(nan=float("inf"))
+    if found.shape == expected.shape and bool((difference <= atol + rtol * expected.abs()).all()):
+        return None
+    largest = float(difference.max()) if difference.numel() else float("nan")
+    return f"logits up to {largest:.3g} from the eager network's, tolerance {atol} + {rtol} x |eager|"
+
+
 def _strip_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     for key in list(state_dict):
         if key.startswith(prefix + _PREFIX):
@@ -88,6 +115,7 @@ def _drop_inference_copy(module: nn.Module, _: Any) -> None:
     """Forget the optimised inference copy of a :class:`HER2Deploy` whose weights were just loaded."""
     module._fast = None
     module._compiled = None
+    module._checked_inputs = set()
 
 
 def _add_prefix(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
@@ -210,6 +238,8 @@ class HER2Deploy(nn.Module):
         self.compile_network = as_bool(compile_network, "compile")
         # A plain attribute (not a submodule): the compiled callable adds nothing to the state dict or to export.
         self._compiled: Callable[..., dict[str, Tensor]] | None = None
+        # Input signatures (shapes, stains present) whose compiled answer was checked against the eager network.
+        self._checked_inputs: set[tuple] = set()
         self.optimize = inference_optimization(optimize)
         # The inference copy (see ``optimize``) and what it was built for, also a plain attribute.
         self._fast: tuple[tuple[bool, torch.device], nn.Module] | None = None
@@ -316,6 +346,7 @@ class HER2Deploy(nn.Module):
         if self._fast is None or self._fast[0] != key:
             self._fast = (key, optimize_for_inference(self.net, bf16=key[0]))
             self._compiled = None
+            self._checked_inputs = set()
         return self._fast[1]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -485,12 +516,14 @@ class HER2Deploy(nn.Module):
 
     def _classify(self, he: Tensor, ihc: Tensor, mask: Tensor, net: nn.Module | None = None) -> dict[str, Tensor]:
         """The outputs of ``net`` (default: the trained network); through ``torch.compile`` with
-        :attr:`compile_network` (eager if that fails)."""
+        :attr:`compile_network` (eager if that fails, or if its first answer for an input signature is not the eager
+        network's: :func:`compiled_mismatch`)."""
         net = self.net if net is None else net
         if not self.compile_network or self.training:
             return net(he, ihc, mask)
         if self._compiled is None:
             self._compiled = torch.compile(net.forward)
+            self._checked_inputs = set()
         try:
             # Freezing: the weights become constants of the graph, so BatchNorm folds and oneDNN prepacks the
             # convolutions with the element-wise work (activations, residual adds) fused in; inference never changes
@@ -498,11 +531,28 @@ class HER2Deploy(nn.Module):
             # first call, and (torch 2.13) the ``options`` route leaves the graph unfrozen -- every convolution then
             # stays a plain ``aten`` call (see ``tests/test_bundle_export.py``).
             with _inductor_config().patch(freezing=True):
-                return self._compiled(he, ihc, mask)
+                outputs = self._compiled(he, ihc, mask)
         except Exception as err:  # noqa: BLE001  (any compiler failure: the eager network gives the same answer)
             _LOG.warning("torch.compile failed (%s: %s); predicting with the eager network", type(err).__name__, err)
             self.compile_network = False
             return net(he, ihc, mask)
+        # A compiler can also be wrong without failing: the first answer for each input signature (each one compiles
+        # its own graph) is checked against the eager network's, once.
+        low_precision = torch.is_autocast_enabled(he.device.type) or any(
+            p.dtype == torch.bfloat16 for p in net.parameters()
+        )
+        # the stains present steer the forward pass (generator or not), so each pattern is its own graph
+        stains = frozenset(map(tuple, (mask > 0.5).tolist()))
+        signature = (tuple(he.shape), tuple(ihc.shape), he.dtype, he.device, low_precision, stains)
+        if signature not in self._checked_inputs:
+            expected = net(he, ihc, mask)
+            problem = compiled_mismatch(outputs["logits"], expected["logits"], low_precision)
+            if problem is not None:
+                _LOG.warning("torch.compile gave wrong answers (%s); predicting with the eager network", problem)
+                self.compile_network = False
+                return expected
+            self._checked_inputs.add(signature)
+        return outputs
 
     def __prepare_scriptable__(self) -> nn.Module:
         """Return the module that ``torch.jit.script`` (used by ``python -m monai.bundle ckpt_export``) compiles in
