@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 from PIL import Image
 
 from her2_monai.cli import main
@@ -259,13 +258,11 @@ class _SizeRecorder(_OverlapRecorder):
 
 
 @pytest.mark.parametrize("threshold", [10, 1000, None])
-def test_large_slides_are_scored_compiled_with_one_batch_shape(svs: Path, threshold: int | None, monkeypatch) -> None:
+def test_large_slides_are_scored_compiled_with_one_batch_shape(svs: Path, threshold: int | None) -> None:
     # compile_min_tiles (wsi --compile auto): a slide of that many tiles switches the network's compilation on, and
     # its last, partial batch is padded to the batch size so that no second graph gets compiled.
-    from her2_monai import runtime
     from her2_monai.wsi import WholeSlideScorer
 
-    monkeypatch.setattr(runtime, "auto_compile_supported", lambda device: True)  # whatever this machine's kernels
     recorder = _SizeRecorder()
     settings = TilingSettings(tile_size=256, batch_size=8, compile_min_tiles=threshold)
     with open_slide(svs) as slide:
@@ -287,28 +284,6 @@ def test_large_slides_are_scored_compiled_with_one_batch_shape(svs: Path, thresh
             slide
         )
     assert small.network.compile_network is (tiles >= 3 * 16)
-
-
-def test_large_slides_stay_eager_where_automatic_compilation_is_not_trusted(svs: Path, monkeypatch) -> None:
-    # On AVX2 kernels frozen torch.compile gave wrong logits (docs/performance.md): --compile auto leaves the network
-    # eager there, however large the slide, and says why.
-    from her2_monai import runtime
-    from her2_monai.wsi import WholeSlideScorer
-
-    asked = []
-    monkeypatch.setattr(runtime, "auto_compile_supported", lambda device: asked.append(device) or False)
-    recorder = _SizeRecorder()
-    settings = TilingSettings(tile_size=256, batch_size=8, compile_min_tiles=1)
-    with open_slide(svs) as slide:
-        WholeSlideScorer(recorder, settings, progress=False).score(slide)
-    assert asked == [torch.device("cpu")]
-    assert recorder.network.compile_network is False and not any(flag for _, flag in recorder.sizes)
-    # the real rule: CUDA, or a CPU whose ATen kernels are AVX-512
-    monkeypatch.undo()
-    assert runtime.auto_compile_supported("cuda")
-    for capability, trusted in (("AVX2", False), ("DEFAULT", False), ("AVX512", True)):
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda value=capability: value)
-        assert runtime.auto_compile_supported("cpu") is trusted, capability
 
 
 def test_heatmap_shows_each_tile_in_its_score_colour(tmp_path: Path) -> None:

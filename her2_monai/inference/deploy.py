@@ -40,6 +40,7 @@ from her2_monai.data.provenance import model_provenance
 from her2_monai.inference.optimize import inference_optimization, optimize_for_inference
 from her2_monai.networks.factory import build_model
 from her2_monai.networks.her2net import HER2FlexibleNet
+from her2_monai.runtime import inductor_weight_prepack
 from her2_monai.stain_batch import assign_unknown_stains, autocast, check_mask, route_unknown_stains
 from her2_monai.transforms.stain_settings import RECORD_KEY as NORMALIZATION_RECORD_KEY
 from her2_monai.utils import as_bool
@@ -80,8 +81,9 @@ def _inductor_config() -> Any:
 
 #: How far the logits of a compiled network may be from the eager ones, ``(atol, rtol)``: in float32, and where bf16
 #: rounding differs between the two graphs (bf16 autocast or islands). A compiler that miscompiles is farther off:
-#: frozen ``torch.compile`` with AVX2 vector code gave logits 2 to 1e25 away on the paper's architecture (torch
-#: 2.13.0+cpu, ``docs/performance.md``), where the fp32 graphs agree within 1e-5 and the bf16 ones within 0.06.
+#: frozen ``torch.compile`` with prepacked weights and AVX2 kernels gave logits 2 to 1e35 away on the paper's
+#: architecture (torch 2.13.0+cpu, ``docs/performance.md``), where the fp32 graphs agree within 1e-5 and the bf16 ones
+#: within 0.06.
 COMPILED_TOLERANCE = {"fp32": (1e-3, 1e-3), "bf16": (0.25, 0.1)}
 
 
@@ -530,7 +532,9 @@ class HER2Deploy(nn.Module):
             # them. It is set around the call, not through ``torch.compile(options=...)``: compilation happens at the
             # first call, and (torch 2.13) the ``options`` route leaves the graph unfrozen -- every convolution then
             # stays a plain ``aten`` call (see ``tests/test_bundle_export.py``).
-            with _inductor_config().patch(freezing=True):
+            # Prepacking only where it gave the right answers (AVX-512 kernels; see runtime.inductor_weight_prepack).
+            prepack = inductor_weight_prepack(he.device)
+            with _inductor_config().patch({"freezing": True, "cpp.weight_prepack": prepack}):
                 outputs = self._compiled(he, ihc, mask)
         except Exception as err:  # noqa: BLE001  (any compiler failure: the eager network gives the same answer)
             _LOG.warning("torch.compile failed (%s: %s); predicting with the eager network", type(err).__name__, err)

@@ -14,7 +14,6 @@ read at the same coordinates).
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -23,10 +22,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from her2_monai import runtime
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY
 from her2_monai.inference.records import IMAGE_KEY
 from her2_monai.wsi.call import slide_call
@@ -45,7 +42,6 @@ AUTO_COMPILE_TILES = 1000
 CHECK_THREADS = max(1, min(2, os.cpu_count() or 1))
 #: Model input side (px) that :attr:`TilingSettings.compile_min_tiles` refers to.
 COMPILE_REFERENCE_SIDE = 512
-_LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,8 +63,7 @@ class TilingSettings:
             so no second graph is compiled), for a model with 512 px input; a model with input side ``s`` needs
             ``(512 / s)^2`` times as many (the demo's 64 px model: 64x), since its forward pass is that much cheaper
             and the compilation is not. ``None``: as the predictor was loaded (``--compile``). Compiling costs about
-            a minute and then runs the paper model 1.5-1.6x faster than eagerly (``docs/performance.md``). Only on
-            devices where :func:`~her2_monai.runtime.auto_compile_supported` (CUDA, AVX-512 CPUs).
+            a minute and then runs the paper model 1.5-1.6x faster than eagerly (``docs/performance.md``).
     """
 
     tile_size: int = 1024
@@ -223,18 +218,7 @@ class WholeSlideScorer:
         metadata = getattr(getattr(network, "net", None), "metadata", None) or {}
         side = int(metadata.get("image_size") or COMPILE_REFERENCE_SIDE)
         if threshold is not None and tiles * side**2 >= threshold * COMPILE_REFERENCE_SIDE**2:
-            parameters = getattr(network, "parameters", None)
-            device = next(parameters()).device if callable(parameters) else torch.device("cpu")
-            if runtime.auto_compile_supported(device):
-                network.compile_network = True
-            else:
-                _LOG.info(
-                    "not compiling for %d tiles: frozen torch.compile is not trusted on %s with %s kernels "
-                    "(docs/performance.md); --compile true compiles anyway, checked against the eager network",
-                    tiles,
-                    device.type,
-                    torch.backends.cpu.get_cpu_capability(),
-                )
+            network.compile_network = True
         return bool(network.compile_network)
 
     def _records(self, slide: Slide, ihc_slide: Slide | None, tiles: Sequence[Tile]) -> list[dict]:
