@@ -22,9 +22,15 @@ autocast (old) against the bf16 island with folded BatchNorm (new), interleaved 
 against fp32 eager is printed for each setting.
 
 Each row also gives its arithmetic rate: the pipeline's floating-point operations (``FlopCounterMode``, counted once
-on the fp32 path: convolutions and matrix products) divided by its time, as a share of this CPU's measured bf16
-matrix-multiply rate (2048^3, same threads). The ceiling line is the patches/s the pipeline would reach if every
-counted operation ran at that rate: no rewrite of the same arithmetic can go past it.
+on the fp32 path: convolutions and matrix products) divided by its time, as a share of this CPU's measured
+matrix-multiply rate (2048^3, same threads) in the default's arithmetic: bf16 where the CPU has bf16 hardware, fp32
+where it has not (or with ``HER2_CPU_PRECISION=fp32``). The ceiling line is the patches/s the pipeline would reach if
+every counted operation ran at that rate: no rewrite of the same arithmetic can go past it.
+
+An AVX2-only CPU can be imitated on a newer one (``docs/performance.md``, "AVX2 kernels on an AVX-512 CPU")::
+
+    HER2_CPU_PRECISION=fp32 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/bench_deploy_opt.py --no-openvino
 
 Usage::
 
@@ -109,27 +115,29 @@ def channels_last(net: torch.nn.Module) -> torch.nn.Module:
     return net.to(memory_format=torch.channels_last)
 
 
-def generator_rows(net: torch.nn.Module, size: int, reps: int) -> None:
-    """Print one generator's seconds per image: bf16 autocast against the optimised bf16 island."""
+def generator_rows(net: torch.nn.Module, size: int, reps: int, amp: bool = True) -> None:
+    """Print one generator's seconds per image, old against new: with ``amp``, bf16 autocast against the optimised
+    bf16 island; without, fp32 against fp32 with BatchNorm folded."""
     old = channels_last(net).cmgan.he_to_ihc
-    new = optimize_for_inference(channels_last(net), bf16=True).cmgan.he_to_ihc
+    new = optimize_for_inference(channels_last(net), bf16=amp).cmgan.he_to_ihc
     x = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1).contiguous(
         memory_format=torch.channels_last
     )
 
-    def autocast_run() -> torch.Tensor:
-        with torch.no_grad(), autocast("cpu", True):
+    def old_run() -> torch.Tensor:
+        with torch.no_grad(), autocast("cpu", amp):
             return old(x)
 
-    def island_run() -> torch.Tensor:
+    def new_run() -> torch.Tensor:
         with torch.no_grad():
             return new(x)
 
-    took = interleaved({"old": autocast_run, "new": island_run}, reps)
-    diff = float((autocast_run().float() - island_run().float()).abs().max())
+    took = interleaved({"old": old_run, "new": new_run}, reps)
+    diff = float((old_run().float() - new_run().float()).abs().max())
+    names = ("bf16 autocast (old)", "bf16 island, BN folded (new)") if amp else ("fp32 (old)", "fp32, BN folded (new)")
     print(f"\ngenerator {size} px, 1 image (load average {os.getloadavg()[0]:.1f}):")
-    print(f"  bf16 autocast (old)              {took['old']:>8.2f} s")
-    print(f"  bf16 island, BN folded (new)     {took['new']:>8.2f} s  {took['old'] / took['new']:.2f}x")
+    print(f"  {names[0]:<32} {took['old']:>8.2f} s")
+    print(f"  {names[1]:<32} {took['new']:>8.2f} s  {took['old'] / took['new']:.2f}x")
     print(f"  max |difference| of the outputs  {diff:.1e}")
 
 
@@ -150,16 +158,23 @@ def main() -> None:
 
     default = execution_settings("cpu")
     net = build_network("bci", args.size)
+    # without bf16 hardware (or with HER2_CPU_PRECISION=fp32) the default is fp32: the rewrites fold BatchNorm only,
+    # and the old default is itself the fp32 reference
+    old_name = "old default (bf16 autocast) (base)" if default.amp else "old default (fp32) (base)"
     settings = {
-        "old default (bf16 autocast) (base)": (HER2Deploy(channels_last(net), optimize=False).eval(), default.amp),
-        "new default (bf16 islands)": (HER2Deploy(channels_last(net), optimize=True).eval(), default.amp),
+        old_name: (HER2Deploy(channels_last(net), optimize=False).eval(), default.amp),
+        "new default (bf16 islands)" if default.amp else "new default (fp32, BN folded)": (
+            HER2Deploy(channels_last(net), optimize=True).eval(),
+            default.amp,
+        ),
     }
     if not args.no_compile:
         compiled = HER2Deploy(channels_last(net), optimize=True, compile_network=True).eval()
         settings["compiled (frozen torch.compile)"] = (compiled, default.amp)
-    settings |= {
-        "fp32 eager channels-last": (HER2Deploy(channels_last(net), optimize=False).eval(), False),
-    }
+    reference_name = old_name
+    if default.amp:
+        reference_name = "fp32 eager channels-last"
+        settings[reference_name] = (HER2Deploy(channels_last(net), optimize=False).eval(), False)
     if args.implicit_bf16:
         settings[IMPLICIT] = (HER2Deploy(channels_last(net), optimize=True).eval(), False)
     with tempfile.TemporaryDirectory() as folder:
@@ -176,15 +191,19 @@ def main() -> None:
                 precision = "bf16" if default.amp else "fp32"
                 network = OnnxNetwork(export, runtime="openvino")
                 settings[f"OpenVINO {precision} (--runtime openvino)"] = (HER2Deploy(network).eval(), False)
-        bf16_rate = matmul_rate(torch.bfloat16)
+        rate_dtype = torch.bfloat16 if default.amp else torch.float32
+        rate_name = "bf16" if default.amp else "fp32"
+        mm_rate = matmul_rate(rate_dtype)
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; {default.reason}; "
-            f"measured bf16 matmul rate {bf16_rate:.0f} GFLOP/s; "
+            f"ATen kernels {torch.backends.cpu.get_cpu_capability()}, oneDNN ISA cap "
+            f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}; "
+            f"measured {rate_name} matmul rate {mm_rate:.0f} GFLOP/s; "
             f"load average {os.getloadavg()[0]:.1f}; profile bci, {args.size} px, batch {args.batch}, "
             f"median of {args.reps} interleaved"
         )
         print(
-            f"{'scenario':<9} {'setting':<38}{'patch/s':>9}{'vs base':>9}{'GFLOP/s':>9}{'% bf16 mm':>10}"
+            f"{'scenario':<9} {'setting':<38}{'patch/s':>9}{'vs base':>9}{'GFLOP/s':>9}{'% ' + rate_name + ' mm':>10}"
             f"{'max |dlogit| vs fp32':>22}"
         )
         gen = torch.Generator().manual_seed(0)
@@ -197,25 +216,25 @@ def main() -> None:
                 runs[name]()
                 print(f"  {scenario}: first call of '{name}' (compilation) {time.perf_counter() - start:.1f} s")
             took = interleaved(runs, args.reps)
-            gflop = pipeline_gflop(settings["fp32 eager channels-last"][0], (he, ihc, mask))
-            reference = runs["fp32 eager channels-last"]()["pred"]
+            gflop = pipeline_gflop(settings[reference_name][0], (he, ihc, mask))
+            reference = runs[reference_name]()["pred"]
             base = next(iter(took.values()))
             for name, seconds in took.items():
                 diff = float((runs[name]()["pred"] - reference).abs().max())
                 rate = gflop / seconds
                 print(
                     f"{scenario:<9} {name:<38}{args.batch / seconds:>9.3f}{base / seconds:>8.2f}x{rate:>9.0f}"
-                    f"{100 * rate / bf16_rate:>9.0f}%{diff:>22.1e}",
+                    f"{100 * rate / mm_rate:>9.0f}%{diff:>22.1e}",
                     flush=True,
                 )
-            ceiling = bf16_rate / gflop
+            ceiling = mm_rate / gflop
             print(
-                f"  {gflop / args.batch:.0f} GFLOP per patch; ceiling at the bf16 matmul rate "
+                f"  {gflop / args.batch:.0f} GFLOP per patch; ceiling at the {rate_name} matmul rate "
                 f"{args.batch * ceiling:.3f} patch/s = {base * ceiling:.2f}x base "
                 f"(load average {os.getloadavg()[0]:.1f})"
             )
     if args.gen_size:
-        generator_rows(net, args.gen_size, args.reps)
+        generator_rows(net, args.gen_size, args.reps, default.amp)
 
 
 if __name__ == "__main__":
