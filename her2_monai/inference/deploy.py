@@ -117,7 +117,6 @@ def _drop_inference_copy(module: nn.Module, _: Any) -> None:
     """Forget the optimised inference copy of a :class:`HER2Deploy` whose weights were just loaded."""
     module._fast = None
     module._compiled = None
-    module._checked_inputs = set()
 
 
 def _add_prefix(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
@@ -240,7 +239,8 @@ class HER2Deploy(nn.Module):
         self.compile_network = as_bool(compile_network, "compile")
         # A plain attribute (not a submodule): the compiled callable adds nothing to the state dict or to export.
         self._compiled: Callable[..., dict[str, Tensor]] | None = None
-        # Input signatures (shapes, stains present) whose compiled answer was checked against the eager network.
+        # Input signatures (shapes, stains present) whose answer from ``_compiled`` was checked against the eager
+        # network; emptied whenever a new compiled callable is made.
         self._checked_inputs: set[tuple] = set()
         self.optimize = inference_optimization(optimize)
         # The inference copy (see ``optimize``) and what it was built for, also a plain attribute.
@@ -348,7 +348,6 @@ class HER2Deploy(nn.Module):
         if self._fast is None or self._fast[0] != key:
             self._fast = (key, optimize_for_inference(self.net, bf16=key[0]))
             self._compiled = None
-            self._checked_inputs = set()
         return self._fast[1]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -542,13 +541,12 @@ class HER2Deploy(nn.Module):
             return net(he, ihc, mask)
         # A compiler can also be wrong without failing: the first answer for each input signature (each one compiles
         # its own graph) is checked against the eager network's, once.
-        low_precision = torch.is_autocast_enabled(he.device.type) or any(
-            p.dtype == torch.bfloat16 for p in net.parameters()
-        )
+        autocast_on = torch.is_autocast_enabled(he.device.type)
         # the stains present steer the forward pass (generator or not), so each pattern is its own graph
         stains = frozenset(map(tuple, (mask > 0.5).tolist()))
-        signature = (tuple(he.shape), tuple(ihc.shape), he.dtype, he.device, low_precision, stains)
+        signature = (tuple(he.shape), tuple(ihc.shape), he.dtype, he.device, autocast_on, stains)
         if signature not in self._checked_inputs:
+            low_precision = autocast_on or any(p.dtype == torch.bfloat16 for p in net.parameters())
             expected = net(he, ihc, mask)
             problem = compiled_mismatch(outputs["logits"], expected["logits"], low_precision)
             if problem is not None:
