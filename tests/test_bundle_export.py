@@ -11,6 +11,7 @@ from conftest import BUNDLE_CONFIGS
 from test_bundle_eval_infer import deployed_bundle  # noqa: F401  (session fixture)
 
 from her2_monai.inference import HER2Deploy
+from her2_monai.runtime import inductor_weight_prepack
 
 #: Architecture options for an untrained deployment network (no model file): small, so the checks are quick.
 TINY_ARCHITECTURE = {"shared_backbone": "resnet18", "specific_backbone": "resnet10", "gan_ngf": 4, "gan_n_blocks": 1}
@@ -111,11 +112,13 @@ def test_compiled_classifier_answers_as_the_eager_one(deployed_bundle: Path) -> 
         assert torch.equal(found["scenario"], expected["scenario"])
     assert compiled.compile_network, "compilation failed and fell back to eager"
     # Frozen: oneDNN runs the convolutions prepacked, with their activations fused in. An unfrozen graph calls the plain
-    # aten convolution (what torch.compile(options={"freezing": True}) silently gave, at half the speed-up).
+    # aten convolution (what torch.compile(options={"freezing": True}) silently gave, at half the speed-up). Where
+    # ATen's kernels are AVX2, prepacking is left off on purpose (runtime.inductor_weight_prepack).
     with torch.profiler.profile() as profiler:
         _predict_batches(compiled)
     operators = {event.key for event in profiler.key_averages()}
-    assert "mkldnn::_convolution_pointwise" in operators, sorted(name for name in operators if "conv" in name)
+    prepacked = "mkldnn::_convolution_pointwise" in operators
+    assert prepacked is inductor_weight_prepack("cpu"), sorted(name for name in operators if "conv" in name)
     # The compiled callable is no submodule: the state dict (what model.pt and the export hold) is unchanged.
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
