@@ -160,13 +160,15 @@ def main() -> None:
     net = build_network("bci", args.size)
     # without bf16 hardware (or with HER2_CPU_PRECISION=fp32) the default is fp32: the rewrites fold BatchNorm only,
     # and the old default is itself the fp32 reference
-    old_name = "old default (bf16 autocast) (base)" if default.amp else "old default (fp32) (base)"
+    arithmetic = "bf16" if default.amp else "fp32"
+    old_name, new_name = (
+        ("old default (bf16 autocast) (base)", "new default (bf16 islands)")
+        if default.amp
+        else ("old default (fp32) (base)", "new default (fp32, BN folded)")
+    )
     settings = {
         old_name: (HER2Deploy(channels_last(net), optimize=False).eval(), default.amp),
-        "new default (bf16 islands)" if default.amp else "new default (fp32, BN folded)": (
-            HER2Deploy(channels_last(net), optimize=True).eval(),
-            default.amp,
-        ),
+        new_name: (HER2Deploy(channels_last(net), optimize=True).eval(), default.amp),
     }
     if not args.no_compile:
         compiled = HER2Deploy(channels_last(net), optimize=True, compile_network=True).eval()
@@ -188,22 +190,19 @@ def main() -> None:
             if not args.no_onnx:
                 settings["ONNX Runtime fp32"] = (HER2Deploy(OnnxNetwork(export)).eval(), False)
             if openvino:
-                precision = "bf16" if default.amp else "fp32"
                 network = OnnxNetwork(export, runtime="openvino")
-                settings[f"OpenVINO {precision} (--runtime openvino)"] = (HER2Deploy(network).eval(), False)
-        rate_dtype = torch.bfloat16 if default.amp else torch.float32
-        rate_name = "bf16" if default.amp else "fp32"
-        mm_rate = matmul_rate(rate_dtype)
+                settings[f"OpenVINO {arithmetic} (--runtime openvino)"] = (HER2Deploy(network).eval(), False)
+        mm_rate = matmul_rate(torch.bfloat16 if default.amp else torch.float32)
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; {default.reason}; "
             f"ATen kernels {torch.backends.cpu.get_cpu_capability()}, oneDNN ISA cap "
             f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}; "
-            f"measured {rate_name} matmul rate {mm_rate:.0f} GFLOP/s; "
+            f"measured {arithmetic} matmul rate {mm_rate:.0f} GFLOP/s; "
             f"load average {os.getloadavg()[0]:.1f}; profile bci, {args.size} px, batch {args.batch}, "
             f"median of {args.reps} interleaved"
         )
         print(
-            f"{'scenario':<9} {'setting':<38}{'patch/s':>9}{'vs base':>9}{'GFLOP/s':>9}{'% ' + rate_name + ' mm':>10}"
+            f"{'scenario':<9} {'setting':<38}{'patch/s':>9}{'vs base':>9}{'GFLOP/s':>9}{'% ' + arithmetic + ' mm':>10}"
             f"{'max |dlogit| vs fp32':>22}"
         )
         gen = torch.Generator().manual_seed(0)
@@ -229,7 +228,7 @@ def main() -> None:
                 )
             ceiling = mm_rate / gflop
             print(
-                f"  {gflop / args.batch:.0f} GFLOP per patch; ceiling at the {rate_name} matmul rate "
+                f"  {gflop / args.batch:.0f} GFLOP per patch; ceiling at the {arithmetic} matmul rate "
                 f"{args.batch * ceiling:.3f} patch/s = {base * ceiling:.2f}x base "
                 f"(load average {os.getloadavg()[0]:.1f})"
             )
