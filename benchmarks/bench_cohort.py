@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--bundle", default="bundle", help="bundle folder with models/model.pt (only read)")
     parser.add_argument("--mosaics", type=int, default=8, help="mosaic slides besides the real SVS")
     parser.add_argument("--tile-size", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", default="auto", help="tiles per forward pass (default: auto, as wsi)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--largest", type=int, default=3072, help="side of the largest mosaic (level 0 px)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="pin the CPU arithmetic (default: the bundle's)")

@@ -16,6 +16,7 @@ Usage::
     python benchmarks/bench_wsi.py --bundle /tmp/wsi_bundle            # needs models/model.pt (demo training)
     python benchmarks/bench_wsi.py --bundle bundle --size 20000 --tile-size 512
     python benchmarks/bench_wsi.py --bundle bundle --no-synthetic --repeat 5   # the SVS, median of 5 runs
+    python benchmarks/bench_wsi.py --bundle bundle --no-synthetic --batch-size auto 16 4 --repeat 2  # batch sizes
 
 Before/after comparisons: ``bash benchmarks/wsi_before_after.sh <commit> <bundle>`` runs this script's ``--measure
 wsi`` from each tree in turn, alternating, so that both see the same machine load.
@@ -87,7 +88,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(mode: str, slide: str, bundle: str, tile_size: int, batch_size: int, threads: int) -> dict:
+def measure(mode: str, slide: str, bundle: str, tile_size: int, batch_size: int | None, threads: int) -> dict:
     """One measurement in this process (called in a child process by :func:`main`)."""
     import torch
 
@@ -99,7 +100,7 @@ def measure(mode: str, slide: str, bundle: str, tile_size: int, batch_size: int,
     if mode == "wsi":
         from her2_monai.inference import load_predictor
 
-        predictor = load_predictor(bundle, CONFIG, batch_size=batch_size)
+        predictor = load_predictor(bundle, CONFIG)  # the scorer gives each batch its size
     before = _rss_mb()
     start = time.perf_counter()
     if mode == "read":
@@ -122,7 +123,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=20000, help="side of the synthetic slide")
     parser.add_argument("--tile-size", type=int, default=512, help="tile side on the synthetic slide (level 0)")
     parser.add_argument("--svs-tile-size", type=int, default=256, help="tile side on the real SVS (2220 x 2967)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batch-size",
+        nargs="+",
+        default=["auto"],
+        help="tiles per forward pass: auto (wsi's default) or a number; several are run in turn and compared with "
+        "the first",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement (own process each): median")
     parser.add_argument("--no-synthetic", action="store_true", help="the real SVS only")
@@ -130,10 +137,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.measure:
         mode, slide = args.measure
-        print(json.dumps(measure(mode, slide, args.bundle, args.tile_size, args.batch_size, args.threads)))
+        size = args.batch_size[0]
+        batch_size = None if size == "auto" else int(size)
+        print(json.dumps(measure(mode, slide, args.bundle, args.tile_size, batch_size, args.threads)))
         return
     if args.repeat < 1:
         raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
+    for size in args.batch_size:
+        if size != "auto" and not (size.isdigit() and int(size) >= 1):
+            raise SystemExit(f"--batch-size takes auto or whole numbers of 1 or more, got '{size}'")
+    modes = ["read", *(f"wsi {size}" for size in args.batch_size)]
     with tempfile.TemporaryDirectory() as folder:
         synthetic = Path(folder) / "synthetic.tif"
         if not args.no_synthetic:
@@ -149,11 +162,12 @@ def main() -> None:
         for name, slide, tile_size in runs:
             full_mb = 0.0
             results = {}
-            runs_seconds: dict[str, list[float]] = {"read": [], "wsi": []}
+            runs_seconds: dict[str, list[float]] = {mode: [] for mode in modes}
             for _ in range(args.repeat):
-                for mode in ("read", "wsi"):
-                    command = [sys.executable, __file__, "--measure", mode, slide, "--bundle", args.bundle]
-                    command += ["--tile-size", str(tile_size), "--batch-size", str(args.batch_size)]
+                for mode in modes:  # in turn, so that the machine's load falls on every setting alike
+                    kind, _, size = mode.partition(" ")
+                    command = [sys.executable, __file__, "--measure", kind, slide, "--bundle", args.bundle]
+                    command += ["--tile-size", str(tile_size), "--batch-size", size or "auto"]
                     command += ["--threads", str(args.threads)]
                     done = subprocess.run(command, capture_output=True, text=True, check=False)
                     if done.returncode != 0:
@@ -166,8 +180,8 @@ def main() -> None:
             with open_slide(slide) as opened:
                 width, height = opened.dimensions
                 full_mb = width * height * 3 / 2**20
-            read, wsi = results["read"], results["wsi"]
-            read_rate, wsi_rate = read["tiles"] / read["seconds"], wsi["tiles"] / wsi["seconds"]
+            read = results["read"]
+            read_rate = read["tiles"] / read["seconds"]
             print(f"\n{name}, tiles of {tile_size} px (full-resolution RGB array would be {full_mb:.0f} MB):")
             if args.repeat > 1:
                 print("  seconds of each run (median below): " + "; ".join(
@@ -175,10 +189,16 @@ def main() -> None:
                 ))  # fmt: skip
             print(f"  read only : {read['tiles']} tiles in {read['seconds']:.1f} s = {read_rate:.2f} tiles/s; "
                   f"peak RSS {read['peak_rss_mb']:.0f} MB")  # fmt: skip
-            print(f"  full run  : {wsi['tiles']} tiles in {wsi['seconds']:.1f} s = {wsi_rate:.2f} tiles/s "
-                  f"({wsi_rate / read_rate:.2f}x the read-only rate); peak RSS {wsi['peak_rss_mb']:.0f} MB "
-                  f"(after loading the model: {wsi['rss_before_mb']:.0f} MB; peak / full-resolution array = "
-                  f"{wsi['peak_rss_mb'] / full_mb:.2f})")  # fmt: skip
+            first_rate = None
+            for mode in modes[1:]:
+                wsi = results[mode]
+                wsi_rate = wsi["tiles"] / wsi["seconds"]
+                first_rate = first_rate or wsi_rate
+                versus = f", {wsi_rate / first_rate:.2f}x batch {modes[1][4:]}" if len(modes) > 2 else ""
+                print(f"  full run, batch {mode[4:]}: {wsi['tiles']} tiles in {wsi['seconds']:.1f} s = "
+                      f"{wsi_rate:.2f} tiles/s ({wsi_rate / read_rate:.2f}x the read-only rate{versus}); peak RSS "
+                      f"{wsi['peak_rss_mb']:.0f} MB (after loading the model: {wsi['rss_before_mb']:.0f} MB; "
+                      f"peak / full-resolution array = {wsi['peak_rss_mb'] / full_mb:.2f})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ class _OverlapRecorder:
         self.started.update(int(r["id"].split("_")[1]) // self.batch_size for r in records)
         return [{"id": r["id"], "pixels": r["he"].shape} for r in records]
 
-    def predict_prepared(self, items: list[dict]) -> list[dict]:
+    def predict_prepared(self, items: list[dict], batch_size: int | None = None) -> list[dict]:
         index, self.batches = self.batches, self.batches + 1
         self.predict_threads.append(self._threading.current_thread().name)
         deadline = 10.0 if index + 1 < self.expected_batches else 0.0
@@ -252,9 +252,10 @@ class _SizeRecorder(_OverlapRecorder):
         self.network = SimpleNamespace(compile_network=False, net=SimpleNamespace(metadata={"image_size": 512}))
         self.sizes: list[tuple[int, bool]] = []
 
-    def predict_prepared(self, items: list[dict]) -> list[dict]:
+    def predict_prepared(self, items: list[dict], batch_size: int | None = None) -> list[dict]:
+        assert batch_size is not None and len(items) <= batch_size  # the scorer sets the network's batch size
         self.sizes.append((len(items), self.network.compile_network))
-        return super().predict_prepared(items)
+        return super().predict_prepared(items, batch_size)
 
 
 @pytest.mark.parametrize("threshold", [10, 1000, None])
@@ -284,6 +285,33 @@ def test_large_slides_are_scored_compiled_with_one_batch_shape(svs: Path, thresh
             slide
         )
     assert small.network.compile_network is (tiles >= 3 * 16)
+
+
+def test_the_default_batch_size_follows_the_model_input_side(svs: Path) -> None:
+    # wsi --batch_size auto (the default): about 512 x 512 model pixels per forward pass, where the paper model ran
+    # fastest (docs/performance.md), at most AUTO_BATCH_MAX tiles; a size given is kept whatever the model.
+    from her2_monai.wsi import WholeSlideScorer
+    from her2_monai.wsi.inference import AUTO_BATCH_MAX, auto_batch_size
+
+    assert [auto_batch_size(side) for side in (1024, 512, 384, 256, 128, 64)] == [1, 1, 1, 4, 16, 16]
+    assert AUTO_BATCH_MAX == 16 and TilingSettings().batch_size is None
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        TilingSettings(batch_size=0)
+    seen = {}
+    for side, given in ((512, None), (256, None), (64, None), (512, 8), (None, None)):
+        recorder = _SizeRecorder()
+        recorder.network.net.metadata["image_size"] = side
+        settings = TilingSettings(tile_size=256, batch_size=given, compile_min_tiles=None)
+        with open_slide(svs) as slide:
+            result = WholeSlideScorer(recorder, settings, progress=False).score(slide)
+        tiles = len(result["plan"].tiles)
+        expected = given or (auto_batch_size(side) if side else AUTO_BATCH_MAX)
+        assert result["batch_size"] == expected and len(result["rows"]) == tiles > 16
+        assert [n for n, _ in recorder.sizes] == [expected] * (tiles // expected) + [tiles % expected] * bool(
+            tiles % expected
+        )
+        seen[(side, given)] = expected
+    assert seen == {(512, None): 1, (256, None): 4, (64, None): 16, (512, 8): 8, (None, None): 16}
 
 
 def test_heatmap_shows_each_tile_in_its_score_colour(tmp_path: Path) -> None:
@@ -342,8 +370,14 @@ def test_wsi_command_on_the_real_svs(trained_bundle: Path, svs: Path, tmp_path: 
     summary = json.loads((tmp_path / "out" / "slide.json").read_text())
     rows = _check_outputs(tmp_path / "out", summary)
     assert summary["tiling"]["tile_um"] == pytest.approx(256 * 0.499, abs=0.01)
+    assert summary["timing"]["batch_size"] == 8
     assert all(r["scenario"] == "he_only" for r in rows)  # declared H&E (the default)
     assert "cmu_small_region.svs" in capsys.readouterr().out
+    # --batch_size is a whole number of tiles or auto: anything else is refused before the slide is read.
+    for bad_size, message in (("0", "at least 1 tile"), ("many", "whole number of tiles"), ("2.5", "whole number")):
+        out = tmp_path / f"size_{bad_size}"
+        assert main([*args[:4], str(out), *args[5:-6], "--batch_size", bad_size]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
     # A file that is not a slide: one line, exit 2, no outputs.
     (tmp_path / "notes.txt").write_text("hello")
     bad = ["wsi", "--slide", str(tmp_path / "notes.txt"), "--output", str(tmp_path / "bad"), "--bundle", "x"]

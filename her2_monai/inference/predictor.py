@@ -336,18 +336,22 @@ class HER2Predictor:
     def _preprocess(self, records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return [apply_transform(self.preprocessing, dict(r)) for r in records]
 
-    def predict_prepared(self, prepared: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    def predict_prepared(
+        self, prepared: Sequence[dict[str, Any]], batch_size: int | None = None
+    ) -> list[dict[str, Any]]:
         """The network half of :meth:`predict_records`, on the items of :meth:`prepare`, ``batch_size`` at a time.
 
         Args:
             prepared: preprocessed items.
+            batch_size: items per forward pass (``None``: the predictor's own ``batch_size``).
 
         Returns:
             One :func:`prediction_result` dict per item, in order.
         """
+        step = self.batch_size if batch_size is None else int(batch_size)
         results = []
-        for start in range(0, len(prepared), self.batch_size):
-            batch = list_data_collate(list(prepared[start : start + self.batch_size]))
+        for start in range(0, len(prepared), step):
+            batch = list_data_collate(list(prepared[start : start + step]))
             stains = prepare_stain_batch(batch, self.device)
             with self._lock:
                 outputs = self.network.predict_batch(

@@ -40,7 +40,7 @@ def wsi(
     overlap: int = 0,
     min_tissue: float = 0.5,
     mpp: float | None = None,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     region: str | None = None,
     backend: str = "auto",
     progress: bool = True,
@@ -78,7 +78,9 @@ def wsi(
         min_tissue: smallest tissue share of a scored tile (0-1).
         mpp: tiles cover TILE_SIZE pixels at this resolution (microns/pixel); level and read size follow from the
             slide's own resolution.
-        batch_size: tiles per forward pass.
+        batch_size: tiles per forward pass, or auto (the default): chosen from the model's input side, about 512 x
+            512 model pixels per pass (512 px model: 1 tile, 256 px: 4, 128 px or smaller: 16), where this network
+            ran fastest (docs/performance.md, "Tiles per batch").
         region: only this region, "x,y,width,height" in level-0 pixels.
         backend: slide reader: auto, tifffile, openslide or pil.
         progress: show a progress bar.
@@ -123,7 +125,8 @@ def wsi(
         raise ValueError(f"--compile must be true, false or auto, got '{compile}'") from None
     given = {"--slides": slides is not None, "--device": device is not None, "--compile true": compile_always}
     given["--config_file"] = config_file is not None
-    load_export = _export_loader(runtime, onnx, bundle, given, refer_threshold, batch_size)
+    tiles_per_batch = _batch_size(batch_size)
+    load_export = _export_loader(runtime, onnx, bundle, given, refer_threshold)
     settings = TilingSettings(
         compile_min_tiles=AUTO_COMPILE_TILES if auto_compile and load_export is None else None,
         tile_size=int(tile_size),
@@ -131,7 +134,7 @@ def wsi(
         overlap=int(overlap),
         min_tissue=float(min_tissue),
         mpp=None if mpp is None else float(mpp),
-        batch_size=int(batch_size),
+        batch_size=tiles_per_batch,
     )
     overrides: dict[str, Any] = {}
     if refer_threshold is not None:
@@ -181,13 +184,27 @@ def wsi(
         print(f"WARNING: {warning}")
 
 
+def _batch_size(value: Any) -> int | None:
+    """``--batch_size``: a positive whole number, or auto (``None``: chosen from the model's input side).
+
+    Raises:
+        ValueError: for anything else.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise ValueError(f"--batch_size must be a whole number of tiles (1 or more) or auto, got '{value}'")
+    if int(value) < 1:
+        raise ValueError(f"--batch_size must be at least 1 tile (or auto), got {value}")
+    return int(value)
+
+
 def _export_loader(
     runtime: str,
     onnx: str | None,
     bundle: str,
     given: dict[str, bool],
     refer_threshold: float | None,
-    batch_size: int,
 ) -> Callable[..., Any] | None:
     """For ``--runtime onnxruntime|openvino``: a function of the stain options that loads the export's predictor
     (``None`` for ``--runtime torch``). ``given`` says which options the export runtimes do not take were given.
@@ -204,6 +221,4 @@ def _export_loader(
             raise ValueError(f"--runtime {runtime} runs one slide on the CPU with the export's own graphs: drop {flag}")
     folder = str(onnx or Path(bundle) / "models" / "onnx")
     threshold = None if refer_threshold is None else float(refer_threshold)
-    return functools.partial(
-        load_onnx_predictor, folder, refer_threshold=threshold, batch_size=int(batch_size), runtime=runtime
-    )
+    return functools.partial(load_onnx_predictor, folder, refer_threshold=threshold, runtime=runtime)

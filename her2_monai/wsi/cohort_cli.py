@@ -140,7 +140,7 @@ def score_cohort(
         local = dict(overrides)
         if group.distributed and "device" not in local and torch.cuda.is_available():
             local["device"] = f"$torch.device('cuda:{group.local_rank % torch.cuda.device_count()}')"
-        predictor = load_predictor(bundle, config, **{"batch_size": settings.batch_size, **local})
+        predictor = load_predictor(bundle, config, **local)  # the scorer gives each batch its size
         metadata.update(getattr(getattr(predictor.network, "net", None), "metadata", {}) or {})
         fingerprint = run_fingerprint(
             model_file(bundle, config), cohort_settings(settings, options, overrides, predictor, config)

@@ -30,7 +30,17 @@ from her2_monai.wsi.call import slide_call
 from her2_monai.wsi.reader import Slide
 from her2_monai.wsi.tissue import Tile, tile_grid, tissue_mask
 
-__all__ = ["AUTO_COMPILE_TILES", "STAIN_MODES", "TilingSettings", "TilePlan", "WholeSlideScorer"]
+__all__ = [
+    "AUTO_BATCH_MAX",
+    "AUTO_BATCH_PIXELS",
+    "AUTO_COMPILE_TILES",
+    "STAIN_MODES",
+    "TilingSettings",
+    "TilePlan",
+    "WholeSlideScorer",
+    "auto_batch_size",
+    "model_input_side",
+]
 
 #: How the slide's stain is given: declared H&E or IHC, or decided per tile by the branch selector.
 STAIN_MODES = ("he", "ihc", "auto")
@@ -42,6 +52,35 @@ AUTO_COMPILE_TILES = 1000
 CHECK_THREADS = max(1, min(2, os.cpu_count() or 1))
 #: Model input side (px) that :attr:`TilingSettings.compile_min_tiles` refers to.
 COMPILE_REFERENCE_SIDE = 512
+#: Model-input pixels per forward pass that ``--batch_size auto`` aims at: one 512 px tile, four of 256 px. Eagerly
+#: on 2 CPU cores the paper model ran fastest near this many pixels: batch 1 at 512 px (batch 4: 0.71x), 4 at 256 px,
+#: 8-16 at 128 px; compiled, batch 1 and 4 at 512 px ran alike (``benchmarks/bench_batch_size.py``,
+#: docs/performance.md, "Tiles per batch").
+AUTO_BATCH_PIXELS = 512**2
+#: Most tiles per forward pass that ``--batch_size auto`` picks: the tiles of a batch (and of the next one, read
+#: meanwhile) are held at their read size, so a small model input does not make the batch grow without bound.
+AUTO_BATCH_MAX = 16
+
+
+def auto_batch_size(side: int) -> int:
+    """Tiles per forward pass for a model with ``side`` px input (``wsi --batch_size auto``, the default).
+
+    Args:
+        side: the model's input side in pixels.
+
+    Returns:
+        ``AUTO_BATCH_PIXELS // side**2``, between 1 and :data:`AUTO_BATCH_MAX` (512 px: 1, 256 px: 4, 128 px and
+        smaller: 16).
+    """
+    return max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_PIXELS // max(1, int(side)) ** 2))
+
+
+def model_input_side(predictor: Any) -> int | None:
+    """The input side (px) of the model behind ``predictor`` (a torch bundle's or an ONNX export's), if it says."""
+    network = getattr(predictor, "network", None)
+    metadata = getattr(getattr(network, "net", None), "metadata", None) or {}
+    side = metadata.get("image_size") or getattr(getattr(network, "net", None), "image_size", None)
+    return int(side) if side else None
 
 
 @dataclass(frozen=True)
@@ -57,7 +96,7 @@ class TilingSettings:
         mpp: when set, tiles cover ``tile_size`` pixels *at this resolution* (microns per pixel): the level and the
             read size are chosen from the slide's own resolution (the slide must record it).
         thumbnail_size: longer side of the thumbnail the tissue mask is computed on.
-        batch_size: tiles per forward pass.
+        batch_size: tiles per forward pass; ``None`` (the default): :func:`auto_batch_size` of the model's input side.
         compile_min_tiles: slides with at least this many tissue tiles are scored through ``torch.compile`` (the
             predictor's network is compiled on the first batch, once per process; the last, partial batch is padded
             so no second graph is compiled), for a model with 512 px input; a model with input side ``s`` needs
@@ -72,14 +111,14 @@ class TilingSettings:
     min_tissue: float = 0.5
     mpp: float | None = None
     thumbnail_size: int = 2048
-    batch_size: int = 16
+    batch_size: int | None = None
     compile_min_tiles: int | None = AUTO_COMPILE_TILES
 
     def __post_init__(self) -> None:
         if self.tile_size < 16:
             raise ValueError(f"tile_size must be at least 16 pixels, got {self.tile_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 (or None: chosen from the model), got {self.batch_size}")
         if self.thumbnail_size < 64:
             raise ValueError(f"thumbnail_size must be at least 64 pixels, got {self.thumbnail_size}")
         if self.mpp is not None and not self.mpp > 0:
@@ -215,11 +254,18 @@ class WholeSlideScorer:
         if not hasattr(network, "compile_network"):
             return False
         threshold = self.settings.compile_min_tiles
-        metadata = getattr(getattr(network, "net", None), "metadata", None) or {}
-        side = int(metadata.get("image_size") or COMPILE_REFERENCE_SIDE)
+        side = model_input_side(self.predictor) or COMPILE_REFERENCE_SIDE
         if threshold is not None and tiles * side**2 >= threshold * COMPILE_REFERENCE_SIDE**2:
             network.compile_network = True
         return bool(network.compile_network)
+
+    def batch_size(self) -> int:
+        """Tiles per forward pass: the settings', or :func:`auto_batch_size` of the model's input side (16 for a
+        predictor that does not say)."""
+        if self.settings.batch_size is not None:
+            return self.settings.batch_size
+        side = model_input_side(self.predictor)
+        return auto_batch_size(side) if side else AUTO_BATCH_MAX
 
     def _records(self, slide: Slide, ihc_slide: Slide | None, tiles: Sequence[Tile]) -> list[dict]:
         records = []
@@ -246,7 +292,8 @@ class WholeSlideScorer:
         Returns:
             ``plan`` (:class:`TilePlan`), ``rows`` (one dict per tile: position, tissue share and the prediction),
             ``call`` (:func:`~her2_monai.wsi.call.slide_call`), ``stain``, ``seconds``, ``refused`` (tiles the input
-            checks refused: not scored) and ``refused_reasons`` (their count per first refer reason).
+            checks refused: not scored), ``refused_reasons`` (their count per first refer reason) and ``batch_size``
+            (tiles per forward pass).
 
         Raises:
             ValueError: for a pair whose slides differ in size, or a bad region or level.
@@ -263,7 +310,8 @@ class WholeSlideScorer:
         rows: list[dict[str, Any]] = []
         refused = 0  # tiles the input checks turned away (no/too little tissue, pen ink, wrong marker): no score
         refused_reasons: dict[str, int] = {}
-        batches = list(_batches(plan.tiles, self.settings.batch_size))
+        batch_size = self.batch_size()
+        batches = list(_batches(plan.tiles, batch_size))
         compiled = self._compile_if_worth_it(len(plan.tiles))
         bar = tqdm(total=len(plan.tiles), desc="HER2 tiles", unit="tile", disable=not self.progress)
         with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(CHECK_THREADS) as checkers:
@@ -272,9 +320,9 @@ class WholeSlideScorer:
                 prepared = pending.result()
                 if index + 1 < len(batches):
                     pending = reader.submit(self._prepared, slide, ihc_slide, batches[index + 1], checkers)
-                if compiled and len(prepared) < self.settings.batch_size:  # one graph shape: no recompilation
-                    prepared = prepared + [prepared[-1]] * (self.settings.batch_size - len(prepared))
-                for tile, result in zip(batch, self.predictor.predict_prepared(prepared)):
+                if compiled and len(prepared) < batch_size:  # one graph shape: no recompilation
+                    prepared = prepared + [prepared[-1]] * (batch_size - len(prepared))
+                for tile, result in zip(batch, self.predictor.predict_prepared(prepared, batch_size)):
                     if result["score"] is None:
                         refused += 1
                         for reason in result.get("refer_reasons", [])[:1]:  # the first is the input check's
@@ -294,6 +342,7 @@ class WholeSlideScorer:
             "seconds": seconds,
             "refused": refused,
             "refused_reasons": refused_reasons,
+            "batch_size": batch_size,
         }
 
 

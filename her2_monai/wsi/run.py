@@ -31,7 +31,8 @@ def slide_summary(
     them per reason: no_tissue, insufficient_tissue, pen_ink, wrong_marker), ``warnings`` and ``provenance``
     (what the model was trained on, :func:`~her2_monai.data.provenance.model_provenance`; a model trained on the
     demo data warns that its scores are not valid for real tissue), then the details: ``call`` (shares and the
-    rule), ``tiling``, ``slide`` geometry, ``stain``, ``model``, ``timing`` and ``outputs``.
+    rule), ``tiling``, ``slide`` geometry, ``stain``, ``model``, ``timing`` (seconds, tiles per second and tiles
+    per forward pass) and ``outputs``.
     """
     provenance = dict(provenance) if provenance is not None else model_provenance(None)
     plan, rows, call = result["plan"], result["rows"], result["call"]
@@ -73,7 +74,11 @@ def slide_summary(
             "mpp": slide.mpp,
         },
         "model": model,
-        "timing": {"seconds": round(seconds, 3), "tiles_per_second": round(len(rows) / seconds, 3) if rows else 0.0},
+        "timing": {
+            "seconds": round(seconds, 3),
+            "tiles_per_second": round(len(rows) / seconds, 3) if rows else 0.0,
+            "batch_size": result.get("batch_size"),
+        },
         "outputs": {k: v for k, v in OUTPUT_FILES.items() if k != "slide"},
     }
     if result["stain"] == "auto":
@@ -123,7 +128,7 @@ def run_wsi(
     if predictor is None:
         from her2_monai.inference import load_predictor
 
-        predictor = load_predictor(bundle, config_file, **{"batch_size": settings.batch_size, **overrides})
+        predictor = load_predictor(bundle, config_file, **overrides)  # the scorer gives each batch its size
     metadata = getattr(getattr(predictor.network, "net", None), "metadata", {}) or {}
     model = {k: metadata.get(k) for k in ("profile", "image_size") if k in metadata}
     with open_slide(slide, backend) as opened:
