@@ -217,3 +217,15 @@ def test_inference_config_turns_compilation_on_by_one_key(deployed_bundle: Path)
     assert not load_predictor(deployed_bundle, INFERENCE).network.compile_network  # off by default
     # --compile true on the command line reaches the config as the string "true".
     assert load_predictor(deployed_bundle, INFERENCE, compile="true").network.compile_network
+
+
+def test_inference_batch_size_follows_the_model_input_side(deployed_bundle: Path) -> None:  # noqa: F811
+    # The config's default batch size comes from the model's recorded input side (auto_batch_size); a number given
+    # on the command line replaces it.
+    from her2_monai.inference import auto_batch_size, load_predictor
+    from her2_monai.networks.factory import model_image_size
+
+    side = model_image_size(str(deployed_bundle / "models" / "model.pt"), None)
+    predictor = load_predictor(deployed_bundle, INFERENCE)
+    assert side <= 128 and predictor.batch_size == auto_batch_size(side) == 16  # was a fixed 8
+    assert load_predictor(deployed_bundle, INFERENCE, batch_size=3).batch_size == 3

@@ -15,7 +15,7 @@ from conftest import BUNDLE_CONFIGS, pinned_fp32
 from test_bundle_eval_infer import demo_dataset, deployed_bundle  # noqa: F401  (helper, session fixture)
 
 from her2_monai.cli import main
-from her2_monai.inference import HER2Deploy, load_predictor
+from her2_monai.inference import HER2Deploy, auto_batch_size, load_predictor
 
 pytest.importorskip("onnxruntime", reason="the onnx extra: pip install -e '.[onnx]'")
 pytest.importorskip("onnxscript", reason="the onnx extra: pip install -e '.[onnx]'")
@@ -90,7 +90,9 @@ def test_predict_with_onnxruntime_gives_the_same_answers(onnx_export: Path, depl
     records = _records(demo_dataset(deployed_bundle))
     with pinned_fp32(monkeypatch):
         expected = load_predictor(deployed_bundle, INFERENCE, channels_last=False).predict_records(records)
-        found = load_onnx_predictor(onnx_export).predict_records(records)
+        exported = load_onnx_predictor(onnx_export)
+        found = exported.predict_records(records)
+    assert exported.batch_size == auto_batch_size(exported.network.net.image_size)  # as the bundle's config
     for want, got in zip(expected, found):
         assert got["score"] == want["score"] and got["refer_reasons"] == want["refer_reasons"], want["id"]
         assert got["scenario"] == want["scenario"] and got["detected_stains"] == want["detected_stains"]

@@ -290,10 +290,13 @@ def test_large_slides_are_scored_compiled_with_one_batch_shape(svs: Path, thresh
 def test_the_default_batch_size_follows_the_model_input_side(svs: Path) -> None:
     # wsi --batch_size auto (the default): about 512 x 512 model pixels per forward pass, where the paper model ran
     # fastest (docs/performance.md), at most AUTO_BATCH_MAX tiles; a size given is kept whatever the model.
+    from her2_monai.inference.batching import AUTO_BATCH_MAX, auto_batch_size
     from her2_monai.wsi import WholeSlideScorer
-    from her2_monai.wsi.inference import AUTO_BATCH_MAX, auto_batch_size
 
     assert [auto_batch_size(side) for side in (1024, 512, 384, 256, 128, 64)] == [1, 1, 1, 4, 16, 16]
+    for bad in (0, -512, 2.5, True):
+        with pytest.raises(ValueError, match="model input side must be a positive whole number"):
+            auto_batch_size(bad)
     assert AUTO_BATCH_MAX == 16 and TilingSettings().batch_size is None
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         TilingSettings(batch_size=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from her2_monai.inference.batching import auto_batch_size
 from her2_monai.inference.deploy import HER2Deploy
 from her2_monai.inference.engine import HER2InferenceEvaluator
 from her2_monai.inference.predictor import HER2Predictor, TorchScriptPredictor, load_predictor, prediction_result
@@ -15,6 +16,7 @@ from her2_monai.inference.stain import model_stain_references
 from her2_monai.inference.writer import PredictionWriter
 
 __all__ = [
+    "auto_batch_size",
     "HER2Deploy",
     "HER2InferenceEvaluator",
     "HER2Predictor",

@@ -384,7 +384,7 @@ def load_onnx_predictor(
     folder: str | os.PathLike,
     device: torch.device | str = "cpu",
     refer_threshold: float | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     threads: int | None = None,
     runtime: str = "onnxruntime",
     **overrides: Any,
@@ -398,7 +398,8 @@ def load_onnx_predictor(
         folder: the export folder.
         device: where the torch parts (preprocessing, statistics) run; ONNX Runtime runs on the CPU.
         refer_threshold: confidence below which a case is referred (``None``: the thresholds recorded with the model).
-        batch_size: records per forward pass.
+        batch_size: records per forward pass (``None``: :func:`~her2_monai.inference.batching.auto_batch_size` of the
+            export's image size).
         threads: the runtime's intra-op threads.
         runtime: ``onnxruntime`` (fp32) or ``openvino`` (bf16 where the CPU has bf16 hardware, else fp32).
         overrides: further inference-config values (e.g. ``min_tissue_fraction``).
@@ -413,6 +414,7 @@ def load_onnx_predictor(
     """
     from monai.bundle import ConfigParser
 
+    from her2_monai.inference.batching import auto_batch_size
     from her2_monai.inference.deploy import HER2Deploy
     from her2_monai.inference.predictor import HER2Predictor
     from her2_monai.transforms.stain_settings import references_from_record
@@ -443,5 +445,5 @@ def load_onnx_predictor(
         device=device,
         refer_threshold=refer_threshold,
         amp=False,
-        batch_size=batch_size,
+        batch_size=auto_batch_size(network.image_size) if batch_size is None else batch_size,
     )

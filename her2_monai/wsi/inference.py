@@ -25,22 +25,13 @@ import numpy as np
 from tqdm import tqdm
 
 from her2_monai.constants import CLASS_NAMES, HE_KEY, IHC_KEY
+from her2_monai.inference.batching import AUTO_BATCH_MAX, auto_batch_size
 from her2_monai.inference.records import IMAGE_KEY
 from her2_monai.wsi.call import slide_call
 from her2_monai.wsi.reader import Slide
 from her2_monai.wsi.tissue import Tile, tile_grid, tissue_mask
 
-__all__ = [
-    "AUTO_BATCH_MAX",
-    "AUTO_BATCH_PIXELS",
-    "AUTO_COMPILE_TILES",
-    "STAIN_MODES",
-    "TilingSettings",
-    "TilePlan",
-    "WholeSlideScorer",
-    "auto_batch_size",
-    "model_input_side",
-]
+__all__ = ["AUTO_COMPILE_TILES", "STAIN_MODES", "TilingSettings", "TilePlan", "WholeSlideScorer", "model_input_side"]
 
 #: How the slide's stain is given: declared H&E or IHC, or decided per tile by the branch selector.
 STAIN_MODES = ("he", "ihc", "auto")
@@ -52,27 +43,6 @@ AUTO_COMPILE_TILES = 1000
 CHECK_THREADS = max(1, min(2, os.cpu_count() or 1))
 #: Model input side (px) that :attr:`TilingSettings.compile_min_tiles` refers to.
 COMPILE_REFERENCE_SIDE = 512
-#: Model-input pixels per forward pass that ``--batch_size auto`` aims at: one 512 px tile, four of 256 px. Eagerly
-#: on 2 CPU cores the paper model ran fastest near this many pixels: batch 1 at 512 px (batch 4: 0.71x), 4 at 256 px,
-#: 8-16 at 128 px; compiled, batch 1 and 4 at 512 px ran alike (``benchmarks/bench_batch_size.py``,
-#: docs/performance.md, "Tiles per batch").
-AUTO_BATCH_PIXELS = 512**2
-#: Most tiles per forward pass that ``--batch_size auto`` picks: the tiles of a batch (and of the next one, read
-#: meanwhile) are held at their read size, so a small model input does not make the batch grow without bound.
-AUTO_BATCH_MAX = 16
-
-
-def auto_batch_size(side: int) -> int:
-    """Tiles per forward pass for a model with ``side`` px input (``wsi --batch_size auto``, the default).
-
-    Args:
-        side: the model's input side in pixels.
-
-    Returns:
-        ``AUTO_BATCH_PIXELS // side**2``, between 1 and :data:`AUTO_BATCH_MAX` (512 px: 1, 256 px: 4, 128 px and
-        smaller: 16).
-    """
-    return max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_PIXELS // max(1, int(side)) ** 2))
 
 
 def model_input_side(predictor: Any) -> int | None:
@@ -96,7 +66,8 @@ class TilingSettings:
         mpp: when set, tiles cover ``tile_size`` pixels *at this resolution* (microns per pixel): the level and the
             read size are chosen from the slide's own resolution (the slide must record it).
         thumbnail_size: longer side of the thumbnail the tissue mask is computed on.
-        batch_size: tiles per forward pass; ``None`` (the default): :func:`auto_batch_size` of the model's input side.
+        batch_size: tiles per forward pass; ``None`` (the default):
+            :func:`~her2_monai.inference.batching.auto_batch_size` of the model's input side.
         compile_min_tiles: slides with at least this many tissue tiles are scored through ``torch.compile`` (the
             predictor's network is compiled on the first batch, once per process; the last, partial batch is padded
             so no second graph is compiled), for a model with 512 px input; a model with input side ``s`` needs
