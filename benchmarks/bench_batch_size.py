@@ -1,10 +1,11 @@
 """Patches per second of the deployed network at several batch sizes and model input sizes, in one process.
 
-What ``wsi --batch_size auto`` is chosen from (:func:`her2_monai.wsi.inference.auto_batch_size`). For each input
-side, each batch size runs ``HER2Deploy.predict_batch`` as ``predict`` and ``wsi`` do by default (this CPU's
-arithmetic, the inference rewrites, eager), random weights, interleaved with the other batch sizes (``--reps``
-timed calls after one warm-up; median). The ratio column is against batch 1 of the same side and scenario; the
-``auto`` column marks the batch size the rule picks.
+What the automatic batch size is chosen from (:func:`her2_monai.inference.auto_batch_size`: ``wsi``, the inference
+config, the ONNX predictor). For each input side, each batch size runs ``HER2Deploy.predict_batch`` as ``predict`` and
+``wsi`` do by default (this CPU's arithmetic, the inference rewrites, eager; or the compiled network, or the ONNX
+export in ``--runtime``), random weights, interleaved with the other batch sizes (``--reps`` timed calls after one
+warm-up; median). The ratio column is against batch 1 of the same side and scenario; the ``auto`` column marks the
+batch size the rule picks (one rule for every runtime: docs/performance.md says why).
 
 Usage::
 
@@ -24,8 +25,8 @@ import torch
 from bench_deploy_opt import interleaved  # sibling scripts: benchmarks/ is on sys.path
 from bench_onnx import PROFILES, SCENARIO_MASKS, build_network, scenario_batch
 
+from her2_monai.inference import auto_batch_size
 from her2_monai.runtime import execution_settings
-from her2_monai.wsi.inference import auto_batch_size
 
 
 def main() -> None:
