@@ -290,6 +290,8 @@ def test_large_slides_are_scored_compiled_with_one_batch_shape(svs: Path, thresh
 def test_the_default_batch_size_follows_the_model_input_side(svs: Path) -> None:
     # wsi --batch_size auto (the default): about 512 x 512 model pixels per forward pass, where the paper model ran
     # fastest (docs/performance.md), at most AUTO_BATCH_MAX tiles; a size given is kept whatever the model.
+    import torch
+
     from her2_monai.inference.batching import AUTO_BATCH_MAX, auto_batch_size
     from her2_monai.wsi import WholeSlideScorer
 
@@ -297,24 +299,35 @@ def test_the_default_batch_size_follows_the_model_input_side(svs: Path) -> None:
     for bad in (0, -512, 2.5, True):
         with pytest.raises(ValueError, match="model input side must be a positive whole number"):
             auto_batch_size(bad)
+    # The rule is the CPU's; a GPU is filled by large batches, so it gets the most.
+    assert auto_batch_size(512, torch.device("cpu")) == 1
+    assert auto_batch_size(512, "cuda") == auto_batch_size(512, torch.device("cuda", 1)) == AUTO_BATCH_MAX
     assert AUTO_BATCH_MAX == 16 and TilingSettings().batch_size is None
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         TilingSettings(batch_size=0)
     seen = {}
-    for side, given in ((512, None), (256, None), (64, None), (512, 8), (None, None)):
+    for side, given, device in (
+        (512, None, "cpu"),
+        (256, None, "cpu"),
+        (64, None, "cpu"),
+        (512, 8, "cpu"),
+        (None, None, "cpu"),
+        (512, None, "cuda:0"),
+    ):
         recorder = _SizeRecorder()
         recorder.network.net.metadata["image_size"] = side
+        recorder.device = torch.device(device)  # the predictor's device (a HER2Predictor has one)
         settings = TilingSettings(tile_size=256, batch_size=given, compile_min_tiles=None)
         with open_slide(svs) as slide:
             result = WholeSlideScorer(recorder, settings, progress=False).score(slide)
         tiles = len(result["plan"].tiles)
-        expected = given or (auto_batch_size(side) if side else AUTO_BATCH_MAX)
+        expected = given or (auto_batch_size(side, device) if side else AUTO_BATCH_MAX)
         assert result["batch_size"] == expected and len(result["rows"]) == tiles > 16
         assert [n for n, _ in recorder.sizes] == [expected] * (tiles // expected) + [tiles % expected] * bool(
             tiles % expected
         )
-        seen[(side, given)] = expected
-    assert seen == {(512, None): 1, (256, None): 4, (64, None): 16, (512, 8): 8, (None, None): 16}
+        seen[(side, given, device)] = expected
+    assert list(seen.values()) == [1, 4, 16, 8, 16, 16]
 
 
 def test_heatmap_shows_each_tile_in_its_score_colour(tmp_path: Path) -> None:

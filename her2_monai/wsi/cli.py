@@ -78,9 +78,9 @@ def wsi(
         min_tissue: smallest tissue share of a scored tile (0-1).
         mpp: tiles cover TILE_SIZE pixels at this resolution (microns/pixel); level and read size follow from the
             slide's own resolution.
-        batch_size: tiles per forward pass, or auto (the default): chosen from the model's input side, about 512 x
-            512 model pixels per pass (512 px model: 1 tile, 256 px: 4, 128 px or smaller: 16), where this network
-            ran fastest (docs/performance.md, "Tiles per batch").
+        batch_size: tiles per forward pass, or auto (the default): on a CPU chosen from the model's input side,
+            about 512 x 512 model pixels per pass (512 px model: 1 tile, 256 px: 4, 128 px or smaller: 16), where
+            this network ran fastest (docs/performance.md, "Tiles per batch"); 16 on a GPU.
         region: only this region, "x,y,width,height" in level-0 pixels.
         backend: slide reader: auto, tifffile, openslide or pil.
         progress: show a progress bar.

@@ -67,7 +67,7 @@ class TilingSettings:
             read size are chosen from the slide's own resolution (the slide must record it).
         thumbnail_size: longer side of the thumbnail the tissue mask is computed on.
         batch_size: tiles per forward pass; ``None`` (the default):
-            :func:`~her2_monai.inference.batching.auto_batch_size` of the model's input side.
+            :func:`~her2_monai.inference.batching.auto_batch_size` of the model's input side and device.
         compile_min_tiles: slides with at least this many tissue tiles are scored through ``torch.compile`` (the
             predictor's network is compiled on the first batch, once per process; the last, partial batch is padded
             so no second graph is compiled), for a model with 512 px input; a model with input side ``s`` needs
@@ -231,12 +231,12 @@ class WholeSlideScorer:
         return bool(network.compile_network)
 
     def batch_size(self) -> int:
-        """Tiles per forward pass: the settings', or :func:`auto_batch_size` of the model's input side (16 for a
-        predictor that does not say)."""
+        """Tiles per forward pass: the settings', or :func:`auto_batch_size` of the model's input side and the
+        predictor's device (16 for a predictor that does not say its side)."""
         if self.settings.batch_size is not None:
             return self.settings.batch_size
         side = model_input_side(self.predictor)
-        return auto_batch_size(side) if side else AUTO_BATCH_MAX
+        return auto_batch_size(side, getattr(self.predictor, "device", "cpu")) if side else AUTO_BATCH_MAX
 
     def _records(self, slide: Slide, ihc_slide: Slide | None, tiles: Sequence[Tile]) -> list[dict]:
         records = []
