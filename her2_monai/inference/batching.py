@@ -4,7 +4,7 @@ On CPUs the deployed network does not run fastest at the largest batch: a 512 px
 for the oneDNN kernels, and a batch of them no longer fits in the caches. Eagerly on 2 cores the paper model ran
 fastest near 512 x 512 model pixels per pass: batch 1 at 512 px (batch 4: 0.71x, batch 16: 0.52x), 4 at 256 px, 8-16
 at 128 px; compiled, batch 1 and 4 at 512 px ran alike; ONNX Runtime alike. A whole slide at 512 px ran 1.78x faster
-at batch 1 than at 16, with OpenVINO too batch 1 beat 4 (``benchmarks/bench_batch_size.py``, ``bench_wsi.py``;
+at batch 1 than at 16, and with OpenVINO batch 1 beat 4 as well (``benchmarks/bench_batch_size.py``, ``bench_wsi.py``;
 docs/performance.md, "Tiles per batch"). A GPU is filled by large batches instead, so there the most is taken.
 """
 
