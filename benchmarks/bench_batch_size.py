@@ -66,13 +66,13 @@ def main() -> None:
             export = os.path.join(folder.name, "onnx")
             export_deploy(HER2Deploy(net, optimize=False).eval(), export, check_batch=1)
             exported = OnnxNetwork(export, runtime=args.runtime)
+        amp = settings.amp if args.runtime == "torch" else False  # an ONNX runtime picks its own precision
+        shared = None if args.compile else HER2Deploy(net if args.runtime == "torch" else exported).eval()
         for scenario in args.scenarios:
             runs = {}
             for batch in args.batches:
-                if args.runtime == "torch":
-                    deploy, amp = HER2Deploy(net, optimize=True, compile_network=args.compile).eval(), settings.amp
-                else:  # the runtime picks its own precision
-                    deploy, amp = HER2Deploy(exported).eval(), False
+                # one network serves every batch size, except compiled: a graph of its own per batch shape
+                deploy = shared or HER2Deploy(net, optimize=True, compile_network=True).eval()
                 inputs = scenario_batch(scenario, batch, size, gen)
 
                 def run(deploy=deploy, inputs=inputs, amp=amp) -> object:
@@ -81,7 +81,7 @@ def main() -> None:
 
                 runs[batch] = run
             took = interleaved(runs, args.reps)
-            base = 1 / took[args.batches[0]] * args.batches[0]
+            base = args.batches[0] / took[args.batches[0]]
             for batch, seconds in took.items():
                 rate = batch / seconds
                 mark = "<-" if batch == choice else ""

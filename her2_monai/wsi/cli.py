@@ -192,7 +192,7 @@ def _batch_size(value: Any) -> int | None:
     """
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+    if isinstance(value, bool) or not str(value).strip().isdigit():
         raise ValueError(f"--batch_size must be a whole number of tiles (1 or more) or auto, got '{value}'")
     if int(value) < 1:
         raise ValueError(f"--batch_size must be at least 1 tile (or auto), got {value}")
