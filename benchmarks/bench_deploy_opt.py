@@ -36,6 +36,11 @@ Usage::
 
     python benchmarks/bench_deploy_opt.py                       # 512 px H&E-only and dual, generator at 1024 px
     python benchmarks/bench_deploy_opt.py --size 256 --gen-size 512 --reps 3 --no-onnx
+    python benchmarks/bench_deploy_opt.py --old-batch 8 --no-onnx --gen-size 0   # each as deployed at 512 px
+
+``--old-batch`` times the old default on batches of its own size, the rest on ``--batch``, and compares patches/s:
+until the batch rule (``her2_monai.inference.auto_batch_size``) the inference config ran batches of 8 whatever the
+model's input side, and the rule now runs a 512 px model one patch at a time (``--batch 1``, the default).
 """
 
 from __future__ import annotations
@@ -149,12 +154,21 @@ def main() -> None:
     parser.add_argument("--gen-size", type=int, default=1024)
     parser.add_argument("--scenarios", nargs="+", default=["he_only", "dual"], choices=sorted(SCENARIO_MASKS))
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--old-batch",
+        type=int,
+        default=None,
+        help="batch size of the old default alone (default: --batch); 8 times it as deployed before the batch rule",
+    )
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out")
     parser.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out (also if not installed)")
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile setting out")
     parser.add_argument("--implicit-bf16", action="store_true", help="add fp32 with oneDNN implicit bf16 arithmetic")
     args = parser.parse_args()
+    old_batch = args.old_batch or args.batch
+    if min(args.batch, old_batch) < 1:
+        parser.error(f"--batch and --old-batch must be at least 1, got {args.batch} and {old_batch}")
 
     default = execution_settings("cpu")
     net = build_network("bci", args.size)
@@ -198,8 +212,8 @@ def main() -> None:
             f"ATen kernels {torch.backends.cpu.get_cpu_capability()}, oneDNN ISA cap "
             f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'none')}; "
             f"measured {arithmetic} matmul rate {mm_rate:.0f} GFLOP/s; "
-            f"load average {os.getloadavg()[0]:.1f}; profile bci, {args.size} px, batch {args.batch}, "
-            f"median of {args.reps} interleaved"
+            f"load average {os.getloadavg()[0]:.1f}; profile bci, {args.size} px, batch {args.batch}"
+            f"{f' (old default: {old_batch})' if old_batch != args.batch else ''}, median of {args.reps} interleaved"
         )
         print(
             f"{'scenario':<9} {'setting':<38}{'patch/s':>9}{'vs base':>9}{'GFLOP/s':>9}{'% ' + arithmetic + ' mm':>10}"
@@ -207,30 +221,35 @@ def main() -> None:
         )
         gen = torch.Generator().manual_seed(0)
         for scenario in args.scenarios:
-            he, ihc, mask = scenario_batch(scenario, args.batch, args.size, gen)
-            batch = (he, ihc, mask)
-            runs = {name: _run(deploy, amp, batch, name == IMPLICIT) for name, (deploy, amp) in settings.items()}
+            he, ihc, mask = scenario_batch(scenario, max(args.batch, old_batch), args.size, gen)
+            # the old default may run its own batch size (--old-batch); every other setting runs the first --batch
+            sizes = {name: old_batch if name == old_name else args.batch for name in settings}
+            runs = {
+                name: _run(deploy, amp, (he[: sizes[name]], ihc[: sizes[name]], mask[: sizes[name]]), name == IMPLICIT)
+                for name, (deploy, amp) in settings.items()
+            }
             for name in [n for n in runs if n.startswith("compiled")]:
                 start = time.perf_counter()
                 runs[name]()
                 print(f"  {scenario}: first call of '{name}' (compilation) {time.perf_counter() - start:.1f} s")
             took = interleaved(runs, args.reps)
-            gflop = pipeline_gflop(settings[reference_name][0], (he, ihc, mask))
+            patch_gflop = pipeline_gflop(settings[reference_name][0], (he[:1], ihc[:1], mask[:1]))
             reference = runs[reference_name]()["pred"]
-            base = next(iter(took.values()))
-            for name, seconds in took.items():
-                diff = float((runs[name]()["pred"] - reference).abs().max())
-                rate = gflop / seconds
+            rates = {name: sizes[name] / seconds for name, seconds in took.items()}  # patches/s
+            base = rates[old_name]
+            for name, patches in rates.items():
+                common = min(sizes[name], sizes[reference_name])
+                diff = float((runs[name]()["pred"][:common] - reference[:common]).abs().max())
+                rate = patch_gflop * patches
                 print(
-                    f"{scenario:<9} {name:<38}{args.batch / seconds:>9.3f}{base / seconds:>8.2f}x{rate:>9.0f}"
+                    f"{scenario:<9} {name:<38}{patches:>9.3f}{patches / base:>8.2f}x{rate:>9.0f}"
                     f"{100 * rate / mm_rate:>9.0f}%{diff:>22.1e}",
                     flush=True,
                 )
-            ceiling = mm_rate / gflop
+            ceiling = mm_rate / patch_gflop
             print(
-                f"  {gflop / args.batch:.0f} GFLOP per patch; ceiling at the {arithmetic} matmul rate "
-                f"{args.batch * ceiling:.3f} patch/s = {base * ceiling:.2f}x base "
-                f"(load average {os.getloadavg()[0]:.1f})"
+                f"  {patch_gflop:.0f} GFLOP per patch; ceiling at the {arithmetic} matmul rate "
+                f"{ceiling:.3f} patch/s = {ceiling / base:.2f}x base (load average {os.getloadavg()[0]:.1f})"
             )
     if args.gen_size:
         generator_rows(net, args.gen_size, args.reps, default.amp)
