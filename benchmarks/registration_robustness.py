@@ -142,7 +142,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     pairs = real_pairs(args.part)
     for pair in pairs if args.displaced == "true" else []:
-        for size in args.sizes:
+        for size in draw_sizes(args.sizes):
+            if size not in args.sizes:  # drawn all the same: --sizes 1024 keeps the default run's draws
+                for _ in range(args.per_pair):
+                    random_displacement(rng, size, args.max_angle, args.max_shift)
+                continue
             he = np.asarray(Image.fromarray(pair.he).resize((size, size), Image.BILINEAR))
             ihc = np.asarray(Image.fromarray(pair.ihc).resize((size, size), Image.BILINEAR))
             with warnings.catch_warnings():
@@ -192,6 +196,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+#: The sizes a default run registers, in its order. Their draws are made whatever ``--sizes`` selects, so that a run
+#: on some of them meets the same displacements as the default run (as ``--pairs`` does for pairs).
+DEFAULT_SIZES = (1024, 512)
+
+
+def draw_sizes(sizes: list[int]) -> list[int]:
+    """The sizes to draw displacements for, in order: the default ones, then any other of ``sizes``."""
+    return list(DEFAULT_SIZES) + [size for size in sizes if size not in DEFAULT_SIZES]
+
+
 def _selected(pair_id: str, wanted: list[str]) -> bool:
     """Whether ``--pairs`` (substrings of pair ids; empty: all) selects this pair."""
     return not wanted or any(w in pair_id for w in wanted)
@@ -204,12 +218,12 @@ def unrelated_rows(registration: PairRegistration, pairs: list, args: argparse.N
     rows = []
     for index, pair in enumerate(pairs):
         other = pairs[(index + 1) % len(pairs)]
-        for size in args.sizes:
+        for size in draw_sizes(args.sizes):
+            known = random_displacement(rng, size, args.max_angle, args.max_shift)
+            if size not in args.sizes or not _selected(pair.id, args.pairs):
+                continue
             he = np.asarray(Image.fromarray(pair.he).resize((size, size), Image.BILINEAR))
             ihc = np.asarray(Image.fromarray(other.ihc).resize((size, size), Image.BILINEAR))
-            known = random_displacement(rng, size, args.max_angle, args.max_shift)
-            if not _selected(pair.id, args.pairs):
-                continue
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RegistrationWarning)
@@ -338,7 +352,13 @@ def compare_measures(rows: list[dict], key: str = "error") -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("tune", "report"), default="tune")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 512])
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SIZES),
+        help="image sides to register at (the default sizes' draws stay the same whichever are selected)",
+    )
     parser.add_argument("--per_pair", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_angle", type=float, default=15.0)
