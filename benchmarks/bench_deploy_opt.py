@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave the torch.compile setting out")
     parser.add_argument("--implicit-bf16", action="store_true", help="add fp32 with oneDNN implicit bf16 arithmetic")
     args = parser.parse_args()
-    old_batch = args.old_batch or args.batch
+    old_batch = args.batch if args.old_batch is None else args.old_batch
     if min(args.batch, old_batch) < 1:
         parser.error(f"--batch and --old-batch must be at least 1, got {args.batch} and {old_batch}")
 
