@@ -135,17 +135,20 @@ def main() -> None:
     parser.add_argument("--no-synthetic", action="store_true", help="the real SVS only")
     parser.add_argument("--measure", nargs=2, metavar=("MODE", "SLIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from her2_monai.wsi.cli import parse_batch_size
+
     if args.measure:
         mode, slide = args.measure
-        size = args.batch_size[0]
-        batch_size = None if size == "auto" else int(size)
+        batch_size = parse_batch_size(args.batch_size[0])
         print(json.dumps(measure(mode, slide, args.bundle, args.tile_size, batch_size, args.threads)))
         return
     if args.repeat < 1:
         raise SystemExit(f"--repeat must be at least 1, got {args.repeat}")
     for size in args.batch_size:
-        if size != "auto" and not (size.isdigit() and int(size) >= 1):
-            raise SystemExit(f"--batch-size takes auto or whole numbers of 1 or more, got '{size}'")
+        try:
+            parse_batch_size(size)
+        except ValueError as error:
+            raise SystemExit(str(error).replace("--batch_size", "--batch-size")) from None
     modes = ["read", *(f"wsi {size}" for size in args.batch_size)]
     with tempfile.TemporaryDirectory() as folder:
         synthetic = Path(folder) / "synthetic.tif"

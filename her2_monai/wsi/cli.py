@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["wsi", "parse_region"]
+__all__ = ["wsi", "parse_batch_size", "parse_region"]
 
 
 def parse_region(region: Any) -> tuple[int, int, int, int] | None:
@@ -125,7 +125,7 @@ def wsi(
         raise ValueError(f"--compile must be true, false or auto, got '{compile}'") from None
     given = {"--slides": slides is not None, "--device": device is not None, "--compile true": compile_always}
     given["--config_file"] = config_file is not None
-    tiles_per_batch = _batch_size(batch_size)
+    tiles_per_batch = parse_batch_size(batch_size)
     load_export = _export_loader(runtime, onnx, bundle, given, refer_threshold)
     settings = TilingSettings(
         compile_min_tiles=AUTO_COMPILE_TILES if auto_compile and load_export is None else None,
@@ -184,8 +184,14 @@ def wsi(
         print(f"WARNING: {warning}")
 
 
-def _batch_size(value: Any) -> int | None:
+def parse_batch_size(value: Any) -> int | None:
     """``--batch_size``: a positive whole number, or auto (``None``: chosen from the model's input side).
+
+    Args:
+        value: the option as given (``"auto"``, a number or its text).
+
+    Returns:
+        The number of tiles per forward pass, or ``None`` for auto.
 
     Raises:
         ValueError: for anything else.
