@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["register"]
 
 
@@ -17,12 +19,15 @@ def register(
     max_side: int = 256,
     method: str = "ncc",
     pyramid_max_side: int = 1024,
+    he_landmarks: str | None = None,
+    ihc_landmarks: str | None = None,
 ) -> None:
     """Register an IHC image to its H&E (consecutive sections) and write the aligned IHC at full resolution.
 
     Writes into OUTPUT: ihc_registered.png, he.png, checkerboard.png (before | after) and registration.json
     (transform parameters, NCC and NMI before and after, and the verdict: registered, uncertain or failed, with the
-    reasons).
+    reasons). With landmark files (corresponding points placed on both sections), it also prints their target
+    registration error (TRE) before and after, and writes it under ``landmarks``.
 
     Args:
         he: H&E image file (the fixed reference).
@@ -35,6 +40,8 @@ def register(
         method: ncc (default: band-passed NCC, rotation x scale search, both-way check) or itk (the earlier method).
         pyramid_max_side: ncc method: refine again at finer levels up to this side (px; at most the image's side);
             none at or below the max_side value.
+        he_landmarks: optional landmark CSV of the H&E (ImageJ / ANHIR layout ``,X,Y``; pixel x = column, y = row).
+        ihc_landmarks: the IHC's landmark CSV, row i the same place as row i of ``he_landmarks``.
     """
     for flag, value in (("he", he), ("ihc", ihc), ("output", output)):
         if value is None or isinstance(value, bool):
@@ -42,6 +49,19 @@ def register(
     from her2_monai.registration.folder import register_files, write_pair_outputs
     from her2_monai.registration.pairwise import PairRegistration
     from her2_monai.utils import as_bool
+
+    points = None
+    if (he_landmarks is None) != (ihc_landmarks is None):
+        raise ValueError("--he_landmarks and --ihc_landmarks go together: give both landmark files or neither")
+    if he_landmarks is not None:
+        from her2_monai.registration.landmarks import read_landmarks
+
+        points = read_landmarks(str(he_landmarks)), read_landmarks(str(ihc_landmarks))
+        if len(points[0]) != len(points[1]):
+            raise ValueError(
+                f"{he_landmarks} has {len(points[0])} landmarks but {ihc_landmarks} has {len(points[1])}: "
+                "row i of each must be the same place"
+            )
 
     registration = PairRegistration(
         transform=str(transform),
@@ -52,6 +72,14 @@ def register(
         pyramid_max_side=int(pyramid_max_side),
     )
     fixed, aligned, result = register_files(str(he), str(ihc), registration)
+    if points is not None:
+        from her2_monai.registration.landmarks import landmark_errors, landmark_summary
+
+        before = np.linalg.norm(points[0] - points[1], axis=1)
+        result.details["landmarks"] = {
+            "files": {"he": str(he_landmarks), "ihc": str(ihc_landmarks)},
+            **landmark_summary(landmark_errors(result, *points), before, fixed.shape),
+        }
     from her2_monai.data.image_reader import read_rgb
 
     paths = write_pair_outputs(Path(output), fixed, read_rgb(ihc), aligned, result)
@@ -67,3 +95,9 @@ def register(
     if result.verdict_reasons:
         verdict += " (" + "; ".join(result.verdict_reasons) + "): check checkerboard.png before using this pair"
     print(verdict)
+    if points is not None:
+        marks = result.details["landmarks"]
+        print(
+            f"landmarks: {marks['points']} points, TRE median {marks['median_px']:.2f} px, "
+            f"max {marks['max_px']:.2f} px (median {marks['median_before_px']:.2f} px before registration)"
+        )

@@ -144,6 +144,22 @@ class RegistrationResult:
         """IHC full-resolution ``(x, y)`` coordinates of every H&E pixel: ``(2, H, W)``."""
         height, width = self.fixed_shape
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+        return np.stack(self._map(xs, ys))
+
+    def map_points(self, points: np.ndarray) -> np.ndarray:
+        """Where H&E full-resolution points land in the IHC.
+
+        Args:
+            points: ``(N, 2)`` H&E pixel ``(x, y)`` (x = column, y = row).
+
+        Returns:
+            ``(N, 2)`` IHC pixel ``(x, y)``.
+        """
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        return np.stack(self._map(points[:, 0], points[:, 1]), axis=1)
+
+    def _map(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The transform (B-spline first when there is one, then ``matrix``) at H&E coordinates ``xs``, ``ys``."""
         if self.displacement_low is not None:
             to_low = linear.pixel_scale(self.scale)
             xl, yl = to_low[0, 0] * xs + to_low[0, 2], to_low[1, 1] * ys + to_low[1, 2]
@@ -154,7 +170,7 @@ class RegistrationResult:
             from_low = np.linalg.inv(linear.pixel_scale(self.scale))
             xs, ys = xs + dx * from_low[0, 0], ys + dy * from_low[1, 1]
         m = self.matrix
-        return np.stack([m[0, 0] * xs + m[0, 1] * ys + m[0, 2], m[1, 0] * xs + m[1, 1] * ys + m[1, 2]])
+        return m[0, 0] * xs + m[0, 1] * ys + m[0, 2], m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description: transform parameters at both resolutions, quality, status and details."""
