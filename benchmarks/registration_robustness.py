@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         candidates=args.search_candidates,
         mask_fill=args.mask_fill == "true",
         overlap_weight=args.overlap_weight,
+        block_matching=args.block_matching == "true",
     )
     rng = np.random.default_rng(args.seed)
     rows = []
@@ -370,6 +371,7 @@ def main() -> None:
     parser.add_argument("--search_candidates", type=int, default=4, help="ncc method: global-search starts refined")
     parser.add_argument("--mask_fill", default="true", help="true/false: leave the fill out (ncc method)")
     parser.add_argument("--overlap_weight", type=float, default=1.0, help="ncc method: ranking by NCC x overlap^w")
+    parser.add_argument("--block_matching", default="true", help="true/false: block-matching estimate (ncc)")
     parser.add_argument("--second_channel", default="od", help="second channel, or none (itk method)")
     parser.add_argument("--method", default="ncc", help="ncc (default) or itk (the earlier method)")
     parser.add_argument("--affine_min_gain", type=float, default=0.0, help="NCC gain an affine stage must bring")

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from her2_monai.registration import linear
+from her2_monai.registration import blocks, linear
 from her2_monai.registration.channels import (
     CHANNELS,
     fill_mask,
@@ -274,6 +274,10 @@ class PairRegistration:
         mask_fill: ``ncc`` method: leave the fill around a rotated or shifted scan
             (:func:`~her2_monai.registration.channels.fill_mask`) out of the band-pass and the NCC, instead of reading
             it as glass (its straight edge is no anatomy).
+        block_matching: ``ncc`` method, ``affine`` transform, with a pyramid: after the affine stage, estimate the
+            alignment again from block shifts at the finest level (:func:`~her2_monai.registration.blocks.
+            block_matching`), refine that estimate and keep it when its NCC there is higher (recorded under
+            ``block_matching``; about 12 s more at 1024 px, 5 s at 512 px). The verdict measures are unchanged.
 
     Raises:
         ValueError: on an unknown transform or channel.
@@ -301,6 +305,7 @@ class PairRegistration:
         pyramid_max_side: int = 1024,
         mask_fill: bool = True,
         overlap_weight: float = 1.0,
+        block_matching: bool = True,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown registration method '{method}'; expected one of {list(METHODS)}")
@@ -332,6 +337,7 @@ class PairRegistration:
         self.pyramid_max_side = int(pyramid_max_side)
         self.mask_fill = bool(mask_fill)
         self.overlap_weight = float(overlap_weight)
+        self.block_matching = bool(block_matching)
 
     # -- preparation ---------------------------------------------------------------------------------------------------
 
@@ -551,7 +557,7 @@ class PairRegistration:
         measures = _ncc_measures(refined, best_ncc, fixed.shape)
         measures["ncc_identity"] = linear.masked_ncc(f, m, np.eye(3))
         pyramid = self._ncc_pyramid(fixed_rgb, moving_rgb, scale, [r[0] for r in refined], model, fills)
-        similarity_matrix, affine_level = coarse_matrix, None
+        similarity_matrix, affine_level, block_matching = coarse_matrix, None, {}
         if pyramid is not None:
             similarity_matrix = pyramid["matrix"]
             affine_level = pyramid["finest"]
@@ -569,6 +575,11 @@ class PairRegistration:
             stages["affine"] = value
             if value > base + self.affine_min_gain:
                 best_matrix = linear.rescale_matrix(matrix, 1 / factor)
+            if self.block_matching:
+                finest_channels = pyramid["finest_channels"]
+                best_matrix, block_matching = self._block_matching(best_matrix, affine_level, finest_channels)
+                if "ncc" in block_matching:
+                    stages["block_matching"] = block_matching["ncc"]
         other = self.second_channel or "od"
         second = self._channels(fixed_rgb, moving_rgb, scale, [other], fills)
         checks = {
@@ -604,6 +615,7 @@ class PairRegistration:
             ],
             "stages_ncc": stages,
             "pyramid_sides": [] if pyramid is None else pyramid["sides"],
+            "block_matching": block_matching,
             "coarse_matrix_registration_resolution": coarse_matrix.tolist(),
             "similarity_matrix_registration_resolution": similarity_matrix.tolist(),
             "seconds_forward": forward_seconds,
@@ -695,7 +707,38 @@ class PairRegistration:
             "starts": per_start,
             "measures": measures,
             "finest": finest,
+            "finest_channels": (channels[self.channel], channels[_VALID]),
         }
+
+    @staticmethod
+    def _block_matching(
+        matrix: np.ndarray, level: tuple[np.ndarray, np.ndarray, float, int], channels: tuple[_Pair, _Pair]
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The last stage of the ``affine`` fit: a block-matching estimate (:func:`blocks.block_matching`, on the
+        finest level's channel band-passed 2-16 px), refined (affine) there, replaces ``matrix`` when the finest
+        level's NCC is higher. The verdict measures stay those of the pyramid's answer.
+
+        Args:
+            matrix: ``(3, 3)`` the affine answer at registration resolution.
+            level: the finest level's band-passed channels, size ratio to the registration resolution and stride.
+            channels: the finest level's unfiltered channels and valid masks.
+
+        Returns:
+            ``(matrix, record)``: the answer kept, and ``blocks``, ``inliers``, ``ncc_before``, ``ncc`` and ``kept``.
+        """
+        a, b, factor, stride = level
+        start = linear.rescale_matrix(matrix, factor)
+        record: dict[str, Any] = {"ncc_before": linear.masked_ncc(a, b, start, stride=stride), "kept": False}
+        bands = [linear.band_pass(c, 2.0, 16.0, v) for c, v in zip(*channels, strict=True)]
+        estimate, info = blocks.block_matching(*bands, start)
+        record.update(info)
+        if estimate is None:
+            return matrix, record
+        candidate, record["ncc"] = linear.refine(a, b, estimate, "affine", 0.05, 300, stride)
+        if record["ncc"] > record["ncc_before"]:
+            record["kept"] = True
+            return linear.rescale_matrix(candidate, 1 / factor), record
+        return matrix, record
 
     def _rank(self, fixed: np.ndarray, moving: np.ndarray, matrix: np.ndarray, ncc: float, stride: int = 1) -> float:
         """:func:`linear.ranking_score` of an alignment whose NCC is known."""
@@ -850,6 +893,7 @@ class PairRegistration:
                 "pyramid_max_side": self.pyramid_max_side,
                 "mask_fill": self.mask_fill,
                 "overlap_weight": self.overlap_weight,
+                "block_matching": self.block_matching,
                 "metric": "masked NCC, band-passed channel" if self.method == "ncc" else "MattesMutualInformation",
                 "optimizer": "Powell (scipy)" if self.method == "ncc" else "RegularStepGradientDescentv4",
                 "learning_rate": self.learning_rate,
