@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import pytest
+from registration_helpers import similarity, stains
 from scipy import ndimage
 
 from her2_monai.registration import PairRegistration, RegistrationResult, blocks, linear, warp_rgb
@@ -18,15 +18,6 @@ def _texture(seed: int, size: int) -> np.ndarray:
     image = ndimage.gaussian_filter(rng.normal(size=(size, size)), 6.0)
     image = image / image.std() + 0.8 * ndimage.gaussian_filter(rng.normal(size=(size, size)), 2.0) / 0.08
     return (image - image.min()) / np.ptp(image)
-
-
-def _similarity(angle_deg: float, scale: float, shift: tuple[float, float], size: int) -> np.ndarray:
-    a = math.radians(angle_deg)
-    matrix = np.eye(3)
-    matrix[:2, :2] = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    center = np.full(2, (size - 1) / 2)
-    matrix[:2, 2] = center - matrix[:2, :2] @ center + np.asarray(shift)
-    return matrix
 
 
 def _warp(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -66,11 +57,11 @@ def test_block_matching_moves_a_nearby_start_onto_the_alignment():
     size = 256
     texture = _texture(2, 2 * size)
     crop = slice(size // 2, size // 2 + size)
-    known = _similarity(4.0, 1.02, (5.0, -3.0), 2 * size)
+    known = similarity(4.0, 1.02, (5.0, -3.0), 2 * size)
     fixed = linear.band_pass(texture[crop, crop], 2.0, 16.0)
     moving = linear.band_pass(_warp(texture, np.linalg.inv(known))[crop, crop], 2.0, 16.0)
-    target = _similarity(4.0, 1.02, (5.0, -3.0), size)  # fixed -> moving: the same similarity about the crop centre
-    start = target @ _similarity(1.5, 1.0, (4.0, 3.0), size)  # about 6 px off
+    target = similarity(4.0, 1.02, (5.0, -3.0), size)  # fixed -> moving: the same similarity about the crop centre
+    start = target @ similarity(1.5, 1.0, (4.0, 3.0), size)  # about 6 px off
     estimate, info = blocks.block_matching(fixed, moving, start)
     assert estimate is not None and info["inliers"] >= 6
     before, after = (linear.grid_distance(m, target, fixed.shape) for m in (start, estimate))
@@ -81,18 +72,11 @@ def test_block_matching_moves_a_nearby_start_onto_the_alignment():
     assert estimate is None or info["inliers"] < 0.3 * info["blocks"], info
 
 
-def _stains(tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    tissue = tissue[..., None]
-    he = (255 - tissue * np.array([90.0, 160.0, 60.0])).astype(np.uint8)
-    ihc = (250 - tissue * np.array([60.0, 110.0, 150.0])).astype(np.uint8)
-    return he, ihc
-
-
 def test_pair_registration_records_the_block_matching_stage():
     size = 192
-    he, ihc = _stains(_texture(4, 2 * size))
+    he, ihc = stains(_texture(4, 2 * size))
     crop = slice(size // 2, size // 2 + size)
-    known = _similarity(6.0, 1.0, (4.0, -5.0), 2 * size)
+    known = similarity(6.0, 1.0, (4.0, -5.0), 2 * size)
     shape = ihc.shape[:2]
     moved = warp_rgb(ihc, RegistrationResult("affine", known, known, 1.0, shape, shape, shape))[crop, crop]
     he = he[crop, crop]
@@ -104,7 +88,7 @@ def test_pair_registration_records_the_block_matching_stage():
     assert {"blocks", "inliers", "kept"} <= set(stage) and stage["inliers"] >= 6, stage
     assert plain.details["block_matching"] == {} and plain.details["parameters"]["block_matching"] is False
     # moved(x) = ihc(known x), known about the crop centre: the registration (H&E -> moved) is its inverse
-    target = np.linalg.inv(_similarity(6.0, 1.0, (4.0, -5.0), size))
+    target = np.linalg.inv(similarity(6.0, 1.0, (4.0, -5.0), size))
     assert linear.grid_distance(result.matrix, target, he.shape) < 0.5
     # without a pyramid level (the image is no larger than max_side) there is no block-matching stage
     with warnings.catch_warnings():

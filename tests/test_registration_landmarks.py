@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from registration_helpers import similarity, stains
 from scipy import ndimage
 
 from her2_monai.registration import PairRegistration, RegistrationResult, warp_rgb
@@ -23,22 +24,8 @@ SIZE = 192
 
 def _pair(seed: int = 5, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic H&E-like and IHC-like rendering of the same blob 'tissue'."""
-    noise = np.random.default_rng(seed).normal(size=(size, size))
-    tissue = ndimage.gaussian_filter(noise, 3.0)
-    tissue = ((tissue - tissue.min()) / np.ptp(tissue))[..., None]
-    he = (255 - tissue * np.array([90.0, 160.0, 60.0])).astype(np.uint8)
-    ihc = (250 - tissue * np.array([60.0, 110.0, 150.0])).astype(np.uint8)
-    return he, ihc
-
-
-def _displacement(angle_deg: float, shift: tuple[float, float], size: int = SIZE) -> np.ndarray:
-    """``displaced(x) = ihc(D x)``: a rotation about the centre and a shift."""
-    a = math.radians(angle_deg)
-    matrix = np.eye(3)
-    matrix[:2, :2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
-    center = np.full(2, (size - 1) / 2)
-    matrix[:2, 2] = center - matrix[:2, :2] @ center + np.asarray(shift)
-    return matrix
+    tissue = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=(size, size)), 3.0)
+    return stains((tissue - tissue.min()) / np.ptp(tissue))
 
 
 def _displace(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -108,7 +95,7 @@ def test_map_points_matches_the_dense_coordinates_with_a_bspline():
 
 def test_landmark_errors_of_a_registration_and_of_the_identity():
     he, ihc = _pair()
-    known = _displacement(7.0, (9.0, -6.0))
+    known = similarity(7.0, 1.0, (9.0, -6.0), SIZE)
     he_points, ihc_points = _landmarks(known)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -128,7 +115,7 @@ def test_register_command_reports_the_landmark_error(tmp_path, capsys):
     from her2_monai.cli import main
 
     he, ihc = _pair()
-    known = _displacement(-6.0, (-8.0, 7.0))
+    known = similarity(-6.0, 1.0, (-8.0, 7.0), SIZE)
     he_points, ihc_points = _landmarks(known)
     Image.fromarray(he).save(tmp_path / "he.png")
     Image.fromarray(_displace(ihc, known)).save(tmp_path / "ihc.png")
@@ -157,7 +144,7 @@ def test_landmark_benchmark_scores_a_folder_of_cases(tmp_path):
         case = root / name
         case.mkdir(parents=True)
         he, ihc = _pair(seed)
-        known = _displacement(5.0, (6.0, -9.0))
+        known = similarity(5.0, 1.0, (6.0, -9.0), SIZE)
         he_points, ihc_points = _landmarks(known)
         Image.fromarray(he).save(case / "he.png")
         Image.fromarray(_displace(ihc, known)).save(case / "ihc.jpg", quality=95)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import pytest
+from registration_helpers import similarity, stains
 from scipy import ndimage
 
 from her2_monai.registration import PairRegistration, RegistrationResult, linear, warp_rgb
@@ -24,12 +24,7 @@ def _texture(seed: int, size: int = SIZE) -> np.ndarray:
 
 
 def _similarity(angle_deg: float, scale: float, shift: tuple[float, float], size: int = SIZE) -> np.ndarray:
-    a = math.radians(angle_deg)
-    matrix = np.eye(3)
-    matrix[:2, :2] = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    center = np.full(2, (size - 1) / 2)
-    matrix[:2, 2] = center - matrix[:2, :2] @ center + np.asarray(shift)
-    return matrix
+    return similarity(angle_deg, scale, shift, size)
 
 
 def _warp(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -73,13 +68,10 @@ def _swap(matrix: np.ndarray) -> np.ndarray:
 
 def _stained_pair(seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic 'H&E' (purple) and 'IHC' (brown on pale blue) of the same architecture."""
-    tissue = _texture(seed)[..., None]
-    he = 255 - tissue * np.array([90.0, 160.0, 60.0])
-    ihc = 250 - tissue * np.array([60.0, 110.0, 150.0])
-    return he.astype(np.uint8), ihc.astype(np.uint8)
+    return stains(_texture(seed))
 
 
-def test_pair_registration_recovers_scale_and_rotation_across_stains():
+def test_pair_registration_recovers_scale_and_rotation_acrossstains():
     he, ihc = _stained_pair(3)
     known = _similarity(-11.0, 0.96, (-6.0, 8.0))
     with warnings.catch_warnings():
@@ -162,20 +154,12 @@ def _fine_texture(seed: int, size: int, coarse_sigma: float = 8.0) -> np.ndarray
     return (image - image.min()) / np.ptp(image)
 
 
-def _stains(tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An H&E-like and an IHC-like RGB rendering of the same ``(H, W)`` tissue."""
-    tissue = tissue[..., None]
-    he = (255 - tissue * np.array([90.0, 160.0, 60.0])).astype(np.uint8)
-    ihc = (250 - tissue * np.array([60.0, 110.0, 150.0])).astype(np.uint8)
-    return he, ihc
-
-
 def test_pyramid_refines_the_coarse_registration_at_full_resolution():
     """Registered at 64 px, refined at 128 and 256 px: the result is closer to a known similarity than the coarse
     one, and the pyramid's measures are recorded. The IHC is displaced inside a larger section and cropped, so no
     fill enters the frame and only resolution limits the coarse fit."""
     size = 256
-    he, ihc = _stains(_fine_texture(11, 2 * size))
+    he, ihc = stains(_fine_texture(11, 2 * size))
     crop = slice(size // 2, size // 2 + size)
     he = he[crop, crop]
     shift = (9.3, -6.6)
@@ -199,7 +183,7 @@ def test_pyramid_refines_the_coarse_registration_at_full_resolution():
 def test_fill_mask_finds_padding_but_not_scanned_glass():
     """A flat white or black fill touching the border is fill; noisy near-white glass and a flat white spot inside
     the tissue are not."""
-    he, _ = _stains(_fine_texture(3, 128))
+    he, _ = stains(_fine_texture(3, 128))
     rng = np.random.default_rng(0)
     image = he.copy()
     image[:, :20] = np.clip(242 + rng.normal(0, 2.5, (128, 20, 3)), 0, 255).astype(np.uint8)  # scanned glass
@@ -240,7 +224,7 @@ def test_leaving_the_fill_out_removes_its_pull():
     """A displaced IHC with a white fill, registered at 64 px: with the fill read as glass its straight edge pulls
     the fit off by more than 1 px; left out (the default), the fit is within 0.4 px (measured 0.16 against 1.29 px
     at 256 px)."""
-    he, ihc = _stains(_fine_texture(11, 256))
+    he, ihc = stains(_fine_texture(11, 256))
     known = _similarity(7.0, 1.03, (9.3, -6.6), 256)
     moved = _warp(ihc, known)
     with warnings.catch_warnings():
