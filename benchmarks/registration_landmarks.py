@@ -32,18 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
+from her2_monai.data.datalist import IMAGE_SUFFIXES
 from her2_monai.data.image_reader import read_rgb
 from her2_monai.registration import PairRegistration, RegistrationWarning
-from her2_monai.registration.landmarks import landmark_errors, landmark_summary, read_landmarks
-
-#: Image suffixes a case's ``he`` / ``ihc`` may have.
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+from her2_monai.registration.landmarks import landmark_errors, landmark_summary, read_landmark_pair
 
 
 def _image(folder: Path, stem: str) -> Path:
-    found = [p for p in sorted(folder.glob(f"{stem}.*")) if p.suffix.lower() in _IMAGE_SUFFIXES]
+    found = [p for p in sorted(folder.glob(f"{stem}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
     if len(found) != 1:
-        raise ValueError(f"{folder}: expected one {stem} image ({'/'.join(_IMAGE_SUFFIXES)}), found {len(found)}")
+        suffixes = "/".join(sorted(IMAGE_SUFFIXES))
+        raise ValueError(f"{folder}: expected one {stem} image ({suffixes}), found {len(found)}")
     return found[0]
 
 
@@ -63,7 +62,8 @@ def find_cases(root: Path) -> list[Path]:
         for name in ("he.csv", "ihc.csv"):
             if not (case / name).is_file():
                 raise ValueError(f"{case}: {name} is missing (each case holds he.csv and ihc.csv)")
-        _image(case, "he"), _image(case, "ihc")
+        for stem in ("he", "ihc"):
+            _image(case, stem)
     return cases
 
 
@@ -71,9 +71,7 @@ def score_case(case: Path, registration: PairRegistration) -> dict:
     """Register one case and measure its landmarks."""
     meta = json.loads((case / "case.json").read_text()) if (case / "case.json").is_file() else {}
     factor = float(meta.get("landmark_scale", 1.0))
-    he_points, ihc_points = (read_landmarks(case / name) * factor for name in ("he.csv", "ihc.csv"))
-    if len(he_points) != len(ihc_points):
-        raise ValueError(f"{case}: he.csv has {len(he_points)} landmarks but ihc.csv has {len(ihc_points)}")
+    he_points, ihc_points = (points * factor for points in read_landmark_pair(case / "he.csv", case / "ihc.csv"))
     he, ihc = read_rgb(_image(case, "he")), read_rgb(_image(case, "ihc"))
     start = time.perf_counter()
     with warnings.catch_warnings():

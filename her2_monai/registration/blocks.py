@@ -5,8 +5,8 @@ objective is peaky (a 1 degree change moves the image edge by more than its corr
 can stay on a nearby maximum although a better one is close (docs/registration.md, third and fifth looks). Block
 matching reaches it another way: each block of the fixed channel is matched (masked NCC, every shift within a radius)
 in the moving channel as currently aligned, and one affine transform is fitted to the block shifts by RANSAC; the
-search radius then shrinks. :meth:`PairRegistration._ncc_pyramid` refines that estimate and keeps it only when the
-finest level's NCC prefers it.
+search radius then shrinks. ``PairRegistration`` refines that estimate after its affine stage and keeps it only when
+the finest level's NCC prefers it.
 
 Matrices are ``(3, 3)`` and map fixed pixel coordinates ``(x = column, y = row)`` to moving pixel coordinates.
 """

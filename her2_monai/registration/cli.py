@@ -54,14 +54,9 @@ def register(
     if (he_landmarks is None) != (ihc_landmarks is None):
         raise ValueError("--he_landmarks and --ihc_landmarks go together: give both landmark files or neither")
     if he_landmarks is not None:
-        from her2_monai.registration.landmarks import read_landmarks
+        from her2_monai.registration.landmarks import read_landmark_pair
 
-        points = read_landmarks(str(he_landmarks)), read_landmarks(str(ihc_landmarks))
-        if len(points[0]) != len(points[1]):
-            raise ValueError(
-                f"{he_landmarks} has {len(points[0])} landmarks but {ihc_landmarks} has {len(points[1])}: "
-                "row i of each must be the same place"
-            )
+        points = read_landmark_pair(str(he_landmarks), str(ihc_landmarks))
 
     registration = PairRegistration(
         transform=str(transform),

@@ -18,7 +18,7 @@ import numpy as np
 
 from her2_monai.registration.pairwise import RegistrationResult
 
-__all__ = ["read_landmarks", "landmark_errors", "landmark_summary"]
+__all__ = ["read_landmarks", "read_landmark_pair", "landmark_errors", "landmark_summary"]
 
 
 def _number(text: str, path: Path, row: int, column: str) -> float:
@@ -72,6 +72,27 @@ def read_landmarks(path: str | os.PathLike) -> np.ndarray:
     if not points:
         raise ValueError(f"{path}: no landmarks (only a header)")
     return np.asarray(points, dtype=np.float64)
+
+
+def read_landmark_pair(he: str | os.PathLike, ihc: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read the H&E and the IHC landmark files of one pair (:func:`read_landmarks`), checking they correspond.
+
+    Args:
+        he: the H&E's landmark CSV.
+        ihc: the IHC's landmark CSV (row i the same place as row i of ``he``).
+
+    Returns:
+        ``(he_points, ihc_points)``, each ``(N, 2)``.
+
+    Raises:
+        ValueError: as :func:`read_landmarks`, or when the two files hold different numbers of points.
+    """
+    he_points, ihc_points = read_landmarks(he), read_landmarks(ihc)
+    if len(he_points) != len(ihc_points):
+        raise ValueError(
+            f"{he} has {len(he_points)} landmarks but {ihc} has {len(ihc_points)}: row i of each must be the same place"
+        )
+    return he_points, ihc_points
 
 
 def _is_number(text: str) -> bool:

@@ -573,11 +573,12 @@ class PairRegistration:
             base = linear.masked_ncc(a, b, start, stride=stride)
             matrix, value = linear.refine(a, b, start, "affine", 0.05, 300, stride)
             stages["affine"] = value
+            kept_ncc = base
             if value > base + self.affine_min_gain:
-                best_matrix = linear.rescale_matrix(matrix, 1 / factor)
+                best_matrix, kept_ncc = linear.rescale_matrix(matrix, 1 / factor), value
             if self.block_matching:
                 finest_channels = pyramid["finest_channels"]
-                best_matrix, block_matching = self._block_matching(best_matrix, affine_level, finest_channels)
+                best_matrix, block_matching = self._block_matching(best_matrix, kept_ncc, affine_level, finest_channels)
                 if "ncc" in block_matching:
                     stages["block_matching"] = block_matching["ncc"]
         other = self.second_channel or "od"
@@ -712,7 +713,10 @@ class PairRegistration:
 
     @staticmethod
     def _block_matching(
-        matrix: np.ndarray, level: tuple[np.ndarray, np.ndarray, float, int], channels: tuple[_Pair, _Pair]
+        matrix: np.ndarray,
+        ncc: float,
+        level: tuple[np.ndarray, np.ndarray, float, int],
+        channels: tuple[_Pair, _Pair],
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """The last stage of the ``affine`` fit: a block-matching estimate (:func:`blocks.block_matching`, on the
         finest level's channel band-passed 2-16 px), refined (affine) there, replaces ``matrix`` when the finest
@@ -720,6 +724,7 @@ class PairRegistration:
 
         Args:
             matrix: ``(3, 3)`` the affine answer at registration resolution.
+            ncc: its masked NCC at the finest level (the affine stage measured it).
             level: the finest level's band-passed channels, size ratio to the registration resolution and stride.
             channels: the finest level's unfiltered channels and valid masks.
 
@@ -728,7 +733,7 @@ class PairRegistration:
         """
         a, b, factor, stride = level
         start = linear.rescale_matrix(matrix, factor)
-        record: dict[str, Any] = {"ncc_before": linear.masked_ncc(a, b, start, stride=stride), "kept": False}
+        record: dict[str, Any] = {"ncc_before": ncc, "kept": False}
         bands = [linear.band_pass(c, 2.0, 16.0, v) for c, v in zip(*channels, strict=True)]
         estimate, info = blocks.block_matching(*bands, start)
         record.update(info)
